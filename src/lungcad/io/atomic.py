@@ -1,0 +1,79 @@
+"""Atomic writes: nothing is ever half-written.
+
+Writers produce their output under a temporary name in the destination folder and rename it
+into place only when complete (a rename within one file system is atomic on POSIX). A failure
+or interruption leaves the old file (or no file), never a truncated one.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+
+@contextlib.contextmanager
+def atomic_path(dest: str | Path, suffix: str | None = None) -> Iterator[Path]:
+    """Yield a temporary path beside ``dest``; rename it to ``dest`` if the block succeeds.
+
+    Args:
+        dest: final file path. Its parent folder is created if needed.
+        suffix: suffix for the temporary file (defaults to dest's full suffix, e.g. ".nii.gz",
+            so libraries that dispatch on the extension still work).
+
+    Yields:
+        The temporary path to write to. On an exception it is removed and ``dest`` is untouched.
+    """
+    dest = Path(dest)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    if suffix is None:
+        suffix = "".join(dest.suffixes)
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=f".tmp{suffix}", dir=dest.parent)
+    os.close(fd)
+    tmp = Path(tmp_name)
+    try:
+        yield tmp
+        os.replace(tmp, dest)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+@contextlib.contextmanager
+def atomic_dir(dest: str | Path) -> Iterator[Path]:
+    """Yield a temporary folder beside ``dest``; move it to ``dest`` if the block succeeds.
+
+    An existing ``dest`` is replaced only after the new folder is complete.
+
+    Args:
+        dest: final folder path.
+
+    Yields:
+        The temporary folder to fill. On an exception it is removed and ``dest`` is untouched.
+    """
+    dest = Path(dest)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", suffix=".tmp", dir=dest.parent))
+    try:
+        yield tmp
+        if dest.exists():
+            old = dest.with_name(f".{dest.name}.old")
+            shutil.rmtree(old, ignore_errors=True)
+            os.replace(dest, old)
+            os.replace(tmp, dest)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, dest)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def write_text_atomic(dest: str | Path, text: str) -> Path:
+    """Write ``text`` (UTF-8) to ``dest`` atomically and return ``dest`` as a Path."""
+    with atomic_path(dest) as tmp:
+        tmp.write_text(text, encoding="utf-8")
+    return Path(dest)
