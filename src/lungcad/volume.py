@@ -55,7 +55,9 @@ class Volume:
         if self.array.ndim != 3:
             raise ValueError(f"Volume.array must be 3D (z, y, x); got shape {self.array.shape}")
         if self.intensity not in INTENSITY_KINDS:
-            raise ValueError(f"Volume.intensity must be one of {INTENSITY_KINDS}; got {self.intensity!r}")
+            raise ValueError(
+                f"Volume.intensity must be one of {INTENSITY_KINDS}; got {self.intensity!r}"
+            )
         self.spacing = tuple(float(s) for s in self.spacing)  # type: ignore[assignment]
         self.origin = tuple(float(o) for o in self.origin)  # type: ignore[assignment]
         self.direction = np.asarray(self.direction, dtype=np.float64).reshape(3, 3)
@@ -95,7 +97,7 @@ class Volume:
         )
 
     def index_to_physical(self, zyx: np.ndarray) -> np.ndarray:
-        """Map ``(N, 3)`` voxel indices ``(z, y, x)`` (may be fractional) to LPS mm ``(x, y, z)``."""
+        """Map ``(N, 3)`` voxel indices ``(z, y, x)`` (may be fractional) to LPS mm (x, y, z)."""
         zyx = np.atleast_2d(np.asarray(zyx, dtype=np.float64))
         ijk = zyx[:, ::-1] * np.asarray(self.spacing[::-1])
         return ijk @ self.direction.T + np.asarray(self.origin)
@@ -123,7 +125,8 @@ class Volume:
             raise ValueError(f"expected a 2D or 3D image; got {image.GetDimension()}D")
         if image.GetNumberOfComponentsPerPixel() != 1:
             raise ValueError(
-                f"expected a single-channel image; got {image.GetNumberOfComponentsPerPixel()} channels"
+                "expected a single-channel image; got "
+                f"{image.GetNumberOfComponentsPerPixel()} channels"
             )
         return cls(
             array=sitk.GetArrayFromImage(image).astype(dtype, copy=False),

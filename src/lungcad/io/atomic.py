@@ -31,7 +31,9 @@ def atomic_path(dest: str | Path, suffix: str | None = None) -> Iterator[Path]:
     dest.parent.mkdir(parents=True, exist_ok=True)
     if suffix is None:
         suffix = "".join(dest.suffixes)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=f".tmp{suffix}", dir=dest.parent)
+    fd, tmp_name = tempfile.mkstemp(
+        prefix=f".{dest.name}.", suffix=f".tmp{suffix}", dir=dest.parent
+    )
     os.close(fd)
     tmp = Path(tmp_name)
     try:
