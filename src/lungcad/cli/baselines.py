@@ -1,0 +1,229 @@
+"""``lungcad baselines``: radiomics/handcrafted features + scikit-learn models, with external sets.
+
+Trains each baseline on the training split of one prepared dataset (tuning by patient-grouped
+cross-validation, threshold from out-of-fold predictions), then scores it on that dataset's
+test split (``internal``) and on whole other prepared datasets (external hospitals), so the
+generalisation gap is visible next to the deep model's results.
+
+Outputs in ``--out``: ``metrics.json`` (per ``model/set`` flat metrics plus settings),
+``metrics.md`` (a Markdown table) and ``models/<model>.joblib`` (fitted Pipeline, threshold and
+feature names; joblib files are pickles, so load only your own). Each file is written
+atomically. Features are cached under ``--cache-dir`` (default ``OUT/feature_cache``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import logging
+import math
+from pathlib import Path
+from typing import Any
+
+NAME = "baselines"
+HELP = "train and evaluate radiomics + scikit-learn baselines (internal and external sets)"
+
+RESERVED_SETS = ("train", "train_cv", "internal")
+TABLE_COLUMNS = (
+    ("accuracy", "Acc"), ("sensitivity", "Sens"), ("specificity", "Spec"), ("f1", "F1"),
+    ("mcc", "MCC"), ("kappa", "Kappa"), ("auc", "AUC"),
+)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Options of ``lungcad baselines``."""
+    parser.add_argument("--train", required=True, type=Path, metavar="MANIFEST_DIR",
+                        help="prepared dataset (folder with manifest.csv): its train split "
+                             "trains, its test split is the internal test set")
+    parser.add_argument("--eval", action="append", default=[], metavar="NAME=MANIFEST_DIR",
+                        help="external dataset scored in full (all splits); repeatable")
+    parser.add_argument("--out", required=True, type=Path, metavar="DIR",
+                        help="output folder")
+    parser.add_argument("--features", default="handcrafted",
+                        choices=("handcrafted", "radiomics", "both"), help="feature family")
+    parser.add_argument("--roi", default="lung", choices=("lung", "whole", "mask"),
+                        help="feature region: lung mask (default), whole slice, or tumour mask "
+                             "(leaks the label for classification; for analysis only)")
+    parser.add_argument("--models", default="logreg,svm,rf,gb,knn",
+                        help="comma-separated models among logreg,svm,rf,gb,knn")
+    parser.add_argument("--train-splits", default="train",
+                        help="comma-separated splits used for training and CV, e.g. train,val")
+    parser.add_argument("--scoring", default="roc_auc", choices=("roc_auc", "mcc"),
+                        help="grid-search score")
+    parser.add_argument("--threshold-method", default="mcc", choices=("mcc", "youden"),
+                        help="how the threshold is chosen on out-of-fold training predictions")
+    parser.add_argument("--n-boot", type=int, default=1000,
+                        help="patient-level bootstrap replicates for CIs (0: no CIs)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of folds, models, bootstrap")
+    parser.add_argument("--jobs", type=int, default=1, help="parallel processes")
+    parser.add_argument("--cache-dir", type=Path, default=None,
+                        help="feature cache folder (default OUT/feature_cache)")
+
+
+def _parse_eval(items: list[str]) -> dict[str, Path]:
+    from lungcad.errors import InputError
+
+    out: dict[str, Path] = {}
+    for item in items:
+        name, sep, path = item.partition("=")
+        name = name.strip()
+        if not sep or not name or not path:
+            raise InputError(f"--eval expects NAME=MANIFEST_DIR (e.g. external=prepared/hospB); "
+                             f"got {item!r}", "--eval")
+        if name in RESERVED_SETS or name in out or "/" in name:
+            raise InputError(f"--eval name {name!r} is reserved, repeated or has a '/'; "
+                             f"pick another (reserved: {', '.join(RESERVED_SETS)})", "--eval")
+        out[name] = Path(path)
+    return out
+
+
+def _manifest_root(path: Path) -> Path:
+    return path if path.is_dir() else path.parent
+
+
+def _json_safe(value: Any) -> Any:
+    """NaN/inf -> None and numpy scalars -> Python, so metrics.json is strict JSON."""
+    if isinstance(value, dict):
+        return {str(k): _json_safe(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_json_safe(v) for v in value]
+    if hasattr(value, "item"):
+        value = value.item()
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
+
+
+def _fmt(value: float) -> str:
+    return "n/a" if value is None or not math.isfinite(value) else f"{value:.3f}"
+
+
+def markdown_table(metrics: dict[str, dict[str, dict[str, float]]]) -> str:
+    """Markdown table: one row per model and set, with 95% CIs where computed."""
+    header = ["Model", "Set", "N", "Patients"] + [label for _, label in TABLE_COLUMNS]
+    header.append("Threshold")
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for model, per_set in metrics.items():
+        for set_name, m in per_set.items():
+            cells = [model, set_name, str(int(m["n"])), str(int(m["n_groups"]))]
+            for key, _ in TABLE_COLUMNS:
+                cell = _fmt(m[key])
+                if f"{key}_ci_low" in m:
+                    cell += f" ({_fmt(m[f'{key}_ci_low'])}-{_fmt(m[f'{key}_ci_high'])})"
+                cells.append(cell)
+            cells.append(_fmt(m["threshold"]))
+            lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def run(args: argparse.Namespace) -> int:
+    """Compute features, fit and evaluate the baselines, write the outputs."""
+    import joblib
+    import numpy as np
+    import sklearn
+
+    from lungcad import __version__
+    from lungcad.baselines import MODEL_NAMES, evaluate_baselines, fit_baselines
+    from lungcad.datasets import check_no_group_leakage, filter_records, read_manifest
+    from lungcad.errors import InputError
+    from lungcad.features import feature_table
+    from lungcad.io.atomic import atomic_path, write_text_atomic
+
+    if args.features != "handcrafted":
+        # pyradiomics sets its logger to INFO when imported and then logs every extraction
+        # step; import it first, then quieten it so the run's log stays readable.
+        with contextlib.suppress(ImportError):
+            import radiomics  # noqa: F401
+        logging.getLogger("radiomics").setLevel(
+            logging.DEBUG if args.verbose else logging.WARNING)
+    models = [m.strip() for m in args.models.split(",") if m.strip()]
+    unknown = [m for m in models if m not in MODEL_NAMES]
+    if not models or unknown:
+        raise InputError(f"unknown model(s) {unknown or models}; choose among "
+                         f"{','.join(MODEL_NAMES)}", "--models")
+    if args.n_boot < 0:
+        raise InputError(f"--n-boot must be >= 0; got {args.n_boot}", "--n-boot")
+    train_splits = [s.strip() for s in args.train_splits.split(",") if s.strip()]
+    if "test" in train_splits:
+        raise InputError("--train-splits must not include 'test' (it is the internal test "
+                         "set)", "--train-splits")
+    externals = _parse_eval(args.eval)
+    cache_dir = args.cache_dir or args.out / "feature_cache"
+
+    records = read_manifest(args.train)
+    check_no_group_leakage(records)
+    selections = {
+        "train": (filter_records(records, train_splits, labels=(0, 1)), args.train),
+        "internal": (filter_records(records, "test", labels=(0, 1)), args.train),
+    }
+    for name, path in externals.items():
+        selections[name] = (filter_records(read_manifest(path), labels=(0, 1)), path)
+    if not selections["train"][0]:
+        raise InputError(f"no labelled slices in split(s) {train_splits}", args.train)
+    if not selections["internal"][0]:
+        print("note: the training manifest has no labelled test split; no internal set")
+        del selections["internal"]
+
+    data: dict[str, tuple] = {}
+    names: list[str] | None = None
+    for set_name, (recs, path) in selections.items():
+        if not recs:
+            raise InputError(f"set {set_name!r} has no slices with a known label (0/1)", path)
+        print(f"features [{args.features}, roi={args.roi}] for {set_name}: {len(recs)} slices")
+        X, set_names = feature_table(recs, _manifest_root(path), kind=args.features,
+                                     roi=args.roi, cache_dir=cache_dir, n_jobs=args.jobs)
+        if names is not None and set_names != names:
+            raise InputError("feature names differ between sets; this is a bug", path)
+        names = set_names
+        y = np.array([r.label for r in recs])
+        groups = np.array([f"{set_name}:{r.group_id}" for r in recs])
+        data[set_name] = (X, y, groups)
+
+    print(f"fitting {', '.join(models)} on {len(data['train'][1])} slices")
+    fitted = fit_baselines(data["train"], models, seed=args.seed, scoring=args.scoring,
+                           threshold_method=args.threshold_method, n_jobs=args.jobs)
+    evaluated = {k: v for k, v in data.items() if k != "train"}
+    metrics = evaluate_baselines(fitted, data["train"], evaluated, n_boot=args.n_boot,
+                                 seed=args.seed)
+
+    summary = {
+        "lungcad_version": __version__,
+        "sklearn_version": sklearn.__version__,
+        "settings": {
+            "features": args.features, "roi": args.roi, "models": models,
+            "train_splits": train_splits, "scoring": args.scoring,
+            "threshold_method": args.threshold_method, "n_boot": args.n_boot,
+            "seed": args.seed, "n_features": len(names or []),
+        },
+        "data": {
+            name: {"manifest": str(selections[name][1]), "n": int(len(y)),
+                   "n_groups": int(len(np.unique(g))), "n_positive": int(np.sum(y))}
+            for name, (_, y, g) in data.items()
+        },
+        "models": {
+            name: {"threshold": f.threshold, "best_params": f.best_params,
+                   "cv_score": f.cv_score, "scoring": f.scoring}
+            for name, f in fitted.items()
+        },
+        "metrics": {f"{model}/{set_name}": m
+                    for model, per_set in metrics.items() for set_name, m in per_set.items()},
+    }
+    out = Path(args.out)
+    for name, f in fitted.items():
+        with atomic_path(out / "models" / f"{name}.joblib") as tmp:
+            joblib.dump({
+                "pipeline": f.pipeline, "threshold": f.threshold, "feature_names": names,
+                "features": args.features, "roi": args.roi, "best_params": f.best_params,
+                "lungcad_version": __version__, "sklearn_version": sklearn.__version__,
+            }, tmp)
+    table = markdown_table(metrics)
+    write_text_atomic(out / "metrics.md",
+                      f"# Baselines ({args.features} features, ROI {args.roi})\n\n"
+                      "Threshold chosen on out-of-fold training predictions; `train_cv` = "
+                      "out-of-fold. Brackets: patient-level bootstrap 95% CI.\n\n" + table)
+    write_text_atomic(out / "metrics.json",
+                      json.dumps(_json_safe(summary), indent=2, allow_nan=False) + "\n")
+    print(table)
+    print(f"wrote {out / 'metrics.json'}, {out / 'metrics.md'} and {len(fitted)} models")
+    return 0
