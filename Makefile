@@ -4,25 +4,34 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed-stamp
 
-.PHONY: demo test test-slow lint clean
+.PHONY: demo test test-slow lint system-deps clean
 
 # torch==2.13.0 is installed first and pinned: on these machines it resolves to a local CPU
 # wheel, while a looser requirement would pull several GB of CUDA packages.
+# pyradiomics ships only an sdist whose build needs numpy and versioneer already present.
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q torch==2.13.0
-	$(PY) -m pip install -q -e '.[dev]'
+	$(PY) -m pip install -q numpy versioneer
+	$(PY) -m pip install -q --no-build-isolation pyradiomics==3.0.1
+	$(PY) -m pip install -q -e '.[dev,radiomics]'
 	touch $(STAMP)
+
+# Debian packages the PACS and browser tests use (Orthanc + DICOMweb plugin, Chromium).
+# Each script is idempotent; without root or network the tests that need them are skipped.
+system-deps:
+	@scripts/orthanc.sh install || echo "Orthanc unavailable: PACS tests will be skipped"
+	@scripts/install_browser.sh || echo "Chromium unavailable: browser tests will be skipped"
 
 demo: $(STAMP)
 	$(VENV)/bin/lungcad demo --out demo_output
 
-test: $(STAMP)
+test: $(STAMP) system-deps
 	$(VENV)/bin/ruff check src tests benchmarks
 	$(VENV)/bin/pytest -q
 
-test-slow: $(STAMP)
+test-slow: $(STAMP) system-deps
 	$(VENV)/bin/pytest -q -m slow
 
 lint: $(STAMP)

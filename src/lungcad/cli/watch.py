@@ -1,0 +1,182 @@
+"""``lungcad watch``: analyse new CT studies on a PACS and store the results back.
+
+Polls the PACS (QIDO-RS) for CT studies not yet in the ledger under ``--state-dir``,
+fetches each (WADO-RS), predicts, and stores a DICOM SEG and a Comprehensive 3D SR into the
+same study (STOW-RS). Studies holding only SEG/SR (lungcad's own outputs among them) are never
+candidates. ``--once`` does one pass and exits (tests, cron); ``--study UID`` processes the
+named studies only.
+
+Exit codes: 0 all went well (or nothing to do), 1 a study failed (recorded; retried later),
+2 bad input, 3 the PACS was unreachable (work stays pending).
+
+Example::
+
+    lungcad watch --checkpoint runs/best --pacs http://127.0.0.1:8042/dicom-web \\
+        --user lungcad --password-file ~/.orthanc-pw --state-dir /var/lib/lungcad-watch
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import signal
+import threading
+from pathlib import Path
+
+NAME = "watch"
+HELP = "analyse new CT studies on a PACS (DICOMweb) and store SEG + SR results back"
+
+EXIT_FAILED = 1
+EXIT_UNAVAILABLE = 3
+
+log = logging.getLogger(__name__)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--checkpoint", required=True, type=Path, help="run folder (best.pt)")
+    parser.add_argument("--pacs", required=True,
+                        help="DICOMweb root URL, e.g. http://127.0.0.1:8042/dicom-web")
+    parser.add_argument("--state-dir", required=True, type=Path,
+                        help="folder for the ledger of processed studies and working files")
+    auth = parser.add_argument_group("authentication (basic or bearer token)")
+    auth.add_argument("--user", help="HTTP basic-auth user name")
+    auth.add_argument("--password", default=os.environ.get("LUNGCAD_PACS_PASSWORD"),
+                      help="basic-auth password (default: $LUNGCAD_PACS_PASSWORD)")
+    auth.add_argument("--password-file", type=Path, help="read the password from this file")
+    auth.add_argument("--token", default=os.environ.get("LUNGCAD_PACS_TOKEN"),
+                      help="bearer token (default: $LUNGCAD_PACS_TOKEN)")
+    auth.add_argument("--token-file", type=Path, help="read the bearer token from this file")
+    parser.add_argument("--interval", type=float, default=10.0,
+                        help="seconds between polls (default 10)")
+    parser.add_argument("--once", action="store_true", help="one pass, then exit")
+    parser.add_argument("--study", action="append", metavar="UID",
+                        help="process only this StudyInstanceUID (repeatable); retries given-up "
+                             "studies too")
+    parser.add_argument("--force", action="store_true",
+                        help="with --study: process again even when already done")
+    parser.add_argument("--since", help="only studies with StudyDate on or after YYYYMMDD")
+    pacs = parser.add_argument_group("PACS connection")
+    pacs.add_argument("--timeout", type=float, default=30.0, help="seconds per request")
+    pacs.add_argument("--retries", type=int, default=5,
+                      help="attempts per request before the PACS counts as down (default 5)")
+    pacs.add_argument("--backoff", type=float, default=0.5,
+                      help="first retry pause in seconds; doubles per retry, with jitter")
+    pacs.add_argument("--max-backoff", type=float, default=30.0, help="cap on a retry pause")
+    jobs = parser.add_argument_group("failed studies")
+    jobs.add_argument("--max-attempts", type=int, default=5,
+                      help="failed attempts before a study is given up (default 5)")
+    jobs.add_argument("--retry-after", type=float, default=60.0,
+                      help="seconds before a failed study is retried; doubles per failure")
+    parser.add_argument("--device", default="cpu", help="torch device (default cpu)")
+    parser.add_argument("--threads", type=int, default=None, help="CPU threads for inference")
+
+
+def _secret(value: str | None, path: Path | None, name: str) -> str | None:
+    from lungcad.errors import MissingInputError
+
+    if path is None:
+        return value
+    if not path.is_file():
+        raise MissingInputError(f"{name} file not found; create it holding only the {name}",
+                                path)
+    return path.read_text(encoding="utf-8").strip()
+
+
+def _client(args: argparse.Namespace):
+    from lungcad.errors import InputError
+    from lungcad.service.pacs import DicomWebClient, RetryPolicy
+
+    password = _secret(args.password, args.password_file, "password")
+    token = _secret(args.token, args.token_file, "token")
+    if args.user and token:
+        raise InputError("choose --user/--password or --token, not both", "--token")
+    if args.user and not password:
+        raise InputError("--user needs --password, --password-file or $LUNGCAD_PACS_PASSWORD",
+                         "--password")
+    return DicomWebClient(
+        args.pacs, username=args.user or None, password=password if args.user else None,
+        token=None if args.user else token, timeout_s=args.timeout,
+        retry=RetryPolicy(attempts=args.retries, base_delay_s=args.backoff,
+                          max_delay_s=args.max_backoff))
+
+
+def _print_outcome(uid, result, error) -> None:
+    if result is not None:
+        decision = "cancer suspected" if result.is_cancer else "no cancer suspected"
+        again = " (earlier outputs re-sent)" if result.reused_outputs else ""
+        print(f"done    {uid}: p={result.study_probability:.3f} {decision}, "
+              f"{result.n_lesions} lesion(s); stored SEG + SR{again}", flush=True)
+    else:
+        print(f"FAILED  {uid}: {error}", flush=True)
+
+
+def run(args: argparse.Namespace) -> int:
+    from lungcad.errors import InputError
+    from lungcad.service.pacs import PacsError, PacsUnavailableError
+    from lungcad.service.pacs_watch import StudyLedger, watch_round
+
+    if args.interval <= 0:
+        raise InputError(f"--interval must be > 0 seconds; got {args.interval}", "--interval")
+    if args.force and not args.study:
+        raise InputError("--force only applies to studies named with --study", "--force")
+    if not args.checkpoint.exists():
+        from lungcad.errors import MissingInputError
+
+        raise MissingInputError("checkpoint run folder not found; pass the folder `lungcad "
+                                "train` wrote", args.checkpoint)
+    if not args.verbose:  # per-request and per-attribute INFO lines would drown the useful ones
+        for noisy in ("httpx", "highdicom"):
+            logging.getLogger(noisy).setLevel(logging.WARNING)
+    client = _client(args)
+
+    def load_predictor():
+        from lungcad.inference import Predictor
+
+        log.info("loading the model from %s", args.checkpoint)
+        return Predictor.from_checkpoint(args.checkpoint, device=args.device,
+                                         num_threads=args.threads)
+
+    predictor: list = []
+
+    def predictor_once():  # loaded on first need, then kept across rounds
+        if not predictor:
+            predictor.append(load_predictor())
+        return predictor[0]
+
+    stop = threading.Event()
+    if not args.once and threading.current_thread() is threading.main_thread():
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            # Finish the study in hand, then leave: its result is recorded, nothing is lost.
+            signal.signal(sig, lambda *_: (log.info("stopping after this study"), stop.set()))
+
+    exit_code = 0
+    with client, StudyLedger(args.state_dir, max_attempts=args.max_attempts,
+                             retry_after_s=args.retry_after) as ledger:
+        while True:
+            try:
+                report = watch_round(client, predictor_once, ledger, args.state_dir / "studies",
+                                     study_uids=args.study, since=args.since, force=args.force,
+                                     on_result=_print_outcome, should_stop=stop.is_set)
+            except PacsUnavailableError as exc:
+                log.error("%s", exc)
+                if args.once or args.study:
+                    return EXIT_UNAVAILABLE
+            except PacsError as exc:
+                log.error("%s", exc)
+                if args.once or args.study:
+                    return EXIT_FAILED
+            else:
+                counts = ledger.counts()
+                print(f"round: {report.found} CT studies, {len(report.processed)} processed, "
+                      f"{len(report.failed)} failed, {len(report.already_on_pacs)} already "
+                      f"analysed; ledger: {dict(sorted(counts.items()))}", flush=True)
+                if report.unavailable:
+                    log.error("%s", report.unavailable)
+                    exit_code = EXIT_UNAVAILABLE
+                elif report.failed:
+                    exit_code = EXIT_FAILED
+                else:
+                    exit_code = 0
+            if args.once or args.study or stop.wait(args.interval):
+                return exit_code

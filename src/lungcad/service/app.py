@@ -1,0 +1,358 @@
+"""The lungcad REST service: upload a chest CT, get tumour masks, a decision and a viewer.
+
+``create_app(predictor, settings)`` returns a FastAPI app; ``lungcad serve`` runs it with
+uvicorn. Endpoints (all under ``/api`` need ``Authorization: Bearer <token>``; the OpenAPI
+description is at ``/openapi.json``, interactive docs at ``/docs``)::
+
+    GET  /health                              {"status": "ok"} (no auth)
+    GET  /ready                               200 {"ready": true, ...} when the model is loaded
+                                              and the queue accepts work, else 503
+    GET  /, /static/*                         the web viewer (no auth; it asks for a token)
+    GET  /api/v1/model                        model info and intended use
+    POST /api/v1/studies                      multipart "file": .zip of one DICOM series or
+                                              .nii/.nii.gz -> 202 {"job_id", "status"};
+                                              400 corrupt / not CT, 413 too large or too many
+                                              files, 503 queue full
+    GET  /api/v1/jobs                         every job's status, newest first
+    GET  /api/v1/jobs/{id}                    {"job_id", "status", "error", "created_at",
+                                              "started_at", "finished_at"}
+    GET  /api/v1/jobs/{id}/result             the result document (409 until done)
+    GET  /api/v1/jobs/{id}/files/{name}       mask.nii.gz, seg.dcm, sr.dcm, report.html, ...
+    GET  /api/v1/jobs/{id}/slices/{z}.png     axial slice, ?window=lung|mediastinal|bone
+                                              &overlay=0|1&cam=0|1
+
+Jobs start and stop with the app's lifespan: under uvicorn that is automatic; with
+``fastapi.testclient.TestClient`` use it as a context manager (``with TestClient(app) as c:``),
+otherwise no worker runs and ``/ready`` says 503.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import shutil
+from collections.abc import AsyncIterator, Mapping
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from fastapi import APIRouter, Depends, FastAPI, HTTPException, Request, status
+from fastapi.concurrency import run_in_threadpool
+from fastapi.responses import FileResponse, JSONResponse, Response
+from fastapi.staticfiles import StaticFiles
+from starlette.datastructures import MutableHeaders
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from lungcad import __version__
+from lungcad.errors import InputError
+from lungcad.service.audit import AuditLog
+from lungcad.service.auth import bearer_dependency, load_tokens
+from lungcad.service.jobs import JOB_ID_PATTERN, RESULT_FILE, JobManager, QueueFull
+from lungcad.service.rendering import SliceRenderer
+from lungcad.service.uploads import UploadRejected, prepare_study, receive_upload
+
+log = logging.getLogger(__name__)
+
+__all__ = ["STATIC_DIR", "ServiceSettings", "create_app"]
+
+STATIC_DIR = Path(__file__).parent / "static"
+_FILE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+_MEDIA_TYPES = {".dcm": "application/dicom", ".gz": "application/gzip",
+                ".json": "application/json", ".html": "text/html; charset=utf-8",
+                ".png": "image/png"}
+_HIDDEN_INFO = ("checkpoint_path", "onnx_path")  # server file paths are nobody's business
+
+
+@dataclass
+class ServiceSettings:
+    """How the service runs.
+
+    Attributes:
+        data_dir: jobs, uploads, results and the audit log live here (see ``service.jobs``).
+        tokens: accepted API tokens (:func:`lungcad.service.auth.load_tokens`).
+        insecure_no_auth: allow starting with no token, which switches authentication off.
+            Only for a single-user machine; never on a network.
+        max_upload_mb: largest request body accepted (MB).
+        max_unpacked_mb: most bytes a zip may unpack to, or a NIfTI may declare (MB).
+        max_files: most files in an uploaded zip.
+        queue_size: most jobs waiting at once; more get 503.
+        workers: worker threads (1: inference is CPU-bound and multi-threaded already).
+        model_version: recorded with results and in the audit log; default
+            ``<lungcad version>+<checkpoint sha256[:12]>``.
+    """
+
+    data_dir: Path
+    tokens: frozenset[str] = field(default_factory=frozenset)
+    insecure_no_auth: bool = False
+    max_upload_mb: float = 512.0
+    max_unpacked_mb: float = 2048.0
+    max_files: int = 2000
+    queue_size: int = 16
+    workers: int = 1
+    model_version: str | None = None
+
+    def __post_init__(self) -> None:
+        self.data_dir = Path(self.data_dir)
+        self.tokens = frozenset(self.tokens)
+
+    @classmethod
+    def from_sources(cls, data_dir: str | Path, *, token_file: str | Path | None = None,
+                     env: Mapping[str, str] | None = None, **options: Any) -> ServiceSettings:
+        """Settings with tokens read from ``token_file`` and ``LUNGCAD_API_TOKENS``.
+
+        Args:
+            data_dir: the data folder.
+            token_file: optional token file (one token per line).
+            env: environment to read the variable from (default ``os.environ``).
+            **options: the other attributes.
+        """
+        return cls(data_dir=Path(data_dir), tokens=load_tokens(token_file, env), **options)
+
+    def validate(self) -> None:
+        """Refuse unusable settings.
+
+        Raises:
+            InputError: no token without ``insecure_no_auth``; non-positive limits.
+        """
+        if not self.tokens and not self.insecure_no_auth:
+            raise InputError(
+                "no API token configured; the service refuses to expose patient data without "
+                "authentication. Pass --token-file FILE (one token per line) or set "
+                "LUNGCAD_API_TOKENS; for a local single-user test only, --insecure-no-auth",
+                "tokens")
+        for name in ("max_upload_mb", "max_unpacked_mb", "max_files", "queue_size", "workers"):
+            if not getattr(self, name) > 0:
+                raise InputError(f"must be > 0; got {getattr(self, name)}", name)
+
+    @property
+    def auth_enabled(self) -> bool:
+        """False only when started with no token and ``insecure_no_auth``."""
+        return bool(self.tokens)
+
+
+def model_version_of(info: Mapping[str, Any]) -> str:
+    """``<lungcad version>+<checkpoint sha256[:12]>`` (the version DICOM outputs carry)."""
+    sha = info.get("checkpoint_sha256") or ""
+    version = info.get("lungcad_version") or __version__
+    return f"{version}+{sha[:12]}" if sha else str(version)
+
+
+class _SecurityHeaders:
+    """Pure-ASGI middleware: no MIME sniffing, no referrer, no framing by other sites, and
+    API responses not cached unless the endpoint says otherwise (slice PNGs do)."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        api = scope["path"].startswith("/api/")
+
+        async def send_with_headers(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                headers = MutableHeaders(scope=message)
+                headers.setdefault("X-Content-Type-Options", "nosniff")
+                headers.setdefault("Referrer-Policy", "no-referrer")
+                headers.setdefault("X-Frame-Options", "SAMEORIGIN")
+                if api:
+                    headers.setdefault("Cache-Control", "no-store")
+            await send(message)
+
+        await self.app(scope, receive, send_with_headers)
+
+
+_UPLOAD_BODY = {
+    "required": True,
+    "content": {"multipart/form-data": {"schema": {
+        "type": "object", "required": ["file"],
+        "properties": {"file": {"type": "string", "format": "binary",
+                                "description": "a .zip of one DICOM CT series, or a .nii/.nii.gz "
+                                               "CT volume"}},
+    }}},
+}
+
+
+def create_app(predictor: Any, settings: ServiceSettings) -> FastAPI:
+    """The service app for a predictor (see the module notes for the endpoints).
+
+    Args:
+        predictor: a :class:`lungcad.inference.Predictor`, or anything with its ``info`` and
+            ``predict_volume(volume) -> StudyResult``.
+        settings: limits, tokens and the data folder.
+
+    Returns:
+        The FastAPI app; its lifespan starts and stops the job workers.
+
+    Raises:
+        InputError: invalid settings (e.g. no token and no ``insecure_no_auth``).
+    """
+    from lungcad.inference import INTENDED_USE
+
+    settings.validate()
+    settings.data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+    info = dict(predictor.info)
+    model_version = settings.model_version or model_version_of(info)
+    model_doc = {k: v for k, v in info.items() if k not in _HIDDEN_INFO}
+    model_doc["model_version"] = model_version
+    model_doc.setdefault("intended_use", INTENDED_USE)
+    audit = AuditLog.open(settings.data_dir)
+    jobs = JobManager(settings.data_dir, predictor, audit, model_version=model_version,
+                      workers=settings.workers, queue_size=settings.queue_size)
+    require_token = bearer_dependency(settings.tokens, enabled=settings.auth_enabled)
+    if not settings.auth_enabled:
+        log.warning("authentication is OFF (--insecure-no-auth): anyone who can reach this "
+                    "port can read patient data")
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        jobs.start()
+        audit.record("service_started", user="system", model_version=model_version)
+        try:
+            yield
+        finally:
+            jobs.stop()
+            audit.record("service_stopped", user="system", model_version=model_version)
+
+    app = FastAPI(title="lungcad", version=__version__, lifespan=lifespan,
+                  description="Lung-cancer CAD for chest CT. " + INTENDED_USE)
+    app.add_middleware(_SecurityHeaders)
+    app.state.settings, app.state.jobs, app.state.audit = settings, jobs, audit
+    app.state.predictor = predictor
+
+    # ---------------------------------------------------------------- open endpoints
+
+    @app.get("/health", tags=["service"])
+    def health() -> dict[str, str]:
+        """Liveness: the process answers."""
+        return {"status": "ok"}
+
+    @app.get("/ready", tags=["service"], responses={503: {"description": "not ready"}})
+    def ready() -> JSONResponse:
+        """Readiness: the model is loaded, workers run and the queue accepts work."""
+        counts = jobs.counts()
+        if jobs.accepting():
+            return JSONResponse({"ready": True, "model_version": model_version, **counts})
+        reason = "queue full" if jobs.running else "job workers not running"
+        return JSONResponse({"ready": False, "reason": reason, **counts},
+                            status_code=status.HTTP_503_SERVICE_UNAVAILABLE)
+
+    @app.get("/", include_in_schema=False)
+    def index() -> FileResponse:
+        page = STATIC_DIR / "index.html"
+        if not page.is_file():
+            raise HTTPException(404, "the web viewer is not installed (no static/index.html)")
+        return FileResponse(page, media_type="text/html; charset=utf-8")
+
+    if STATIC_DIR.is_dir():
+        app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
+
+    # ---------------------------------------------------------------- API (token required)
+
+    api = APIRouter(prefix="/api/v1", dependencies=[Depends(require_token)])
+    unauthorized = {401: {"description": "missing or invalid bearer token"}}
+
+    def known_job(job_id: str) -> dict[str, Any]:
+        job = jobs.public(job_id) if re.fullmatch(JOB_ID_PATTERN, job_id) else None
+        if job is None:
+            raise HTTPException(404, f"no job {job_id!r}")
+        return job
+
+    def done_job(job_id: str) -> Path:
+        job = known_job(job_id)
+        if job["status"] == "failed":
+            raise HTTPException(409, f"job failed: {job['error']}")
+        if job["status"] != "done":
+            raise HTTPException(409, f"job is {job['status']}; poll GET /api/v1/jobs/{job_id} "
+                                "until its status is done")
+        return jobs.job_dir(job_id)
+
+    @api.get("/model", tags=["model"], responses=unauthorized)
+    def model() -> dict[str, Any]:
+        """The model: name, versions, config hash, checkpoint SHA-256, threshold, intended use."""
+        return model_doc
+
+    @api.post("/studies", tags=["jobs"], status_code=202, openapi_extra={
+        "requestBody": _UPLOAD_BODY}, responses={
+            **unauthorized, 400: {"description": "corrupt upload or not a CT series"},
+            413: {"description": "upload too large or too many files"},
+            503: {"description": "queue full; retry later"}})
+    async def submit_study(request: Request, user: str = Depends(require_token)) -> JSONResponse:
+        """Queue a study: multipart field ``file`` = .zip of one DICOM series or .nii/.nii.gz."""
+        if not jobs.accepting():
+            audit.record("upload_rejected", user=user, reason="queue_full", status=503)
+            raise HTTPException(503, "the queue is full; retry later",
+                                headers={"Retry-After": "30"})
+        staging = jobs.new_staging_dir()
+        try:
+            upload = await receive_upload(dict(request.headers), request.stream(), staging,
+                                          int(settings.max_upload_mb * 2**20))
+            input_info = await run_in_threadpool(
+                prepare_study, upload, max_files=settings.max_files,
+                max_unpacked_bytes=int(settings.max_unpacked_mb * 2**20))
+            job = jobs.submit(staging, input_info, user)
+        except UploadRejected as exc:
+            audit.record("upload_rejected", user=user, reason=exc.reason,
+                         status=exc.status_code)
+            raise HTTPException(exc.status_code, exc.message) from None
+        except QueueFull as exc:
+            audit.record("upload_rejected", user=user, reason="queue_full", status=503)
+            raise HTTPException(503, str(exc), headers={"Retry-After": "30"}) from None
+        finally:
+            if staging.exists():  # moved into jobs/ on success
+                shutil.rmtree(staging, ignore_errors=True)
+        return JSONResponse({"job_id": job["job_id"], "status": job["status"]}, status_code=202,
+                            headers={"Location": f"/api/v1/jobs/{job['job_id']}"})
+
+    @api.get("/jobs", tags=["jobs"], responses=unauthorized)
+    def list_jobs() -> list[dict[str, Any]]:
+        """Every job's status, newest first."""
+        return jobs.list()
+
+    @api.get("/jobs/{job_id}", tags=["jobs"], responses={**unauthorized, 404: {}})
+    def job_status(job_id: str) -> dict[str, Any]:
+        """One job's status: queued, running, done or failed (with the error)."""
+        return known_job(job_id)
+
+    @api.get("/jobs/{job_id}/result", tags=["results"], responses={**unauthorized, 404: {},
+                                                                   409: {}})
+    def job_result(job_id: str, user: str = Depends(require_token)) -> FileResponse:
+        """Probability, decision, threshold, per-slice probabilities, lesions, file links."""
+        folder = done_job(job_id)
+        audit.record("result_viewed", user=user, job_id=job_id,
+                     study=jobs.state(job_id).get("study"), model_version=model_version)
+        return FileResponse(folder / RESULT_FILE, media_type="application/json")
+
+    @api.get("/jobs/{job_id}/files/{name}", tags=["results"],
+             responses={**unauthorized, 404: {}, 409: {}})
+    def job_file(job_id: str, name: str, user: str = Depends(require_token)) -> FileResponse:
+        """Download an output (mask.nii.gz, probability.nii.gz, seg.dcm, sr.dcm, ...)."""
+        folder = done_job(job_id) / "outputs"
+        path = folder / name
+        if not _FILE_NAME.fullmatch(name) or not path.is_file():
+            names = sorted(p.name for p in folder.iterdir() if not p.name.startswith("."))
+            raise HTTPException(404, f"no output {name!r}; this job has {', '.join(names)}")
+        audit.record("file_downloaded", user=user, job_id=job_id, file=name,
+                     study=jobs.state(job_id).get("study"), model_version=model_version)
+        suffix = path.suffix.lower()
+        return FileResponse(path, filename=name,
+                            media_type=_MEDIA_TYPES.get(suffix, "application/octet-stream"))
+
+    @api.get("/jobs/{job_id}/slices/{z}.png", tags=["results"], response_class=Response,
+             responses={**unauthorized, 200: {"content": {"image/png": {}}}, 404: {}, 409: {}})
+    def job_slice(job_id: str, z: int,
+                  window: Literal["lung", "mediastinal", "bone"] = "lung",
+                  overlay: bool = True, cam: bool = False) -> Response:
+        """Axial slice ``z`` as PNG (radiological view), mask in red, optional Grad-CAM."""
+        renderer = SliceRenderer(done_job(job_id) / "render")
+        try:
+            png = renderer.png(z, window=window, overlay=overlay, cam=cam)
+        except IndexError as exc:
+            raise HTTPException(404, str(exc)) from None
+        return Response(png, media_type="image/png",
+                        headers={"Cache-Control": "private, max-age=86400"})
+
+    app.include_router(api)
+    return app

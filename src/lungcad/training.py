@@ -1,0 +1,754 @@
+"""Training: one loop for both stages, configured (never subclassed), resumable, DDP-ready.
+
+``train(config)`` reads top to bottom like nanoGPT's ``train.py``: resolve the device and
+processes, build data, model, optimiser and schedule, optionally restore ``last.pt``, then run
+epochs of (train, validate, log, checkpoint, early-stop). Behaviour changes only through
+:class:`lungcad.config.Config`:
+
+* stage "seg": BCE + Dice on slices with a tumour mask (slices without one add nothing);
+  validation Dice per epoch (mean over slices with tumour, and global Dice of pooled counts).
+* stage "cls": BCE on labelled slices, positive-class weight ``n_neg / n_pos`` (1 with
+  ``data.balanced_sampling``); encoder frozen for ``optim.freeze_encoder_epochs`` and then
+  fine-tuned; decoder kept frozen (``optim.freeze_decoder``); start from a stage-"seg" run
+  (``train.init_from``). Validation accuracy, F1, MCC, AUC at 0.5, plus the decision threshold
+  that maximises MCC (or Youden's J) on validation, saved to ``threshold.json``.
+
+Reproducibility: every epoch reseeds Python, NumPy and torch from ``(seed, epoch, rank)`` and
+the data order from ``(seed, epoch)``, so epoch ``e`` depends only on the weights, optimiser
+state and ``e``. Together with ``last.pt`` (which holds model, optimiser, scheduler, gradient
+scaler, early-stopping state and RNG states) a resumed run reproduces the uninterrupted one
+exactly on the same hardware.
+
+Scale-out: launched by ``torchrun``, the loop reads RANK / WORLD_SIZE / LOCAL_RANK, joins a
+process group (NCCL on CUDA, Gloo on CPU), shards data with a per-epoch-seeded sampler,
+averages BatchNorm statistics before validation, gathers validation predictions from all
+ranks (so every rank computes the same metrics and takes the same early-stopping decision),
+and lets only rank 0 log, show progress and write files.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import dataclasses
+import io
+import json
+import logging
+import math
+import os
+import random
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import ConcatDataset, DataLoader, Dataset, DistributedSampler, Sampler
+from tqdm.auto import tqdm
+
+from lungcad.augmentation import build_augmentation
+from lungcad.checkpoint import (
+    BEST,
+    CONFIG_FILE,
+    LAST,
+    METRICS_CSV,
+    METRICS_JSON,
+    RUN_FILE,
+    THRESHOLD_FILE,
+    file_sha256,
+    get_rng_state,
+    model_from_config,
+    read_checkpoint,
+    save_checkpoint,
+    set_rng_state,
+    software_versions,
+    write_json,
+)
+from lungcad.config import Config, config_hash, config_to_dict, config_to_yaml, diff_configs
+from lungcad.datasets import (
+    SliceDataset,
+    SliceRecord,
+    class_balanced_sampler,
+    filter_records,
+    read_manifest,
+)
+from lungcad.errors import InputError, MissingInputError
+from lungcad.io.atomic import write_text_atomic
+from lungcad.losses import BCEDiceLoss, classification_loss
+from lungcad.metrics import choose_threshold, classification_metrics, dice_from_counts
+from lungcad.models import LungCADNet, load_pretrained_encoder
+
+log = logging.getLogger(__name__)
+
+__all__ = ["RESUMABLE_KEYS", "RunResult", "train"]
+
+#: Config keys that may differ between a run and its resumption (they do not change results).
+RESUMABLE_KEYS = frozenset(
+    {"data.num_workers", "train.device", "train.tensorboard", "train.progress", "train.out_dir"}
+)
+
+
+@dataclass
+class RunResult:
+    """What :func:`train` returns.
+
+    Attributes:
+        run_dir: the run folder.
+        status: "finished" (all epochs), "early_stopped" or "stopped" (``stop_after_epoch``).
+        epochs_completed: epochs run so far, including those before a resume.
+        best_epoch: 1-based epoch of ``best.pt``.
+        best_metric: its value of ``monitor``.
+        monitor: the metric used for model selection.
+        history: one dict of metrics per epoch (as in metrics.json).
+        threshold: stage "cls": decision threshold of ``best.pt`` (None for "seg").
+        model: the network after the last epoch (not the best one: load ``best.pt`` with
+            :func:`lungcad.checkpoint.load_checkpoint` for that), unwrapped from DDP.
+    """
+
+    run_dir: Path
+    status: str
+    epochs_completed: int
+    best_epoch: int
+    best_metric: float
+    monitor: str
+    history: list[dict[str, float]] = field(default_factory=list)
+    threshold: float | None = None
+    model: LungCADNet | None = None
+
+
+# --------------------------------------------------------------------------- processes, RNG
+
+
+@dataclass
+class _Dist:
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+    created: bool = False  # we called init_process_group, so we destroy it
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+
+def _init_distributed(device_choice: str) -> _Dist:
+    """Join the torchrun process group (or reuse one that is already initialised)."""
+    if dist.is_available() and dist.is_initialized():
+        local = int(os.environ.get("LOCAL_RANK", dist.get_rank()))
+        return _Dist(dist.get_rank(), dist.get_world_size(), local, created=False)
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return _Dist()
+    rank, local = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
+    use_cuda = device_choice != "cpu" and torch.cuda.is_available()
+    if use_cuda:
+        torch.cuda.set_device(local)
+    dist.init_process_group(backend="nccl" if use_cuda else "gloo")
+    return _Dist(rank, world, local, created=True)
+
+
+def _device(choice: str, ddp: _Dist) -> torch.device:
+    if choice == "cuda" and not torch.cuda.is_available():
+        raise InputError(
+            "CUDA was requested but torch sees no GPU; use --set train.device=cpu (or auto)",
+            path="train.device",
+        )
+    if choice == "cpu" or not torch.cuda.is_available():
+        return torch.device("cpu")
+    return torch.device("cuda", ddp.local_rank)
+
+
+def _seed_all(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def _epoch_seed(seed: int, epoch: int, rank: int = 0) -> int:
+    """A 32-bit seed for (seed, epoch, rank), well mixed by NumPy's SeedSequence."""
+    return int(np.random.SeedSequence([seed, epoch, rank]).generate_state(1)[0])
+
+
+def _worker_init(worker_id: int) -> None:
+    # torch seeds each worker from the loader's generator; derive NumPy/Python from it so
+    # augmentations differ between workers and repeat between identical runs.
+    seed = torch.initial_seed() % 2**32
+    np.random.seed(seed)
+    random.seed(seed)
+
+
+class _ShardedWeightedSampler(Sampler[int]):
+    """Weighted draws with replacement, identical on all ranks; rank r keeps every world-th.
+
+    The DistributedSampler counterpart of ``WeightedRandomSampler`` (class-balanced sampling
+    under DDP); seeded by (seed, epoch) through :meth:`set_epoch`.
+    """
+
+    def __init__(self, weights: torch.Tensor, world: int, rank: int, seed: int) -> None:
+        self.weights, self.world, self.rank, self.seed = weights, world, rank, seed
+        self.num_samples = math.ceil(len(weights) / world)
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __iter__(self) -> Iterator[int]:
+        g = torch.Generator().manual_seed(_epoch_seed(self.seed, self.epoch))
+        draws = torch.multinomial(self.weights, self.num_samples * self.world, True, generator=g)
+        return iter(draws[self.rank :: self.world].tolist())
+
+    def __len__(self) -> int:
+        return self.num_samples
+
+
+# --------------------------------------------------------------------------- data
+
+
+def _load_records(cfg: Config, split: str) -> tuple[list[SliceRecord], Dataset, list[str]]:
+    """Filtered records of one split from all manifests, their Dataset, and manifest paths."""
+    if not cfg.data.manifest:
+        raise InputError(
+            "no manifest given; pass --manifest DIR (a folder written by `lungcad prepare`) "
+            "or set data.manifest in the config",
+            path="data.manifest",
+        )
+    stage = cfg.train.stage
+    require_mask = cfg.data.require_mask if cfg.data.require_mask is not None else stage == "seg"
+    labels = (0, 1) if stage == "cls" else None
+    sources = cfg.data.sources or None
+    size = (cfg.model.image_size, cfg.model.image_size)
+    augment = build_augmentation(cfg.augmentation) if split == cfg.data.train_split else None
+    all_records: list[SliceRecord] = []
+    parts: list[Dataset] = []
+    paths: list[str] = []
+    for entry in cfg.data.manifest:
+        path = Path(entry)
+        csv_path = path / "manifest.csv" if path.is_dir() else path
+        records = filter_records(read_manifest(csv_path), split, require_mask=require_mask,
+                                 labels=labels, sources=sources)
+        paths.append(str(csv_path))
+        if records:
+            all_records += records
+            parts.append(SliceDataset(records, csv_path.parent, image_size=size, augment=augment))
+    if not all_records:
+        what = "with a tumour mask" if require_mask else "with a label 0/1" if labels else ""
+        raise InputError(
+            f"no '{split}' slices {what} in {', '.join(paths)}; stage {stage!r} needs them. "
+            "Check the manifest's split/mask_path/label columns, data.sources and the stage.",
+            path="data.manifest",
+        )
+    return all_records, ConcatDataset(parts), paths
+
+
+def _loader(dataset: Dataset, sampler: Sampler | list[int], cfg: Config, generator: torch.Generator,
+            train: bool) -> DataLoader:
+    return DataLoader(
+        dataset,
+        batch_size=cfg.data.batch_size,
+        sampler=sampler,
+        num_workers=cfg.data.num_workers,
+        pin_memory=torch.cuda.is_available() and cfg.train.device != "cpu",
+        drop_last=train and len(sampler) > cfg.data.batch_size,  # no 1-slice BatchNorm batches
+        worker_init_fn=_worker_init,
+        generator=generator,
+        persistent_workers=False,  # fresh workers each epoch keep epochs independent (resume)
+    )
+
+
+# --------------------------------------------------------------------------- model, optimiser
+
+
+def _set_trainable(model: LungCADNet, cfg: Config, epoch: int) -> tuple[bool, ...]:
+    """Freeze/unfreeze parts for this (0-based) epoch; returns (encoder, decoder, head) flags."""
+    stage, opt = cfg.train.stage, cfg.optim
+    encoder_frozen = opt.freeze_encoder_epochs == -1 or epoch < opt.freeze_encoder_epochs
+    decoder_on = stage == "seg" or not opt.freeze_decoder
+    head_on = stage == "cls"  # the seg loss never reaches the head; frozen keeps DDP simple
+    model.freeze_encoder(encoder_frozen)
+    for p in model.decoder_parameters():
+        p.requires_grad_(decoder_on)
+    for p in model.head_parameters():
+        p.requires_grad_(head_on)
+    return (not encoder_frozen, decoder_on, head_on)
+
+
+def _train_mode(model: LungCADNet, trainable: tuple[bool, ...]) -> None:
+    model.train()  # keeps a frozen encoder in eval mode (LungCADNet.train)
+    if not trainable[1]:  # frozen decoder: keep its BatchNorm statistics too
+        model.decoder.eval()
+        model.segmentation_head.eval()
+
+
+def _param_groups(model: LungCADNet, cfg: Config) -> list[dict[str, Any]]:
+    """AdamW groups per part; weight decay only on weight matrices/kernels (not norms, biases)."""
+    groups = []
+    parts = (("encoder", model.encoder_parameters(), cfg.optim.encoder_lr_scale),
+             ("decoder", model.decoder_parameters(), 1.0),
+             ("head", model.head_parameters(), 1.0))
+    for name, params, scale in parts:
+        params = list(params)
+        decay = [p for p in params if p.ndim > 1]
+        no_decay = [p for p in params if p.ndim <= 1]
+        lr = cfg.optim.lr * scale
+        groups.append({"name": f"{name}", "params": decay, "lr": lr,
+                       "weight_decay": cfg.optim.weight_decay})
+        groups.append({"name": f"{name}_no_decay", "params": no_decay, "lr": lr,
+                       "weight_decay": 0.0})
+    return groups
+
+
+def _scheduler(optimizer: torch.optim.Optimizer, cfg: Config, steps_per_epoch: int) -> Any:
+    opt = cfg.optim
+    if opt.schedule == "plateau":
+        return torch.optim.lr_scheduler.ReduceLROnPlateau(
+            optimizer, mode="max", factor=0.1, patience=max(1, opt.patience // 2),
+            min_lr=opt.min_lr,
+        )
+    total = max(1, opt.epochs * steps_per_epoch)
+    warmup = min(total - 1, round(opt.warmup_epochs * steps_per_epoch))
+    floor = min(1.0, opt.min_lr / opt.lr)
+
+    def factor(step: int) -> float:  # linear warmup, then cosine decay to min_lr
+        if step < warmup:
+            return (step + 1) / warmup
+        progress = min(1.0, (step - warmup) / max(1, total - warmup))
+        return floor + (1.0 - floor) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def _init_weights(model: LungCADNet, cfg: Config) -> dict[str, Any]:
+    """Load ``train.init_from`` (a seg run) or ``model.pretrained``; returns provenance."""
+    if cfg.train.init_from:
+        payload = read_checkpoint(cfg.train.init_from)
+        source_model = payload["config"].get("model", {}).get("name")
+        if source_model != cfg.model.name:
+            raise InputError(
+                f"the run was trained with model {source_model!r} but this config uses "
+                f"{cfg.model.name!r}; set --set model.name={source_model}",
+                path=cfg.train.init_from,
+            )
+        model.load_state_dict(payload["model"], strict=True)
+        path = Path(cfg.train.init_from)
+        pt = path / BEST if path.is_dir() else path
+        log.info("initialised from %s (epoch %s)", pt, payload.get("epoch"))
+        return {"init_from": str(pt), "init_from_sha256": payload["sha256"]}
+    if cfg.model.pretrained:
+        load_pretrained_encoder(model, cfg.model.pretrained)
+        return {"pretrained": cfg.model.pretrained,
+                "pretrained_sha256": file_sha256(cfg.model.pretrained)}
+    return {}
+
+
+# --------------------------------------------------------------------------- validation
+
+
+def _all_gather(values: list[Any], ddp: _Dist) -> list[Any]:
+    if ddp.world == 1:
+        return values
+    gathered: list[list[Any]] = [[] for _ in range(ddp.world)]
+    dist.all_gather_object(gathered, values)
+    return [v for part in gathered for v in part]
+
+
+def _average_batchnorm(model: nn.Module, ddp: _Dist) -> None:
+    """Average BatchNorm running statistics over ranks (as timm's ``distribute_bn``), so all
+    ranks validate and save the same model."""
+    if ddp.world == 1:
+        return
+    for name, buf in model.named_buffers():
+        if ("running_mean" in name or "running_var" in name) and buf.is_floating_point():
+            dist.all_reduce(buf, op=dist.ReduceOp.SUM)
+            buf.div_(ddp.world)
+
+
+@torch.no_grad()
+def _validate(model: LungCADNet, loader: DataLoader, cfg: Config, device: torch.device,
+              ddp: _Dist, seg_loss: BCEDiceLoss, pos_weight: float | None) -> dict[str, float]:
+    """Validation metrics of the whole val split (predictions gathered from all ranks)."""
+    model.eval()
+    rows: list[tuple[Any, ...]] = []  # one per slice
+    losses: list[tuple[float, int]] = []  # (mean loss, slices it covers) per batch
+    for batch in loader:
+        images = batch["image"].to(device, non_blocking=True)
+        with _autocast(cfg, device):
+            out = model(images)
+        if cfg.train.stage == "seg":
+            masks, has = batch["mask"].to(device), batch["has_mask"].to(device)
+            pred, ref = out["seg_logits"].float() > 0, masks > 0.5
+            tp = (pred & ref).sum((1, 2, 3)).tolist()
+            fp = (pred & ~ref).sum((1, 2, 3)).tolist()
+            fn = (~pred & ref).sum((1, 2, 3)).tolist()
+            losses.append((float(seg_loss(out["seg_logits"], masks, has)), int(has.sum())))
+            rows += list(zip(batch["sample_id"], tp, fp, fn, strict=True))
+        else:
+            labels = batch["label"].to(device)
+            probs = torch.sigmoid(out["cls_logits"].float()).tolist()
+            losses.append((float(classification_loss(out["cls_logits"], labels, pos_weight)),
+                           len(probs)))
+            rows += list(zip(batch["sample_id"], probs, labels.long().tolist(), strict=True))
+    rows, losses = _all_gather(rows, ddp), _all_gather(losses, ddp)
+    n_loss = sum(n for _, n in losses)
+    val_loss = sum(v * n for v, n in losses) / n_loss if n_loss else float("nan")
+    if cfg.train.stage == "seg":
+        tp, fp, fn = (np.array([r[k] for r in rows], dtype=np.float64) for k in (1, 2, 3))
+        per_slice = [dice_from_counts(a, b, c) for a, b, c in zip(tp, fp, fn, strict=True)]
+        with_tumour = [d for d in per_slice if not math.isnan(d)]
+        return {
+            "val_loss": val_loss,
+            "val_dice": float(np.mean(with_tumour)) if with_tumour else float("nan"),
+            "val_dice_global": dice_from_counts(tp.sum(), fp.sum(), fn.sum()),
+            "val_slices_with_tumour": float(len(with_tumour)),
+        }
+    y_prob = np.clip(np.array([r[1] for r in rows], dtype=np.float64), 0.0, 1.0)
+    y_true = np.array([r[2] for r in rows], dtype=np.int64)
+    at_half = classification_metrics(y_true, y_prob, 0.5)
+    threshold = choose_threshold(y_true, y_prob, cfg.train.threshold_method)
+    tuned = classification_metrics(y_true, y_prob, threshold)
+    return {
+        "val_loss": val_loss,
+        "val_acc": at_half["accuracy"],
+        "val_f1": at_half["f1"],
+        "val_mcc": at_half["mcc"],
+        "val_auc": at_half["auc"],
+        "val_sensitivity": at_half["sensitivity"],
+        "val_specificity": at_half["specificity"],
+        "val_threshold": threshold,
+        "val_mcc_at_threshold": tuned["mcc"],
+        "val_acc_at_threshold": tuned["accuracy"],
+    }
+
+
+def _autocast(cfg: Config, device: torch.device) -> contextlib.AbstractContextManager:
+    if cfg.train.amp and device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.float16)
+    return contextlib.nullcontext()
+
+
+# --------------------------------------------------------------------------- run folder
+
+
+def _write_metrics(run_dir: Path, history: list[dict[str, float]]) -> None:
+    columns: list[str] = []
+    for row in history:
+        columns += [k for k in row if k not in columns]
+    text = io.StringIO()
+    writer = csv.DictWriter(text, fieldnames=columns, lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(history)
+    write_text_atomic(run_dir / METRICS_CSV, text.getvalue())
+    write_json(run_dir / METRICS_JSON, history)
+
+
+def _now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+def _check_run_dir(cfg: Config, resume: str | Path | None) -> tuple[Path, Config | None]:
+    """The run folder, and the stored config when resuming (after checking it matches)."""
+    if resume is None:
+        run_dir = Path(cfg.train.out_dir)
+        if (run_dir / LAST).exists() or (run_dir / BEST).exists():
+            raise InputError(
+                "already holds a training run; continue it with --resume, or choose another "
+                "--out folder",
+                path=run_dir,
+            )
+        return run_dir, None
+    from lungcad.config import load_config  # local: only resuming reads a stored config
+
+    run_dir = Path(resume)
+    if not (run_dir / LAST).is_file():
+        raise MissingInputError(
+            f"no {LAST} to resume from; pass a run folder that has finished at least one epoch",
+            path=run_dir,
+        )
+    stored = load_config(run_dir / CONFIG_FILE)
+    changed = {k: v for k, v in diff_configs(stored, cfg).items() if k not in RESUMABLE_KEYS}
+    if changed:
+        listed = "; ".join(f"{k}: run has {a!r}, given {b!r}" for k, (a, b) in changed.items())
+        raise InputError(
+            f"cannot resume with a different configuration ({listed}). Resume with the run's "
+            f"own config.yaml (only {', '.join(sorted(RESUMABLE_KEYS))} may change) or start "
+            "a new run with --init-from.",
+            path=run_dir,
+        )
+    return run_dir, stored
+
+
+# --------------------------------------------------------------------------- the loop
+
+
+def train(
+    config: Config, *, resume: str | Path | None = None, stop_after_epoch: int | None = None
+) -> RunResult:
+    """Train one stage as ``config`` says and write the run folder.
+
+    Args:
+        config: resolved configuration (:func:`lungcad.config.load_config`).
+        resume: a run folder to continue from its ``last.pt`` (model, optimiser, scheduler,
+            scaler, epoch, RNG and early-stopping state). ``config`` must equal the run's
+            own, except for :data:`RESUMABLE_KEYS`; the run folder is the resumed one.
+        stop_after_epoch: stop once this (1-based) epoch has finished, as if interrupted;
+            ``last.pt`` allows resuming later. None runs to ``optim.epochs`` or early stopping.
+
+    Returns:
+        :class:`RunResult` (on every rank under DDP; only rank 0 writes files).
+
+    Raises:
+        InputError / MissingInputError: bad configuration or data (before any training step).
+    """
+    ddp = _init_distributed(config.train.device)
+    previous_flags = (torch.are_deterministic_algorithms_enabled(),
+                      torch.backends.cudnn.benchmark)
+    try:
+        result = _train(config, resume, stop_after_epoch, ddp)
+    finally:
+        torch.use_deterministic_algorithms(previous_flags[0])
+        torch.backends.cudnn.benchmark = previous_flags[1]
+    # Only after success: on an error the peers may be blocked in a collective, and
+    # destroy_process_group would wait for them forever; exiting lets torchrun stop them.
+    if ddp.created:
+        dist.destroy_process_group()
+    return result
+
+
+def _train(cfg: Config, resume: str | Path | None, stop_after_epoch: int | None,
+           ddp: _Dist) -> RunResult:
+    # -- setup: folder, device, determinism
+    run_dir, _ = _check_run_dir(cfg, resume)
+    if resume is not None:
+        cfg = _with_out_dir(cfg, run_dir)
+    device = _device(cfg.train.device, ddp)
+    use_amp = cfg.train.amp and device.type == "cuda"
+    memory_format = (torch.channels_last if cfg.train.channels_last and device.type == "cuda"
+                     else torch.contiguous_format)
+    if cfg.train.deterministic:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.use_deterministic_algorithms(True, warn_only=True)
+    torch.backends.cudnn.benchmark = device.type == "cuda" and not cfg.train.deterministic
+    stage = cfg.train.stage
+    monitor = cfg.optim.monitor if cfg.optim.monitor != "auto" else (
+        "val_dice" if stage == "seg" else "val_mcc")
+    _seed_all(cfg.train.seed)
+
+    # -- data
+    train_records, train_set, manifests = _load_records(cfg, cfg.data.train_split)
+    val_records, val_set, _ = _load_records(cfg, cfg.data.val_split)
+    pos_weight = None
+    if stage == "cls":
+        n_pos = sum(r.label == 1 for r in train_records)
+        n_neg = len(train_records) - n_pos
+        for name, recs in (("train", train_records), ("val", val_records)):
+            if len({r.label for r in recs}) < 2:
+                raise InputError(
+                    f"the {name} split has only label {recs[0].label}; stage 'cls' needs "
+                    "cancerous (1) and non-cancerous (0) slices in both train and val",
+                    path="data.manifest",
+                )
+        pos_weight = None if cfg.data.balanced_sampling else n_neg / n_pos
+    if cfg.data.balanced_sampling:
+        weights = class_balanced_sampler(train_records).weights
+        train_sampler: Any = _ShardedWeightedSampler(weights, ddp.world, ddp.rank,
+                                                     cfg.train.seed)
+    else:
+        train_sampler = DistributedSampler(train_set, num_replicas=ddp.world, rank=ddp.rank,
+                                           shuffle=True, seed=cfg.train.seed)
+    loader_gen = torch.Generator()
+    train_loader = _loader(train_set, train_sampler, cfg, loader_gen, train=True)
+    val_indices = list(range(ddp.rank, len(val_set), ddp.world))  # no padding duplicates
+    val_loader = _loader(val_set, val_indices, cfg, torch.Generator(), train=False)
+    steps_per_epoch = len(train_loader)
+    if cfg.train.max_steps_per_epoch:
+        steps_per_epoch = min(steps_per_epoch, cfg.train.max_steps_per_epoch)
+
+    # -- model, optimiser, schedule, scaler
+    model = model_from_config(cfg)
+    provenance = {} if resume is not None else _init_weights(model, cfg)
+    model.to(device=device, memory_format=memory_format)
+    optimizer = torch.optim.AdamW(_param_groups(model, cfg), lr=cfg.optim.lr,
+                                  fused=device.type == "cuda" or None)
+    scheduler = _scheduler(optimizer, cfg, steps_per_epoch)
+    scaler = torch.amp.GradScaler(device.type, enabled=use_amp)
+    seg_loss = BCEDiceLoss()
+
+    # -- state that resuming restores
+    start_epoch, history = 0, []
+    early = {"best": -math.inf, "best_epoch": 0, "bad_epochs": 0, "threshold": None}
+    run_info: dict[str, Any] = {}
+    if resume is not None:
+        state = read_checkpoint(run_dir / LAST, map_location=device)
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        scaler.load_state_dict(state["scaler"])
+        set_rng_state(state["rng"])
+        start_epoch, history = state["epoch"], list(state["history"])
+        early = state["early_stopping"]
+        run_file = run_dir / RUN_FILE
+        if run_file.is_file():
+            run_info = json.loads(run_file.read_text(encoding="utf-8"))
+        run_info.setdefault("resumed_at", []).append(_now())
+        log.info("resuming %s after epoch %d", run_dir, start_epoch)
+    else:
+        run_info = {"started_at": _now(), **provenance}
+    run_info.update({
+        "stage": stage, "status": "running", "config_hash": config_hash(cfg),
+        "versions": software_versions(), "world_size": ddp.world, "device": str(device),
+        "manifests": [{"path": p, "sha256": file_sha256(p)} for p in manifests],
+        "train_slices": len(train_records), "val_slices": len(val_records),
+        "pos_weight": pos_weight, "monitor": monitor,
+    })
+    if ddp.main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        write_text_atomic(run_dir / CONFIG_FILE, config_to_yaml(cfg))
+        write_json(run_dir / RUN_FILE, run_info)
+    writer = _tensorboard(run_dir, cfg, ddp)
+    log.info("stage %s: %d train / %d val slices, %d steps per epoch, device %s, %d process(es)",
+             stage, len(train_records), len(val_records), steps_per_epoch, device, ddp.world)
+
+    # -- epochs
+    status = "finished"
+    wrapped: nn.Module = model
+    trainable_before: tuple[bool, ...] = ()
+    for epoch in range(start_epoch, cfg.optim.epochs):
+        t0 = time.perf_counter()
+        _seed_all(_epoch_seed(cfg.train.seed, epoch, ddp.rank))
+        train_sampler.set_epoch(epoch)
+        loader_gen.manual_seed(_epoch_seed(cfg.train.seed, epoch, ddp.rank))
+        trainable = _set_trainable(model, cfg, epoch)
+        if trainable != trainable_before:  # DDP must know which parameters get gradients
+            wrapped = (DistributedDataParallel(model, device_ids=[device.index]
+                                               if device.type == "cuda" else None)
+                       if ddp.world > 1 else model)
+            trainable_before = trainable
+        params = [p for p in model.parameters() if p.requires_grad]
+        _train_mode(model, trainable)
+        loss_sum, n_seen = torch.zeros((), device=device), torch.zeros((), device=device)
+        bar = tqdm(train_loader, total=steps_per_epoch, desc=f"epoch {epoch + 1}", leave=False,
+                   disable=not (cfg.train.progress and ddp.main and sys.stderr.isatty()))
+        for step, batch in enumerate(bar):
+            if step >= steps_per_epoch:
+                break
+            images = batch["image"].to(device, non_blocking=True, memory_format=memory_format)
+            with _autocast(cfg, device):
+                out = wrapped(images)
+            if stage == "seg":
+                loss = seg_loss(out["seg_logits"], batch["mask"].to(device),
+                                batch["has_mask"].to(device))
+            else:
+                loss = classification_loss(out["cls_logits"], batch["label"].to(device),
+                                           pos_weight)
+            scaler.scale(loss).backward()
+            if cfg.optim.grad_clip > 0:
+                scaler.unscale_(optimizer)
+                torch.nn.utils.clip_grad_norm_(params, cfg.optim.grad_clip)
+            scaler.step(optimizer)
+            scaler.update()
+            optimizer.zero_grad(set_to_none=True)
+            if cfg.optim.schedule == "cosine":
+                scheduler.step()
+            loss_sum += loss.detach() * len(images)
+            n_seen += len(images)
+            bar.set_postfix(loss=f"{loss.item():.4f}")
+        bar.close()
+        if ddp.world > 1:
+            totals = torch.stack([loss_sum, n_seen])
+            dist.all_reduce(totals)
+            loss_sum, n_seen = totals[0], totals[1]
+        _average_batchnorm(model, ddp)
+
+        metrics = _validate(model, val_loader, cfg, device, ddp, seg_loss, pos_weight)
+        value = metrics.get(monitor, float("nan"))
+        if cfg.optim.schedule == "plateau":
+            scheduler.step(value if math.isfinite(value) else -math.inf)
+        row = {"epoch": epoch + 1, "lr": max(g["lr"] for g in optimizer.param_groups),
+               "train_loss": float(loss_sum / n_seen.clamp(min=1)), **metrics,
+               "time_s": round(time.perf_counter() - t0, 3)}
+        history.append(row)
+        improved = early["best_epoch"] == 0 or (math.isfinite(value) and value > early["best"])
+        if improved:
+            early.update(best=value if math.isfinite(value) else -math.inf,
+                         best_epoch=epoch + 1, bad_epochs=0, threshold=metrics.get("val_threshold"))
+        else:
+            early["bad_epochs"] += 1
+
+        if ddp.main:
+            _write_metrics(run_dir, history)
+            common = {"model": model.state_dict(), "epoch": epoch + 1,
+                      "config": config_to_dict(cfg), "metrics": row,
+                      "versions": run_info["versions"], "threshold": early["threshold"],
+                      "stage": stage}
+            if improved:
+                save_checkpoint(run_dir / BEST, common)
+                if stage == "cls":
+                    write_json(run_dir / THRESHOLD_FILE, {
+                        "threshold": early["threshold"], "method": cfg.train.threshold_method,
+                        "epoch": epoch + 1, "rule": "cancer if probability >= threshold",
+                        "chosen_on": "validation split", "val_mcc_at_threshold":
+                        metrics["val_mcc_at_threshold"], "val_mcc_at_0.5": metrics["val_mcc"]})
+            save_checkpoint(run_dir / LAST, {
+                **common, "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(),
+                "rng": get_rng_state(), "early_stopping": dict(early), "history": history})
+            if writer is not None:
+                for key, val in row.items():
+                    if key != "epoch":
+                        writer.add_scalar(key, val, epoch + 1)
+            log.info("epoch %d/%d %s (best %s=%.4f @%d)", epoch + 1, cfg.optim.epochs,
+                     " ".join(f"{k}={_fmt(v)}" for k, v in row.items() if k != "epoch"),
+                     monitor, early["best"], early["best_epoch"])
+
+        if cfg.optim.patience and early["bad_epochs"] >= cfg.optim.patience:
+            status = "early_stopped"
+            log.info("early stop: %s did not improve for %d epochs", monitor,
+                     cfg.optim.patience)
+            break
+        if stop_after_epoch is not None and epoch + 1 >= stop_after_epoch \
+                and epoch + 1 < cfg.optim.epochs:
+            status = "stopped"
+            break
+
+    if writer is not None:
+        writer.close()
+    epochs_done = history[-1]["epoch"] if history else start_epoch
+    if ddp.main:
+        run_info.update({"status": status, "finished_at": _now(),
+                         "epochs_completed": epochs_done, "best_epoch": early["best_epoch"],
+                         "best_metric": early["best"]})
+        write_json(run_dir / RUN_FILE, run_info)
+    if ddp.world > 1:
+        dist.barrier()
+    return RunResult(run_dir=run_dir, status=status, epochs_completed=epochs_done,
+                     best_epoch=early["best_epoch"], best_metric=early["best"], monitor=monitor,
+                     history=history, threshold=early["threshold"], model=model)
+
+
+def _fmt(value: float) -> str:
+    if isinstance(value, float) and (abs(value) < 1e-3 and value != 0):
+        return f"{value:.2e}"
+    return f"{value:.4f}" if isinstance(value, float) else str(value)
+
+
+def _with_out_dir(cfg: Config, run_dir: Path) -> Config:
+    return dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, out_dir=str(run_dir)))
+
+
+def _tensorboard(run_dir: Path, cfg: Config, ddp: _Dist) -> Any:
+    """A TensorBoard SummaryWriter when asked for and installed (rank 0 only), else None."""
+    if not (cfg.train.tensorboard and ddp.main):
+        return None
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        log.warning("train.tensorboard is set but the tensorboard package is not installed; "
+                    "metrics go to metrics.csv/json only (pip install tensorboard)")
+        return None
+    return SummaryWriter(str(run_dir / "tensorboard"))

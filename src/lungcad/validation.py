@@ -1,0 +1,438 @@
+"""The external-validation protocol and the synthetic site-shift experiment.
+
+``run_validation(train_manifest, externals, config, out_dir)``:
+
+1. **Train** the deep model on prepared dataset A: stage "seg" on A's train split (when it has
+   tumour masks in train and val), then stage "cls" started from it (when it has both labels
+   in train and val). Model selection, early stopping and the decision threshold use A's
+   val split only (:func:`lungcad.training.train`).
+2. **Evaluate** the final run (:func:`lungcad.evaluation.evaluate_run`) on A's train split
+   (how well it fits), A's held-out test split (``internal``: unseen patients, same site) and
+   every external dataset in full (other sites), always at the threshold chosen on A's val.
+3. **Baselines**: the traditional-ML models of :mod:`lungcad.baselines` on handcrafted
+   (or radiomic) features, trained on A's train + val splits (the same data the deep model
+   used: they tune and choose their threshold by patient-grouped cross-validation inside
+   it), scored on the same internal and external sets.
+4. **Gap table** (:mod:`lungcad.gap`): every model's metrics on train / internal / external
+   and the drop from internal to external.
+
+The output folder::
+
+    OUT/runs/seg, OUT/runs/cls         training run folders
+    OUT/eval/<set>                     evaluation folders (train, internal, each external)
+    OUT/baselines/metrics.json|md      baseline metrics per model and set
+    OUT/feature_cache/                 cached baseline features
+    OUT/gap.md, gap.json, gap.png      the generalisation-gap table
+    OUT/validation.json                what was run, on what (hashes), where the parts are
+
+``run_synthetic_validation(out_dir)`` first makes an internal and an external cohort with
+:func:`lungcad.synthetic.write_cohort` (two scanner sites: noise, kernel, calibration, slice
+thickness and field of view differ), prepares both with
+:func:`lungcad.layouts.prepare_dataset` and then runs the protocol with a small CPU config.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from lungcad import __version__
+from lungcad.baselines import MODEL_NAMES, run_baselines
+from lungcad.checkpoint import file_sha256
+from lungcad.config import Config, apply_overrides, config_hash, config_to_dict, load_config
+from lungcad.datasets import SliceRecord, check_no_group_leakage, filter_records, read_manifest
+from lungcad.errors import InputError
+from lungcad.evaluation import EvaluationResult, evaluate_run, to_json
+from lungcad.gap import GapTable, gap_table, write_gap
+from lungcad.io.atomic import write_text_atomic
+from lungcad.layouts import PrepareSettings, prepare_dataset
+
+log = logging.getLogger(__name__)
+
+VALIDATION_FILE = "validation.json"
+RESERVED_SET_NAMES = ("train", "train_cv", "internal")
+BASELINE_TRAIN_SPLITS = ("train", "val")
+BASELINE_COLUMNS = (("accuracy", "Acc"), ("sensitivity", "Sens"), ("specificity", "Spec"),
+                    ("f1", "F1"), ("mcc", "MCC"), ("kappa", "Kappa"), ("auc", "AUC"))
+
+#: Small CPU settings for the synthetic experiment (used when no config file is given).
+SYNTHETIC_OVERRIDES = (
+    "model.name=resnet18", "model.image_size=128", "data.batch_size=8", "data.num_workers=0",
+    "optim.epochs=6", "optim.lr=1e-3", "optim.warmup_epochs=0.5", "optim.patience=0",
+    "train.device=auto", "train.progress=false",
+)
+
+
+@dataclass
+class ValidationResult:
+    """What :func:`run_validation` produced.
+
+    Attributes:
+        out_dir: the validation folder.
+        runs: ``{"seg": run_dir, "cls": run_dir}`` (the stages that were trained).
+        evaluations: ``{set: EvaluationResult}`` of the deep model.
+        baselines: ``{model: {set: metrics}}`` (empty without baselines).
+        gap: the generalisation-gap table.
+    """
+
+    out_dir: Path
+    runs: dict[str, Path]
+    evaluations: dict[str, EvaluationResult]
+    baselines: dict[str, dict[str, dict[str, float]]]
+    gap: GapTable
+
+
+def _new_folder(path: str | Path) -> Path:
+    """``path`` if it does not exist or is an empty folder (training runs are never
+    overwritten, so a validation always starts from scratch)."""
+    out = Path(path)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise InputError("output exists and is not empty; choose a new --out folder (a "
+                         "validation trains new runs and never overwrites earlier ones)", out)
+    return out
+
+
+def parse_externals(items: Sequence[str]) -> dict[str, Path]:
+    """``NAME=MANIFEST`` (or a bare path, named ``external``, ``external2``, ...) to a dict.
+
+    Raises:
+        InputError: empty name or path, a reserved or repeated name.
+    """
+    out: dict[str, Path] = {}
+    for item in items:
+        name, sep, path = item.partition("=")
+        if not sep:
+            name, path = f"external{len(out) + 1 if out else ''}", item
+        name = name.strip()
+        if not name or not path or "/" in name or name in RESERVED_SET_NAMES or name in out:
+            raise InputError(f"--external expects NAME=MANIFEST_DIR or MANIFEST_DIR with a new "
+                             f"name that is not {', '.join(RESERVED_SET_NAMES)}; got {item!r}",
+                             "--external")
+        out[name] = Path(path)
+    return out
+
+
+def _manifest_csv(path: Path) -> Path:
+    return path / "manifest.csv" if path.is_dir() else path
+
+
+def _stages(records: list[SliceRecord], config: Config) -> list[str]:
+    """Which stages A supports: seg needs masks, cls both labels, in train and val."""
+    splits = (config.data.train_split, config.data.val_split)
+    stages = []
+    if all(any(r.has_mask and r.split == s for r in records) for s in splits):
+        stages.append("seg")
+    if all({r.label for r in records if r.split == s} >= {0, 1} for s in splits):
+        stages.append("cls")
+    if not stages:
+        raise InputError(
+            f"the training manifest supports neither stage: 'seg' needs tumour masks and 'cls' "
+            f"needs labels 0 and 1, in both the {splits[0]!r} and {splits[1]!r} splits",
+            "--train")
+    return stages
+
+
+def train_deep_model(train_manifest: Path, config: Config, runs_dir: Path,
+                     stages: Sequence[str], cls_config: Config | None = None) -> dict[str, Path]:
+    """Train the stages on A (seg, then cls started from it) and return their run folders."""
+    from lungcad.training import train  # heavy (torch); only when training
+
+    runs: dict[str, Path] = {}
+    for stage in stages:
+        base = cls_config if stage == "cls" and cls_config is not None else config
+        train_overrides: dict[str, Any] = {"stage": stage, "out_dir": str(runs_dir / stage)}
+        if stage == "cls" and "seg" in runs:
+            train_overrides["init_from"] = str(runs["seg"])
+        cfg = apply_overrides(base, {"data": {"manifest": [str(train_manifest)]},
+                                     "train": train_overrides})
+        log.info("training stage %s on %s", stage, train_manifest)
+        result = train(cfg)
+        log.info("stage %s: %s, best %s=%.4f at epoch %d", stage, result.status, result.monitor,
+                 result.best_metric, result.best_epoch)
+        runs[stage] = result.run_dir
+    return runs
+
+
+def _feature_data(records: list[SliceRecord], root: Path, set_name: str, features: str,
+                  roi: str, cache_dir: Path, jobs: int) -> tuple[np.ndarray, ...]:
+    from lungcad.features import feature_table
+
+    X, _ = feature_table(records, root, kind=features, roi=roi, cache_dir=cache_dir,
+                         n_jobs=jobs)
+    y = np.array([r.label for r in records])
+    groups = np.array([f"{set_name}:{r.group_id}" for r in records])
+    return X, y, groups
+
+
+def baseline_results(
+    train_manifest: Path,
+    externals: Mapping[str, Path],
+    out_dir: Path,
+    *,
+    models: Sequence[str] = MODEL_NAMES,
+    features: str = "handcrafted",
+    roi: str = "lung",
+    n_boot: int = 1000,
+    seed: int = 0,
+    jobs: int = 1,
+) -> dict[str, dict[str, dict[str, float]]]:
+    """Fit the baselines on A's train+val, score them on A's test and each external set.
+
+    Writes ``out_dir/baselines/metrics.json`` and ``metrics.md``; features are cached in
+    ``out_dir/feature_cache``.
+
+    Returns:
+        ``{model: {"train", "train_cv", "internal", <external>...: metrics}}``.
+    """
+    cache = out_dir / "feature_cache"
+    a_records = read_manifest(train_manifest)
+    selections = {
+        "train": filter_records(a_records, BASELINE_TRAIN_SPLITS, labels=(0, 1)),
+        "internal": filter_records(a_records, "test", labels=(0, 1)),
+    }
+    roots = {"train": _manifest_csv(train_manifest).parent,
+             "internal": _manifest_csv(train_manifest).parent}
+    for name, path in externals.items():
+        selections[name] = filter_records(read_manifest(path), labels=(0, 1))
+        roots[name] = _manifest_csv(path).parent
+    empty = [name for name, recs in selections.items() if not recs]
+    if empty:
+        raise InputError(f"no labelled (0/1) slices in set(s) {empty} for the baselines; pass "
+                         "--baselines none for segmentation-only data", "--baselines")
+    data = {name: _feature_data(recs, roots[name], name, features, roi, cache, jobs)
+            for name, recs in selections.items()}
+    log.info("baselines %s on %d training slices", ", ".join(models), len(data["train"][1]))
+    results = run_baselines(data["train"], {k: v for k, v in data.items() if k != "train"},
+                            models=models, seed=seed, n_boot=n_boot, n_jobs=jobs)
+    summary = {"settings": {"models": list(models), "features": features, "roi": roi,
+                            "train_splits": list(BASELINE_TRAIN_SPLITS), "n_boot": n_boot,
+                            "seed": seed},
+               "sets": {name: {"n": int(len(y)), "n_groups": int(len(np.unique(g))),
+                               "n_positive": int(np.sum(y))} for name, (_, y, g) in data.items()},
+               "metrics": results}
+    write_text_atomic(out_dir / "baselines" / "metrics.json",
+                      to_json(summary))
+    write_text_atomic(out_dir / "baselines" / "metrics.md", baselines_markdown(results))
+    return results
+
+
+def baselines_markdown(results: Mapping[str, Mapping[str, Mapping[str, float]]]) -> str:
+    """One row per baseline and set (``train_cv`` = out-of-fold), with 95% CIs if computed."""
+    def fmt(value: Any) -> str:
+        return "n/a" if value is None or not math.isfinite(value) else f"{value:.3f}"
+
+    header = ["Model", "Set", "N"] + [label for _, label in BASELINE_COLUMNS] + ["Threshold"]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for model, per_set in results.items():
+        for set_name, m in per_set.items():
+            cells = [model, set_name, str(int(m["n"]))]
+            for key, _ in BASELINE_COLUMNS:
+                cell = fmt(m[key])
+                if f"{key}_ci_low" in m:
+                    cell += f" ({fmt(m[f'{key}_ci_low'])}-{fmt(m[f'{key}_ci_high'])})"
+                cells.append(cell)
+            lines.append("| " + " | ".join(cells + [fmt(m["threshold"])]) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def _protocol(
+    train_manifest: Path,
+    externals: Mapping[str, Path],
+    config: Config,
+    out: Path,
+    *,
+    cls_config: Config | None,
+    baselines: Sequence[str],
+    features: str,
+    roi: str,
+    n_boot: int,
+    seed: int,
+    device: str | None,
+    batch_size: int,
+    jobs: int,
+    extra_info: Mapping[str, Any] | None = None,
+) -> ValidationResult:
+    records = read_manifest(train_manifest)
+    check_no_group_leakage(records)
+    if not any(r.split == "test" for r in records):
+        raise InputError("the training manifest has no 'test' split, so there is no internal "
+                         "held-out set; re-run `lungcad prepare` with --test-fraction > 0",
+                         train_manifest)
+    for path in externals.values():
+        read_manifest(path)  # fail on a bad external manifest before hours of training
+    stages = _stages(records, config)
+    out.mkdir(parents=True, exist_ok=True)
+    runs = train_deep_model(train_manifest, config, out / "runs", stages, cls_config)
+    final = runs.get("cls", runs.get("seg"))
+    final_cfg = load_config(final / "config.yaml")
+    deep_name = f"deep ({final_cfg.model.name})"
+    device = device or final_cfg.train.device
+    sets = {"train": (train_manifest, "train", 0), "internal": (train_manifest, "test", n_boot)}
+    sets.update({name: (path, "all", n_boot) for name, path in externals.items()})
+    evaluations: dict[str, EvaluationResult] = {}
+    for set_name, (path, split, boot) in sets.items():
+        log.info("evaluating the deep model on %s (%s split of %s)", set_name, split, path)
+        evaluations[set_name] = evaluate_run(final, path, out / "eval" / set_name, split=split,
+                                             n_boot=boot, seed=seed, device=device,
+                                             batch_size=batch_size)
+    base_results: dict[str, dict[str, dict[str, float]]] = {}
+    if baselines:
+        base_results = baseline_results(train_manifest, externals, out, models=baselines,
+                                        features=features, roi=roi, n_boot=n_boot, seed=seed,
+                                        jobs=jobs)
+    results = {deep_name: {s: e.metrics for s, e in evaluations.items()}}
+    results.update({m: {s: v for s, v in per.items() if s != "train_cv"}
+                    for m, per in base_results.items()})
+    table = gap_table(results, sets=["train", "internal", *externals])
+    write_gap(table, out)
+    info = {
+        "kind": "lungcad-validation",
+        "lungcad_version": __version__,
+        "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "train_manifest": str(_manifest_csv(train_manifest)),
+        "train_manifest_sha256": file_sha256(_manifest_csv(train_manifest)),
+        "externals": {n: {"manifest": str(_manifest_csv(p)),
+                          "sha256": file_sha256(_manifest_csv(p))} for n, p in externals.items()},
+        "config_hash": config_hash(final_cfg),
+        "config": config_to_dict(config),
+        "deep_model": deep_name,
+        "stages": stages,
+        "runs": {stage: str(path.relative_to(out)) for stage, path in runs.items()},
+        "evaluations": {s: f"eval/{s}" for s in evaluations},
+        "baselines": {"models": list(baselines), "features": features, "roi": roi,
+                      "train_splits": list(BASELINE_TRAIN_SPLITS)} if baselines else None,
+        "n_boot": n_boot,
+        "seed": seed,
+        "gap": {"markdown": "gap.md", "json": "gap.json", "plot": "gap.png"},
+        "protocol": (
+            "deep model: trained on the train split of the training manifest, model selection "
+            "and threshold on its val split; baselines: trained on train+val with "
+            "patient-grouped CV for tuning and threshold; internal = test split of the "
+            "training manifest; external sets evaluated in full; nothing tuned on them"),
+        **(extra_info or {}),
+    }
+    write_text_atomic(out / VALIDATION_FILE, to_json(info))
+    return ValidationResult(out_dir=out, runs=runs, evaluations=evaluations,
+                            baselines=base_results, gap=table)
+
+
+def run_validation(
+    train_manifest: str | Path,
+    externals: Mapping[str, str | Path],
+    config: Config,
+    out_dir: str | Path,
+    *,
+    cls_config: Config | None = None,
+    baselines: Sequence[str] = MODEL_NAMES,
+    features: str = "handcrafted",
+    roi: str = "lung",
+    n_boot: int = 1000,
+    seed: int = 0,
+    device: str | None = None,
+    batch_size: int = 32,
+    jobs: int = 1,
+) -> ValidationResult:
+    """Train on A, evaluate internally and externally, run the baselines, write the gap table.
+
+    Args:
+        train_manifest: prepared dataset A (folder or manifest.csv) with train/val/test splits.
+        externals: ``{name: prepared dataset}``, each evaluated in full.
+        config: training configuration (``data.manifest`` and ``train.stage/out_dir/
+            init_from`` are set by the protocol).
+        out_dir: the validation folder (new or empty).
+        cls_config: another configuration for the "cls" stage (default: ``config``).
+        baselines: baseline model names (empty: none).
+        features: baseline features, "handcrafted", "radiomics" or "both".
+        roi: baseline feature region, "lung" or "whole".
+        n_boot: patient-level bootstrap replicates for CIs (0: none).
+        seed: seed of the bootstrap and the baselines.
+        device: evaluation device (default: the run's ``train.device``).
+        batch_size: evaluation batch size.
+        jobs: parallel processes for features and baselines.
+
+    Returns:
+        The :class:`ValidationResult`.
+    """
+    out = _new_folder(out_dir)
+    externals = {name: Path(path) for name, path in externals.items()}
+    bad = [n for n in externals if n in RESERVED_SET_NAMES]
+    if bad:
+        raise InputError(f"external set names {bad} are reserved; rename them", "--external")
+    return _protocol(Path(train_manifest), externals, config, out, cls_config=cls_config,
+                     baselines=baselines, features=features, roi=roi, n_boot=n_boot, seed=seed,
+                     device=device, batch_size=batch_size, jobs=jobs)
+
+
+def make_synthetic_cohorts(out_dir: str | Path, *, n_cases: int = 16,
+                           n_external: int | None = None, seed: int = 0,
+                           matrix: int | None = None) -> tuple[Path, Path]:
+    """Write an internal and a shifted external synthetic cohort and prepare both.
+
+    The internal cohort (site "internal") is prepared with patient-level train/val/test
+    splits; the external one (site "external": noisier, smoother kernel, +25 HU offset,
+    thicker slices, larger field of view; other patients) is prepared as one evaluation set.
+
+    Args:
+        out_dir: folder for ``cohorts/`` (raw MSD-layout data) and ``data/`` (prepared).
+        n_cases: internal patients (half with tumours).
+        n_external: external patients (default ``n_cases``).
+        seed: cohort and split seed.
+        matrix: in-plane matrix of both sites (default the sites' 128).
+
+    Returns:
+        ``(internal prepared folder, external prepared folder)``.
+    """
+    from lungcad.synthetic import write_cohort  # only needed for this experiment
+
+    out = Path(out_dir)
+    prepared = {}
+    for site, n, fractions in (("internal", n_cases, (0.15, 0.15)),
+                               ("external", n_external or n_cases, (0.0, 0.0))):
+        log.info("synthetic %s cohort: %d cases", site, n)
+        write_cohort(out / "cohorts" / site, n, site=site, seed=seed, formats=("msd",),
+                     matrix=matrix)
+        settings = PrepareSettings(layout="msd", seed=seed, val_fraction=fractions[0],
+                                   test_fraction=fractions[1])
+        prepared[site] = prepare_dataset(out / "cohorts" / site / "msd", out / "data" / site,
+                                         settings).out
+    return prepared["internal"], prepared["external"]
+
+
+def run_synthetic_validation(
+    out_dir: str | Path,
+    *,
+    config: Config | None = None,
+    n_cases: int = 16,
+    n_external: int | None = None,
+    matrix: int | None = None,
+    seed: int = 0,
+    **kwargs: Any,
+) -> ValidationResult:
+    """The synthetic site-shift experiment: cohorts (:func:`make_synthetic_cohorts`) into
+    ``OUT/synthetic``, then :func:`run_validation`'s protocol into ``OUT``.
+
+    Args:
+        out_dir: the validation folder (new or empty).
+        config: training configuration (default: :data:`SYNTHETIC_OVERRIDES`).
+        n_cases, n_external, matrix, seed: see :func:`make_synthetic_cohorts`.
+        **kwargs: further :func:`run_validation` options (baselines, n_boot, ...).
+    """
+    out = _new_folder(out_dir)
+    config = config or load_config(None, list(SYNTHETIC_OVERRIDES))
+    internal, external = make_synthetic_cohorts(out / "synthetic", n_cases=n_cases,
+                                                n_external=n_external, seed=seed, matrix=matrix)
+    options = {"cls_config": None, "baselines": MODEL_NAMES, "features": "handcrafted",
+               "roi": "lung", "n_boot": 1000, "device": None, "batch_size": 32, "jobs": 1,
+               **kwargs}
+    extra = {"synthetic": {"n_cases": n_cases, "n_external": n_external or n_cases,
+                           "matrix": matrix, "seed": seed, "sites": ["internal", "external"],
+                           "cohorts": "synthetic/cohorts", "prepared": "synthetic/data"}}
+    return _protocol(internal, {"external": external}, config, out, seed=seed,
+                     extra_info=extra, **options)

@@ -1,0 +1,229 @@
+"""Training loop: tiny seg/cls runs, the run folder, exact resume, DDP on CPU (gloo)."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from lungcad.checkpoint import load_checkpoint, read_checkpoint
+from lungcad.cli import main as cli_main
+from lungcad.config import Config, load_config
+from lungcad.datasets import SliceRecord, write_manifest
+from lungcad.errors import InputError
+from lungcad.training import train
+
+torch.set_num_threads(1)
+
+SIZE = 64
+
+
+def make_manifest(folder: Path, n: int = 16, seed: int = 0) -> Path:
+    """``n`` random 64x64 slices; odd ones hold a bright disc (mask 1, label 1).
+
+    Every slice has a mask (empty for label 0); slices 0-9 are train, 10-15 val.
+    """
+    rng = np.random.default_rng(seed)
+    (folder / "slices").mkdir(parents=True)
+    yy, xx = np.mgrid[:SIZE, :SIZE]
+    records = []
+    for i in range(n):
+        image = rng.uniform(0.0, 0.4, (SIZE, SIZE)).astype(np.float32)
+        mask = np.zeros((SIZE, SIZE), np.uint8)
+        label = i % 2
+        if label:
+            cy, cx, r = rng.integers(16, 48), rng.integers(16, 48), rng.integers(5, 12)
+            mask[(yy - cy) ** 2 + (xx - cx) ** 2 <= r * r] = 1
+            image[mask > 0] += 0.5
+        np.save(folder / "slices" / f"s{i}.npy", image)
+        np.save(folder / "slices" / f"s{i}_mask.npy", mask)
+        records.append(SliceRecord(
+            sample_id=f"s{i}", group_id=f"p{i // 2}", slice_index=i,
+            image_path=f"slices/s{i}.npy", mask_path=f"slices/s{i}_mask.npy", label=label,
+            spacing_y=1.0, spacing_x=1.0, source="test", split="train" if i < 10 else "val",
+        ))
+    return write_manifest(records, folder / "manifest.csv")
+
+
+@pytest.fixture(scope="module")
+def manifest(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return make_manifest(tmp_path_factory.mktemp("data"))
+
+
+def tiny_config(manifest: Path, out: Path, *extra: str) -> Config:
+    return load_config(None, [
+        f"data.manifest={manifest}", f"train.out_dir={out}", "model.name=resnet18",
+        f"model.image_size={SIZE}", "data.batch_size=4", "data.num_workers=0",
+        "optim.epochs=2", "optim.lr=1e-3", "train.max_steps_per_epoch=2", "train.device=cpu",
+        "train.progress=false", *extra,
+    ])
+
+
+@pytest.fixture(scope="module")
+def seg_run(manifest: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A 2-epoch seg run made through the CLI."""
+    out = tmp_path_factory.mktemp("runs") / "seg"
+    argv = ["train", "seg", "--manifest", str(manifest), "--out", str(out),
+            "--set", "model.name=resnet18", "--set", f"model.image_size={SIZE}",
+            "--set", "data.batch_size=4", "--set", "data.num_workers=0",
+            "--set", "optim.epochs=2", "--set", "train.max_steps_per_epoch=2",
+            "--set", "train.device=cpu", "--set", "train.progress=false"]
+    assert cli_main(argv) == 0
+    return out
+
+
+def test_seg_run_writes_run_folder(seg_run: Path, capsys: pytest.CaptureFixture) -> None:
+    for name in ("config.yaml", "metrics.csv", "metrics.json", "best.pt", "best.pt.sha256",
+                 "last.pt", "last.pt.sha256", "run.json"):
+        assert (seg_run / name).is_file(), name
+    rows = list(csv.DictReader((seg_run / "metrics.csv").open()))
+    assert [int(r["epoch"]) for r in rows] == [1, 2]
+    for row in rows:
+        assert 0.0 <= float(row["val_dice_global"]) <= 1.0
+        assert float(row["val_slices_with_tumour"]) == 3  # val slices 11, 13, 15
+        assert np.isfinite(float(row["train_loss"]))
+    run = json.loads((seg_run / "run.json").read_text())
+    assert run["status"] == "finished" and run["epochs_completed"] == 2
+    assert run["config_hash"] and run["versions"]["torch"] == torch.__version__
+    assert len(run["manifests"][0]["sha256"]) == 64
+    model, config, info = load_checkpoint(seg_run)
+    assert config.train.stage == "seg" and config.model.name == "resnet18"
+    assert info["epoch"] == run["best_epoch"]
+    out = model.predict(torch.rand(1, 1, SIZE, SIZE))
+    assert out["seg_probs"].shape == (1, 1, SIZE, SIZE)
+
+
+def test_cls_run_from_seg_run_with_frozen_encoder(seg_run: Path, manifest: Path,
+                                                  tmp_path: Path) -> None:
+    cfg = tiny_config(manifest, tmp_path / "cls", "train.stage=cls", f"train.init_from={seg_run}",
+                      "optim.freeze_encoder_epochs=-1", "data.balanced_sampling=true")
+    result = train(cfg)
+    assert result.status == "finished" and result.monitor == "val_mcc"
+    threshold = json.loads((tmp_path / "cls" / "threshold.json").read_text())
+    assert 0.0 <= threshold["threshold"] <= 1.0 and threshold["method"] == "mcc"
+    assert threshold["threshold"] == pytest.approx(result.threshold)
+    for key in ("val_acc", "val_f1", "val_mcc", "val_auc", "val_threshold"):
+        assert key in result.history[-1]
+    seg = read_checkpoint(seg_run)["model"]
+    cls = result.model.state_dict()
+    # Frozen encoder (weights and BatchNorm statistics) and decoder: exactly stage 1's.
+    for key, value in seg.items():
+        if key.startswith(("encoder.", "decoder.", "segmentation_head.")):
+            assert torch.equal(cls[key], value), key
+    changed = [k for k in seg if k.startswith("classifier.") and not torch.equal(cls[k], seg[k])]
+    assert changed, "the classifier head did not train"
+    loaded = load_checkpoint(tmp_path / "cls")
+    assert loaded.info["threshold"] == pytest.approx(result.threshold)
+
+
+def _strip_time(history: list[dict]) -> list[dict]:
+    return [{k: v for k, v in row.items() if k != "time_s"} for row in history]
+
+
+def test_resume_equals_uninterrupted(manifest: Path, tmp_path: Path) -> None:
+    extra = ("optim.epochs=3", "optim.warmup_epochs=0.5", "model.dropout=0.2")
+    full = train(tiny_config(manifest, tmp_path / "full", *extra))
+    part = train(tiny_config(manifest, tmp_path / "part", *extra), stop_after_epoch=1)
+    assert part.status == "stopped" and part.epochs_completed == 1
+    resumed = train(tiny_config(manifest, tmp_path / "part", *extra), resume=tmp_path / "part")
+    assert resumed.status == "finished" and resumed.epochs_completed == 3
+    full_sd, resumed_sd = full.model.state_dict(), resumed.model.state_dict()
+    for key in full_sd:
+        assert torch.equal(full_sd[key], resumed_sd[key]), key
+    assert _strip_time(resumed.history) == _strip_time(full.history)
+    a = read_checkpoint(tmp_path / "full" / "last.pt")
+    b = read_checkpoint(tmp_path / "part" / "last.pt")
+    assert a["early_stopping"] == b["early_stopping"]
+    assert a["scheduler"]["last_epoch"] == b["scheduler"]["last_epoch"] == 6
+    run = json.loads((tmp_path / "part" / "run.json").read_text())
+    assert run["status"] == "finished" and len(run["resumed_at"]) == 1
+
+
+def test_resume_refuses_changed_config(seg_run: Path, manifest: Path) -> None:
+    cfg = tiny_config(manifest, seg_run, "optim.lr=0.5")
+    with pytest.raises(InputError, match="optim.lr"):
+        train(cfg, resume=seg_run)
+
+
+def test_refuses_to_overwrite_a_run(seg_run: Path, manifest: Path) -> None:
+    with pytest.raises(InputError, match="--resume"):
+        train(tiny_config(manifest, seg_run))
+
+
+def test_cls_needs_both_classes(tmp_path: Path, manifest: Path) -> None:
+    cfg = tiny_config(manifest, tmp_path / "r", "train.stage=cls", "data.sources=[nowhere]")
+    with pytest.raises(InputError, match="no 'train' slices"):
+        train(cfg)
+
+
+DDP_SCRIPT = textwrap.dedent("""
+    import faulthandler, os, sys, torch
+    faulthandler.dump_traceback_later(180, exit=True)  # never hang the test run: stacks, exit
+    torch.set_num_threads(1)
+    from lungcad.config import load_config
+    from lungcad.training import train
+    out, manifest = sys.argv[1], sys.argv[2]
+    # One process group for both runs (train() uses it and leaves it open), as a pipeline
+    # script would; train() creates and destroys its own when started bare by torchrun.
+    torch.distributed.init_process_group("gloo")
+    common = [f"data.manifest={manifest}", "model.name=resnet18", "model.image_size=64",
+              "data.batch_size=2", "data.num_workers=0", "optim.epochs=2",
+              "train.max_steps_per_epoch=2", "train.device=cpu", "train.progress=false"]
+    seg = train(load_config(None, [*common, f"train.out_dir={out}/seg"]))
+    # Stage 2 unfreezes the encoder after epoch 1 (DDP is rebuilt) and samples class-balanced.
+    cls = train(load_config(None, [*common, f"train.out_dir={out}/cls", "train.stage=cls",
+                                   f"train.init_from={out}/seg", "optim.freeze_encoder_epochs=1",
+                                   "data.balanced_sampling=true"]))
+    rank = os.environ["RANK"]
+    torch.save(seg.model.state_dict(), f"{out}/seg_rank{rank}.pt")
+    torch.save(cls.model.state_dict(), f"{out}/cls_rank{rank}.pt")
+    torch.distributed.destroy_process_group()
+""")
+
+
+def test_ddp_two_processes_on_cpu() -> None:
+    # Its own temporary folder: pytest's basetemp may be rotated away by concurrent pytest runs
+    # during this longer test.
+    with tempfile.TemporaryDirectory(prefix="lungcad-ddp-") as tmp:
+        _run_ddp(Path(tmp))
+
+
+def _run_ddp(tmp_path: Path) -> None:
+    manifest = make_manifest(tmp_path / "data")
+    script = tmp_path / "ddp_train.py"
+    script.write_text(DDP_SCRIPT)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+         str(script), str(tmp_path), str(manifest)],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+    )
+    try:
+        _, stderr = proc.communicate(timeout=240)
+    except subprocess.TimeoutExpired:
+        proc.terminate()  # torchrun's agent stops its workers (they run in their own sessions)
+        _, stderr = proc.communicate(timeout=60)
+        pytest.fail(f"torchrun timed out; stderr:\n{stderr[-4000:]}")
+    assert proc.returncode == 0, stderr[-4000:]
+    for stage in ("seg", "cls"):
+        run = tmp_path / stage
+        assert (run / "best.pt").is_file() and (run / "last.pt").is_file()
+        info = json.loads((run / "run.json").read_text())
+        assert info["world_size"] == 2 and info["status"] == "finished"
+        assert not list(run.glob("*.tmp*"))
+        sd0 = torch.load(tmp_path / f"{stage}_rank0.pt", weights_only=True)
+        sd1 = torch.load(tmp_path / f"{stage}_rank1.pt", weights_only=True)
+        saved = read_checkpoint(run / "last.pt")["model"]
+        for key in sd0:  # parameters and BatchNorm statistics agree on both ranks
+            assert torch.equal(sd0[key], sd1[key]), key
+            assert torch.equal(sd0[key], saved[key]), key
+    assert (tmp_path / "cls" / "threshold.json").is_file()
