@@ -74,14 +74,14 @@ def _shift_head_bias(run: Path, study, z: int) -> None:
     import torch
 
     from lungcad.checkpoint import load_checkpoint, read_checkpoint, save_checkpoint
-    from lungcad.inference import model_input
+    from lungcad.datasets import slice_to_model_input
     from lungcad.preprocessing import to_unit_range
     from lungcad.volume import Volume
 
     model, _, _ = load_checkpoint(run)
     unit = to_unit_range(Volume(array=study.array[z:z + 1], intensity="hu"))[0]
     with torch.inference_mode():
-        logits = model(torch.from_numpy(model_input(unit, unit.shape[0]))[None, None])
+        logits = model(torch.from_numpy(slice_to_model_input(unit, unit.shape[0]))[None, None])
     cut = float(np.quantile(logits["seg_logits"].numpy(), 0.995))
     payload = read_checkpoint(run)
     payload["model"]["segmentation_head.0.bias"] -= cut

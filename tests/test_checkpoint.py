@@ -19,7 +19,7 @@ from lungcad.checkpoint import (
     set_rng_state,
     software_versions,
 )
-from lungcad.config import config_to_dict, load_config
+from lungcad.config import config_from_dict, config_to_dict, load_config
 from lungcad.errors import InputError, MissingInputError
 
 torch.set_num_threads(1)
@@ -92,6 +92,18 @@ def test_not_a_lungcad_checkpoint(tmp_path: Path) -> None:
     torch.save({"model": {}, "config": {}, "path": Path("x")}, tmp_path / "code.pt")
     with pytest.raises(InputError, match="weights-only"):
         read_checkpoint(tmp_path / "code.pt", verify=False)
+
+
+def test_unknown_stored_config_keys_are_skipped(saved_run: tuple[Path, dict],
+                                                tmp_path: Path) -> None:
+    # A checkpoint written by a lungcad version with an extra setting still loads.
+    run, payload = saved_run
+    config = payload["config"] | {"train": {**payload["config"]["train"], "future_key": 1}}
+    save_checkpoint(tmp_path / "best.pt", {**payload, "config": config})
+    model, cfg, _ = load_checkpoint(tmp_path)
+    assert cfg.model.name == "resnet18"
+    with pytest.raises(InputError, match="future_key"):
+        config_from_dict(config)
 
 
 def test_rng_state_round_trip() -> None:

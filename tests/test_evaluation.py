@@ -6,6 +6,7 @@ from __future__ import annotations
 import csv
 import json
 import math
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -20,6 +21,7 @@ from sklearn.metrics import (
     roc_auc_score,
 )
 
+from lungcad.calibration import Calibration, save_calibration
 from lungcad.checkpoint import load_checkpoint
 from lungcad.cli import main as cli_main
 from lungcad.config import load_config
@@ -33,6 +35,7 @@ from lungcad.evaluation import (
     predicted_mask,
     read_metrics,
 )
+from lungcad.inference import Predictor
 from lungcad.metrics import CI_KEYS
 from lungcad.training import train
 
@@ -195,6 +198,44 @@ def test_threshold_comes_from_the_run_not_the_data(evaluated: Path, runs: dict[s
     assert other.metrics["threshold"] == pytest.approx(stored)
     assert other.info["data"]["same_manifest_as_training"]
     assert other.info["data"]["overlaps_training_data"]  # val rows are not held out
+
+
+def test_calibrated_run_is_scored_as_predict_scores_it(evaluated: Path, runs: dict[str, Path],
+                                                       data: dict[str, Path],
+                                                       tmp_path: Path) -> None:
+    """With calibration.json, evaluation uses the calibrated probabilities and the stored
+    calibrated threshold: the decision rule of Predictor (calibration.run_decision)."""
+    plain_info = json.loads((evaluated / EVALUATION_FILE).read_text())
+    assert plain_info["calibration"]["applied"] is False
+    run = tmp_path / "calibrated_run"
+    shutil.copytree(runs["cls"], run)
+    plain = evaluate_run(run, data["external"], None, split="all", n_boot=0, device="cpu")
+    sha = load_checkpoint(run).info["sha256"]
+    save_calibration(Calibration("temperature", temperature=2.5, threshold=0.4321,
+                                 info={"checkpoint_sha256": sha, "split": "val",
+                                       "threshold_method": "mcc"}), run)
+    out = tmp_path / "eval"
+    result = evaluate_run(run, data["external"], out, split="all", n_boot=0, device="cpu",
+                          n_examples=0)
+    p_plain = np.array([r.probability for r in plain.rows], dtype=np.float64)
+    p_cal = np.array([r.probability for r in result.rows])
+    logits = np.log(p_plain) - np.log1p(-p_plain)
+    np.testing.assert_allclose(p_cal, 1.0 / (1.0 + np.exp(-logits / 2.5)), atol=1e-5)
+    assert not np.allclose(p_cal, p_plain, atol=1e-3)  # the calibration changed something
+    assert [r.prediction for r in result.rows] == [int(p >= 0.4321) for p in p_cal]
+    predictor = Predictor.from_checkpoint(run)
+    assert predictor.threshold == pytest.approx(0.4321)
+    assert read_metrics(out)["threshold"] == pytest.approx(predictor.threshold)
+    info = json.loads((out / EVALUATION_FILE).read_text())
+    assert info["calibration"]["applied"] is True
+    assert info["calibration"]["method"] == "temperature"
+    assert info["threshold"]["source"] == predictor.threshold_source == "calibration.json"
+    assert info["threshold"]["uncalibrated_value"] == pytest.approx(plain.metrics["threshold"])
+    # A calibration fitted for another checkpoint is refused, as by `lungcad predict`.
+    save_calibration(Calibration("temperature", temperature=2.5,
+                                 info={"checkpoint_sha256": "0" * 64}), run)
+    with pytest.raises(InputError, match="another best.pt"):
+        evaluate_run(run, data["external"], None, split="all", n_boot=0, device="cpu")
 
 
 def test_seg_run_reports_segmentation_only(runs: dict[str, Path], data: dict[str, Path]) -> None:

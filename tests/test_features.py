@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import logging
 import math
 from pathlib import Path
 
@@ -133,6 +134,18 @@ def _write_records(tmp_path: Path, images: list[np.ndarray]) -> list[SliceRecord
             spacing_y=0.8, spacing_x=float("nan"), source="test", split="train",
         ))
     return records
+
+
+def test_feature_table_logs_one_summary_for_slices_without_lung(tmp_path, caplog):
+    # Slices with no lung (tissue only) fall back to the whole slice: one summary line, not
+    # one lung_mask warning per slice.
+    tissue = [np.clip(_textured(seed, 48) * 0.2 + 0.5, 0, 1) for seed in range(3)]
+    records = _write_records(tmp_path, [_chest(0, 64), *tissue])
+    with caplog.at_level(logging.DEBUG, logger="lungcad"):
+        feature_table(records, tmp_path)
+    warnings = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+    assert warnings == ["3 of 4 slices had no usable lung mask; their features use the whole "
+                        "slice"]
 
 
 def test_feature_table_order_and_cache(tmp_path, monkeypatch):

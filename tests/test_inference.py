@@ -12,12 +12,13 @@ import pytest
 import SimpleITK as sitk
 import torch
 from PIL import Image
+from skimage.transform import resize as sk_resize
 
 from inference_helpers import SIZE, shared_trained_run
 from lungcad.cli import main as cli_main
-from lungcad.datasets import SliceDataset, SliceRecord
+from lungcad.datasets import SliceDataset, SliceRecord, slice_to_model_input
 from lungcad.errors import InputError
-from lungcad.inference import Predictor, aggregate_study, model_input, write_study_outputs
+from lungcad.inference import Predictor, aggregate_study, write_study_outputs
 from lungcad.io import read_image
 from lungcad.io.dicom_writer import write_dicom_series
 from lungcad.lesions import find_lesions
@@ -64,8 +65,17 @@ def studies(phantom, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path
     return {"dicom": dicom, "nifti": nifti, "mhd": mhd, "png": png}
 
 
-def test_model_input_is_the_training_transform(phantom, predictor, tmp_path) -> None:
-    """Inference feeds the network exactly what SliceDataset feeds it in training."""
+def test_model_input_is_the_training_transform(phantom, predictor, tmp_path, monkeypatch
+                                               ) -> None:
+    """Inference feeds the network exactly what SliceDataset feeds it in training: both call
+    datasets.slice_to_model_input, whose output is a bilinear, anti-aliased resize."""
+    import lungcad.datasets
+    import lungcad.inference
+
+    # One function, not a copy: inference imports the datasets function (and its old name
+    # model_input is that function too).
+    assert lungcad.inference.slice_to_model_input is slice_to_model_input
+    assert lungcad.inference.model_input is slice_to_model_input
     volume = phantom.volume
     unit = to_unit_range(volume)  # what `lungcad prepare` stores per slice (clipped)
     records = []
@@ -76,10 +86,24 @@ def test_model_input_is_the_training_transform(phantom, predictor, tmp_path) -> 
         dataset = SliceDataset(records, tmp_path, image_size=(size, size))
         for i, z in enumerate((2, 5)):
             expected = dataset[i]["image"].numpy()[0]
-            assert np.array_equal(model_input(unit[z], size), expected)
+            assert np.array_equal(slice_to_model_input(unit[z], size), expected)
+            # Computed by hand with scikit-image: bilinear, edge mode, anti-aliased.
+            by_hand = unit[z] if size == SIZE else sk_resize(
+                unit[z].astype(np.float32), (size, size), order=1, mode="edge",
+                anti_aliasing=True, preserve_range=True)
+            assert np.allclose(expected, np.clip(by_hand, 0, 1), atol=1e-6)
     batch = predictor.preprocess(volume, [2, 5])
     assert batch.shape == (2, 1, SIZE, SIZE) and batch.dtype == np.float32
     assert np.array_equal(batch[1, 0], SliceDataset(records, tmp_path, (SIZE, SIZE))[1]["image"][0])
+
+    # Both callers go through the one function: replacing it changes what each one feeds.
+    def marked(image, size):
+        return np.full((size, size) if isinstance(size, int) else size, 0.25, np.float32)
+
+    monkeypatch.setattr(lungcad.datasets, "slice_to_model_input", marked)
+    monkeypatch.setattr(lungcad.inference, "slice_to_model_input", marked)
+    assert np.all(predictor.preprocess(volume, [2]) == 0.25)
+    assert np.all(SliceDataset(records, tmp_path, (32, 32))[0]["image"].numpy() == 0.25)
 
 
 def test_aggregate_study_top_k() -> None:

@@ -113,6 +113,37 @@ def test_corrupt_volume_is_named(tmp_path):
         read_image(path)
 
 
+@pytest.mark.parametrize("suffix", [".nii", ".nii.gz"])
+def test_truncated_nifti_is_refused_not_zero_filled(tmp_path, source_volume, suffix):
+    path = _write_with_sitk(source_volume, tmp_path / f"cut{suffix}")
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])  # an interrupted copy
+    with pytest.raises(InputError, match=r"truncated or corrupt NIfTI") as info:
+        read_image(path)
+    assert info.value.path == str(path)
+
+
+def test_truncated_mhd_raw_is_refused(tmp_path, source_volume):
+    path = _write_with_sitk(source_volume, tmp_path / "scan.mhd")
+    raw = tmp_path / "scan.raw"
+    raw.write_bytes(raw.read_bytes()[:1000])
+    with pytest.raises(InputError, match=r"truncated.*declares 32768 bytes.*scan\.raw holds 1000"):
+        read_image(path)
+
+
+@pytest.mark.parametrize("suffix", [".nii", ".nii.gz", ".mha"])
+@pytest.mark.parametrize("bad", [np.nan, np.inf])
+def test_nan_or_inf_voxels_are_refused(tmp_path, source_volume, suffix, bad):
+    array = source_volume.array.copy()
+    array[3, 5, 7:9] = bad
+    path = _write_with_sitk(source_volume.with_array(array), tmp_path / f"nan{suffix}")
+    with pytest.raises(InputError, match=r"2 of 8192 voxels are NaN or infinite") as info:
+        read_image(path)
+    assert info.value.path == str(path)
+    all_nan = source_volume.with_array(np.full(source_volume.shape, np.nan, np.float32))
+    with pytest.raises(InputError, match=r"8192 of 8192 voxels are NaN"):
+        read_image(_write_with_sitk(all_nan, tmp_path / f"all_nan{suffix}"))
+
+
 def test_mhd_without_its_raw_file(tmp_path, source_volume):
     path = _write_with_sitk(source_volume, tmp_path / "scan.mhd")
     (tmp_path / "scan.raw").unlink()

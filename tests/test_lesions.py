@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import json
+import logging
 import math
+import tracemalloc
 
 import numpy as np
 import pytest
 
 from lungcad.errors import InputError
-from lungcad.lesions import Lesion, find_lesions, lesions_to_dicts
+from lungcad.lesions import MAX_LESIONS, Lesion, find_lesions, lesions_to_dicts
 from lungcad.volume import Volume
 
 SPACING = (2.5, 0.6, 0.9)  # (z, y, x) mm: thick slices, non-square pixels
@@ -140,3 +142,37 @@ def test_bad_inputs_raise_input_error():
         find_lesions(_volume(_box_mask()), probability=other)
     with pytest.raises(InputError, match="hu volume"):
         find_lesions(_volume(_box_mask()), hu=_volume(np.zeros((12, 60, 61))))
+
+
+def test_whole_volume_mask_is_one_lesion_in_little_memory():
+    # An untrained model can mark every voxel; measuring that must not build per-voxel lists.
+    shape = (60, 256, 256)
+    ones = _volume(np.ones(shape, np.float32))
+    tracemalloc.start()
+    try:
+        (lesion,) = find_lesions(ones, hu=ones, probability=ones)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    n_voxels = int(np.prod(shape))
+    # The label image is 4 bytes per voxel (16 MB); per-voxel coordinates were 48+ (200 MB).
+    assert peak < 24 * n_voxels, f"peak {peak / 1e6:.0f} MB"
+    assert lesion.voxel_count == n_voxels and lesion.slice_range == (0, 59)
+    assert lesion.centroid_zyx == pytest.approx((29.5, 127.5, 127.5))
+    assert lesion.longest_axial_diameter_mm == pytest.approx(math.hypot(256 * 0.6, 256 * 0.9))
+    assert lesion.mean_hu == 1.0 and lesion.max_probability == lesion.mean_probability == 1.0
+
+
+def test_too_many_components_keeps_the_largest(caplog):
+    mask = np.zeros((6, 44, 44), np.uint8)
+    mask[::2, ::2, ::2] = 1  # 3 x 22 x 22 = 1452 isolated voxels
+    mask[:, 40:, 40:] = 1  # one 6 x 4 x 4 block (it swallows the specks it touches)
+    with caplog.at_level(logging.WARNING, logger="lungcad.lesions"):
+        lesions = find_lesions(_volume(mask))
+    assert len(lesions) == MAX_LESIONS
+    assert lesions[0].voxel_count == 96 and lesions[0].slice_range == (0, 5)
+    assert "measuring only the 1000 largest" in caplog.text
+    few = find_lesions(_volume(mask), max_lesions=3)
+    assert [les.voxel_count for les in few] == [96, 1, 1]
+    with pytest.raises(InputError, match="max_lesions"):
+        find_lesions(_volume(mask), max_lesions=0)

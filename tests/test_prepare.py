@@ -12,7 +12,12 @@ import SimpleITK as sitk
 from PIL import Image
 
 from lungcad.cli import main
-from lungcad.datasets import check_no_group_leakage, read_manifest
+from lungcad.datasets import (
+    check_no_group_leakage,
+    filter_records,
+    group_labels_of,
+    read_manifest,
+)
 from lungcad.errors import InputError, MissingInputError
 from lungcad.layouts import (
     PrepareSettings,
@@ -204,6 +209,45 @@ def test_prepare_msd(msd_dir: Path, tmp_path: Path) -> None:
     assert len(everything.records) == 3 * SHAPE[0]
 
 
+def test_tiny_tumour_edge_slices_are_unknown_not_cancerous(tmp_path: Path, capsys) -> None:
+    # MSD look-alike at 3 x 3 mm pixels: 25-pixel tumour (225 mm^2) on slices 4..6, plus one
+    # pixel (9 mm^2) on slice 3 and two (18 mm^2) on slice 7, as at a tumour's tips.
+    root = tmp_path / "Task06_Lung"
+    hu, mask = _chest(1, tumour=True)
+    mask[3, 30, 19] = 1
+    mask[7, 30, 19:21] = 1
+    _write(hu.astype(np.int16), root / "imagesTr/lung_001.nii.gz")
+    _write(mask, root / "labelsTr/lung_001.nii.gz")
+    (root / "dataset.json").write_text(json.dumps({"training": [
+        {"image": "./imagesTr/lung_001.nii.gz", "label": "./labelsTr/lung_001.nii.gz"}]}))
+
+    def labels(result) -> dict[int, int]:
+        return {r.slice_index: r.label for r in result.records if r.label != 0}
+
+    default = prepare_dataset(root, tmp_path / "default")
+    assert labels(default) == {3: -1, 4: 1, 5: 1, 6: 1, 7: 1}  # 10 mm^2 by default
+    tip = next(r for r in default.records if r.slice_index == 3)
+    assert np.load(tmp_path / "default" / tip.mask_path).sum() == 1  # mask kept for seg
+    assert default.summary["counts"]["total"]["label_-1"] == 1
+    assert default.summary["settings"]["min_tumour_area_mm2"] == 10.0
+    assert group_labels_of(default.records) == {"lung_001": 1}
+    # Stage cls reads labels 0/1 only: the tip is neither a positive nor a negative.
+    cls_records = filter_records(default.records, "train", labels=(0, 1))
+    assert 3 not in {r.slice_index for r in cls_records}
+    assert {r.slice_index for r in cls_records if r.label == 1} == {4, 5, 6, 7}
+
+    assert main(["prepare", "--data", str(root), "--out", str(tmp_path / "cli"),
+                 "--min-tumour-area-mm2", "20"]) == 0
+    assert "-1 = unknown" in capsys.readouterr().out
+    cli = read_manifest(tmp_path / "cli/manifest.csv")
+    assert {r.slice_index: r.label for r in cli if r.label != 0} == {3: -1, 4: 1, 5: 1, 6: 1,
+                                                                     7: -1}
+    anything = prepare_dataset(root, tmp_path / "zero", PrepareSettings(min_tumour_area_mm2=0))
+    assert labels(anything) == {z: 1 for z in range(3, 8)}
+    with pytest.raises(InputError, match="min-tumour-area-mm2"):
+        PrepareSettings(min_tumour_area_mm2=-1.0)
+
+
 def test_nodule_sphere_mask_matches_world_coordinates() -> None:
     for scan in LUNA_SCANS.values():
         volume = Volume(np.zeros(SHAPE, np.float32), spacing=scan["spacing_xyz"][::-1],
@@ -237,7 +281,9 @@ def test_prepare_luna16_puts_nodules_where_the_world_coordinates_say(
         np.testing.assert_array_equal(mask.ravel().astype(bool), inside.ravel())
         centroid = canonical.index_to_physical(np.argwhere(mask).mean(axis=0))[0]
         assert np.linalg.norm(centroid - center) < 1.5
-        assert [r.label for r in rows] == [int(m.any()) for m in mask]
+        # Label 1 from 10 mm^2 of nodule on the slice, -1 for thinner edge discs, 0 without.
+        area = mask.sum(axis=(1, 2)) * rows[0].spacing_y * rows[0].spacing_x
+        assert [r.label for r in rows] == [0 if a == 0 else 1 if a >= 10 else -1 for a in area]
         assert (rows[0].spacing_y, rows[0].spacing_x) == pytest.approx(
             canonical.spacing[1:])
 

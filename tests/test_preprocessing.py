@@ -192,8 +192,23 @@ def test_lung_mask_without_lungs_is_empty_with_warning(caplog: pytest.LogCapture
         mask = lung_mask(soft_tissue)
     assert mask.shape == (3, 32, 32) and not mask.any()
     assert "no lung found" in caplog.text
+    warnings = [r for r in caplog.records if r.levelno >= logging.WARNING]
+    assert len(warnings) == 1  # one per call for a volume, not one per slice
     air = Volume(np.full((1, 16, 16), 0.0, np.float32), intensity="windowed")
     assert not lung_mask(air).any()
+
+
+def test_lung_mask_on_one_empty_slice_logs_at_debug_only(caplog: pytest.LogCaptureFixture) -> None:
+    # Callers loop over hundreds of 2D slices; each must not log its own warning.
+    tissue = Volume(np.full((1, 32, 32), 0.6, np.float32), spacing=(1.0, 1.0, 1.0),
+                    intensity="windowed")
+    with caplog.at_level(logging.DEBUG, logger="lungcad"):
+        for _ in range(3):
+            assert not lung_mask(tissue).any()
+        crop_to_lungs(tissue)
+    assert [r for r in caplog.records if r.levelno >= logging.WARNING] == []
+    assert sum("no lung found" in r.getMessage() for r in caplog.records) == 4  # crop too
+    assert any("empty lung mask" in r.getMessage() for r in caplog.records)
 
 
 # ------------------------------------------------------------------------------------------

@@ -17,8 +17,9 @@ import torch
 
 from lungcad.checkpoint import load_checkpoint, read_checkpoint
 from lungcad.cli import main as cli_main
-from lungcad.config import Config, load_config
+from lungcad.config import Config, config_to_yaml, load_config
 from lungcad.datasets import SliceRecord, write_manifest
+from lungcad.distributed import ShardedWeightedSampler
 from lungcad.errors import InputError
 from lungcad.training import train
 
@@ -130,22 +131,64 @@ def _strip_time(history: list[dict]) -> list[dict]:
 
 
 def test_resume_equals_uninterrupted(manifest: Path, tmp_path: Path) -> None:
-    extra = ("optim.epochs=3", "optim.warmup_epochs=0.5", "model.dropout=0.2")
-    full = train(tiny_config(manifest, tmp_path / "full", *extra))
-    part = train(tiny_config(manifest, tmp_path / "part", *extra), stop_after_epoch=1)
-    assert part.status == "stopped" and part.epochs_completed == 1
-    resumed = train(tiny_config(manifest, tmp_path / "part", *extra), resume=tmp_path / "part")
-    assert resumed.status == "finished" and resumed.epochs_completed == 3
-    full_sd, resumed_sd = full.model.state_dict(), resumed.model.state_dict()
-    for key in full_sd:
-        assert torch.equal(full_sd[key], resumed_sd[key]), key
-    assert _strip_time(resumed.history) == _strip_time(full.history)
-    a = read_checkpoint(tmp_path / "full" / "last.pt")
-    b = read_checkpoint(tmp_path / "part" / "last.pt")
+    """3 epochs straight == 1 epoch, interrupted, then resumed through the CLI for 2 more."""
+    cfg = tiny_config(manifest, tmp_path / "full", "optim.epochs=3", "optim.warmup_epochs=0.5",
+                      "model.dropout=0.2")
+    full = train(cfg)
+    config_file = tmp_path / "tiny.yaml"
+    config_file.write_text(config_to_yaml(cfg))
+    part = tmp_path / "part"
+    assert cli_main(["train", "seg", "--config", str(config_file), "--out", str(part),
+                     "--stop-after-epoch", "1"]) == 0
+    assert json.loads((part / "run.json").read_text())["status"] == "stopped"
+    assert len(json.loads((part / "metrics.json").read_text())) == 1
+    assert cli_main(["train", "seg", "--resume", str(part)]) == 0
+
+    a, b = read_checkpoint(tmp_path / "full" / "last.pt"), read_checkpoint(part / "last.pt")
+    for key, value in full.model.state_dict().items():
+        assert torch.equal(value, b["model"][key]), key
+    assert _strip_time(b["history"]) == _strip_time(full.history) == _strip_time(a["history"])
     assert a["early_stopping"] == b["early_stopping"]
     assert a["scheduler"]["last_epoch"] == b["scheduler"]["last_epoch"] == 6
-    run = json.loads((tmp_path / "part" / "run.json").read_text())
+    for key, value in a["optimizer"]["state"].items():
+        assert torch.equal(value["exp_avg_sq"], b["optimizer"]["state"][key]["exp_avg_sq"])
+    run = json.loads((part / "run.json").read_text())
     assert run["status"] == "finished" and len(run["resumed_at"]) == 1
+
+
+def test_resume_cli_refuses_a_new_config_or_other_stage(seg_run: Path) -> None:
+    assert cli_main(["train", "seg", "--resume", str(seg_run), "--config", "x.yaml"]) == 2
+    assert cli_main(["train", "cls", "--resume", str(seg_run)]) == 2
+
+
+def test_early_stopping_and_plateau_schedule(manifest: Path, tmp_path: Path) -> None:
+    # Frozen encoder and decoder and a learning rate too small to move the head: the
+    # validation MCC cannot improve, so patience 1 stops the run after its second epoch.
+    cfg = tiny_config(manifest, tmp_path / "r", "train.stage=cls", "optim.epochs=5",
+                      "optim.patience=1", "optim.lr=1e-12", "optim.min_lr=0",
+                      "optim.schedule=plateau", "optim.freeze_encoder_epochs=-1")
+    result = train(cfg)
+    assert result.status == "early_stopped" and result.epochs_completed == 2
+    assert result.best_epoch == 1
+    run = json.loads((tmp_path / "r" / "run.json").read_text())
+    assert run["status"] == "early_stopped" and run["pos_weight"] == pytest.approx(1.0)
+
+
+def test_sharded_weighted_sampler() -> None:
+    weights = torch.tensor([1.0, 1.0, 0.0, 2.0, 0.0, 1.0])
+    shards = [ShardedWeightedSampler(weights, world=2, rank=r, seed=3) for r in (0, 1)]
+    for s in shards:
+        s.set_epoch(4)
+    draws = [list(s) for s in shards]
+    assert [len(d) for d in draws] == [3, 3] == [len(s) for s in shards]
+    assert all(i in (0, 1, 3, 5) for d in draws for i in d)  # zero weight is never drawn
+    single = ShardedWeightedSampler(weights, world=1, rank=0, seed=3)
+    single.set_epoch(4)
+    merged = [i for pair in zip(*draws, strict=True) for i in pair]
+    assert merged == list(single)  # the shards interleave into the single-process draws
+    assert list(single) == list(single)  # the same epoch draws the same again
+    single.set_epoch(5)
+    assert list(single) != merged  # another epoch draws differently
 
 
 def test_resume_refuses_changed_config(seg_run: Path, manifest: Path) -> None:
@@ -172,9 +215,7 @@ DDP_SCRIPT = textwrap.dedent("""
     from lungcad.config import load_config
     from lungcad.training import train
     out, manifest = sys.argv[1], sys.argv[2]
-    # One process group for both runs (train() uses it and leaves it open), as a pipeline
-    # script would; train() creates and destroys its own when started bare by torchrun.
-    torch.distributed.init_process_group("gloo")
+    # train() joins the torchrun group itself; the second run reuses the same group.
     common = [f"data.manifest={manifest}", "model.name=resnet18", "model.image_size=64",
               "data.batch_size=2", "data.num_workers=0", "optim.epochs=2",
               "train.max_steps_per_epoch=2", "train.device=cpu", "train.progress=false"]
@@ -186,7 +227,6 @@ DDP_SCRIPT = textwrap.dedent("""
     rank = os.environ["RANK"]
     torch.save(seg.model.state_dict(), f"{out}/seg_rank{rank}.pt")
     torch.save(cls.model.state_dict(), f"{out}/cls_rank{rank}.pt")
-    torch.distributed.destroy_process_group()
 """)
 
 

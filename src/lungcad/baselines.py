@@ -13,9 +13,11 @@ internal and external scores are honest estimates of what a fixed model would do
 from __future__ import annotations
 
 import logging
+import math
 import warnings
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -337,3 +339,170 @@ def run_baselines(
     """
     fitted = fit_baselines(train, models, seed=seed, **kwargs)
     return evaluate_baselines(fitted, train, evaluate_sets, n_boot=n_boot, seed=seed)
+
+
+# --------------------------------------------------------------------------- from manifests
+
+#: Columns of :func:`baselines_markdown` (metric key, header).
+TABLE_COLUMNS = (
+    ("accuracy", "Acc"), ("sensitivity", "Sens"), ("specificity", "Spec"), ("f1", "F1"),
+    ("mcc", "MCC"), ("kappa", "Kappa"), ("auc", "AUC"),
+)
+
+
+@dataclass
+class ManifestBaselines:
+    """What :func:`run_baselines_on_manifests` computed.
+
+    Attributes:
+        fitted: ``{model: FittedBaseline}``.
+        metrics: ``{model: {set: metrics}}`` (see :func:`evaluate_baselines`); sets
+            ``train``, ``train_cv``, ``internal`` (when present) and each external set.
+        data: ``{set: (X, y, groups)}``: ``train`` first, then ``internal`` and the externals;
+            groups are ``"<set>:<group_id>"``.
+        manifests: ``{set: manifest path as given}`` for the same sets.
+        feature_names: the ``F`` feature names (columns of every ``X``).
+    """
+
+    fitted: dict[str, FittedBaseline]
+    metrics: dict[str, dict[str, dict[str, float]]]
+    data: dict[str, Dataset]
+    manifests: dict[str, Any]
+    feature_names: list[str]
+
+    def set_summary(self) -> dict[str, dict[str, int]]:
+        """``{set: {"n", "n_groups", "n_positive"}}`` of the slices each set held."""
+        return {name: {"n": int(len(y)), "n_groups": int(len(np.unique(g))),
+                       "n_positive": int(np.sum(y))} for name, (_, y, g) in self.data.items()}
+
+
+def run_baselines_on_manifests(
+    train_manifest: str | Path,
+    eval_manifests: Mapping[str, str | Path],
+    *,
+    features: str = "handcrafted",
+    roi: str = "lung",
+    models: Sequence[str] = MODEL_NAMES,
+    train_splits: Sequence[str] = ("train",),
+    internal_required: bool = False,
+    cache_dir: str | Path | None = None,
+    scoring: str = "roc_auc",
+    threshold_method: str = "mcc",
+    n_boot: int = 0,
+    seed: int = 0,
+    n_jobs: int = 1,
+    empty_hint: str = "",
+    progress: Callable[[str], None] | None = None,
+) -> ManifestBaselines:
+    """Features of prepared datasets, then :func:`fit_baselines` and :func:`evaluate_baselines`.
+
+    The baselines train on the labelled (0/1) slices of ``train_splits`` of the training
+    manifest and are scored on its labelled ``test`` split (``internal``: other patients, same
+    site) and on every labelled slice of each ``eval_manifests`` entry (other sites). Used by
+    ``lungcad baselines`` and by the external-validation protocol (:mod:`lungcad.validation`).
+
+    Args:
+        train_manifest: prepared folder or manifest.csv of the training dataset.
+        eval_manifests: ``{set name: prepared folder or manifest.csv}``, scored in full.
+        features: ``"handcrafted"``, ``"radiomics"`` or ``"both"``
+            (:func:`lungcad.features.feature_table`).
+        roi: feature region, ``"lung"``, ``"whole"`` or ``"mask"``.
+        models: model names (:data:`MODEL_NAMES`).
+        train_splits: splits of the training manifest to train (and cross-validate) on.
+        internal_required: fail when the training manifest has no labelled test slices
+            (otherwise the internal set is left out, with a progress note).
+        cache_dir: joblib cache folder for the features (None: no cache).
+        scoring, threshold_method: see :func:`fit_baseline`.
+        n_boot: patient-level bootstrap replicates for CIs on the evaluated sets (0: none).
+        seed: seed of folds, models and bootstrap.
+        n_jobs: parallel processes for features and the grid search.
+        empty_hint: appended to the message of a set without labelled slices (a fix that
+            fits the caller, e.g. an option that turns the baselines off).
+        progress: called with one line per step (feature extraction, fitting), e.g. ``print``.
+
+    Returns:
+        The :class:`ManifestBaselines`.
+
+    Raises:
+        InputError: group leakage between the training manifest's splits, a set without
+            labelled slices, or feature names that differ between sets.
+    """
+    # datasets (torch) and features (joblib, scikit-image) only when features are computed.
+    from lungcad.datasets import check_no_group_leakage, filter_records, read_manifest
+    from lungcad.features import feature_table
+
+    def note(message: str) -> None:
+        if progress is not None:
+            progress(message)
+        else:
+            log.info("%s", message)
+
+    records = read_manifest(train_manifest)
+    check_no_group_leakage(records)
+    selections = {
+        "train": (filter_records(records, train_splits, labels=(0, 1)), train_manifest),
+        "internal": (filter_records(records, "test", labels=(0, 1)), train_manifest),
+    }
+    for name, path in eval_manifests.items():
+        selections[name] = (filter_records(read_manifest(path), labels=(0, 1)), path)
+    if not selections["train"][0]:
+        raise InputError(f"no labelled slices in split(s) {train_splits}{empty_hint}",
+                         train_manifest)
+    if not selections["internal"][0] and not internal_required:
+        note("note: the training manifest has no labelled test split; no internal set")
+        del selections["internal"]
+
+    data: dict[str, Dataset] = {}
+    names: list[str] | None = None
+    for set_name, (recs, path) in selections.items():
+        if not recs:
+            raise InputError(f"set {set_name!r} has no slices with a known label "
+                             f"(0/1){empty_hint}", path)
+        note(f"features [{features}, roi={roi}] for {set_name}: {len(recs)} slices")
+        csv_path = Path(path) / "manifest.csv" if Path(path).is_dir() else Path(path)
+        X, set_names = feature_table(recs, csv_path.parent, kind=features, roi=roi,
+                                     cache_dir=cache_dir, n_jobs=n_jobs)
+        if names is not None and set_names != names:
+            raise InputError("feature names differ between sets; this is a bug", path)
+        names = set_names
+        y = np.array([r.label for r in recs])
+        groups = np.array([f"{set_name}:{r.group_id}" for r in recs])
+        data[set_name] = (X, y, groups)
+
+    note(f"fitting {', '.join(models)} on {len(data['train'][1])} slices")
+    fitted = fit_baselines(data["train"], models, seed=seed, scoring=scoring,
+                           threshold_method=threshold_method, n_jobs=n_jobs)
+    evaluated = {k: v for k, v in data.items() if k != "train"}
+    metrics = evaluate_baselines(fitted, data["train"], evaluated, n_boot=n_boot, seed=seed)
+    return ManifestBaselines(fitted=fitted, metrics=metrics, data=data,
+                             manifests={k: path for k, (_, path) in selections.items()},
+                             feature_names=list(names or []))
+
+
+def baselines_markdown(metrics: Mapping[str, Mapping[str, Mapping[str, float]]], *,
+                       patients: bool = True) -> str:
+    """Markdown table: one row per model and set, with 95% CIs where computed.
+
+    Args:
+        metrics: ``{model: {set: metrics}}`` (:func:`evaluate_baselines`).
+        patients: include the "Patients" (groups) column.
+    """
+    def fmt(value: Any) -> str:
+        return "n/a" if value is None or not math.isfinite(value) else f"{value:.3f}"
+
+    header = ["Model", "Set", "N"] + (["Patients"] if patients else [])
+    header += [label for _, label in TABLE_COLUMNS] + ["Threshold"]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for model, per_set in metrics.items():
+        for set_name, m in per_set.items():
+            cells = [model, set_name, str(int(m["n"]))]
+            if patients:
+                cells.append(str(int(m["n_groups"])))
+            for key, _ in TABLE_COLUMNS:
+                cell = fmt(m[key])
+                if f"{key}_ci_low" in m:
+                    cell += f" ({fmt(m[f'{key}_ci_low'])}-{fmt(m[f'{key}_ci_high'])})"
+                cells.append(cell)
+            cells.append(fmt(m["threshold"]))
+            lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"

@@ -27,15 +27,17 @@ from __future__ import annotations
 import json
 import logging
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 from scipy.optimize import minimize_scalar
 from sklearn.isotonic import IsotonicRegression
 
 from lungcad.errors import InputError
+from lungcad.io.atomic import write_json_atomic
 
 log = logging.getLogger(__name__)
 
@@ -43,10 +45,14 @@ __all__ = [
     "CALIBRATION_FILE",
     "METHODS",
     "Calibration",
+    "RunDecision",
     "binary_nll",
     "calibrate_run",
+    "decision_threshold",
     "fit_calibration",
     "load_calibration",
+    "load_run_calibration",
+    "run_decision",
     "save_calibration",
 ]
 
@@ -257,9 +263,7 @@ def fit_calibration(logits: np.ndarray, labels: np.ndarray,
 
 def save_calibration(calibration: Calibration, run_dir: str | Path) -> Path:
     """Write ``run_dir/calibration.json`` atomically and return its path."""
-    from lungcad.checkpoint import write_json  # NaN-safe, atomic JSON writer
-
-    return write_json(Path(run_dir) / CALIBRATION_FILE, calibration.to_dict())
+    return write_json_atomic(Path(run_dir) / CALIBRATION_FILE, calibration.to_dict())
 
 
 def load_calibration(run_dir: str | Path) -> Calibration | None:
@@ -277,6 +281,86 @@ def load_calibration(run_dir: str | Path) -> Calibration | None:
     except (json.JSONDecodeError, InputError, TypeError, ValueError) as exc:
         raise InputError(f"invalid calibration file ({exc}); re-run `lungcad calibrate` or "
                          "delete it to use uncalibrated probabilities", path) from exc
+
+
+def load_run_calibration(checkpoint_info: Mapping[str, Any]) -> Calibration | None:
+    """The calibration of a loaded run, checked against its checkpoint.
+
+    Args:
+        checkpoint_info: ``checkpoint.load_checkpoint``'s info (``run_dir``, ``sha256``).
+
+    Returns:
+        The run folder's calibration, or None when it has no ``calibration.json``.
+
+    Raises:
+        InputError: ``calibration.json`` is invalid, or was fitted for another ``best.pt``.
+    """
+    calibration = load_calibration(checkpoint_info["run_dir"])
+    if calibration is not None:
+        fitted_for = calibration.info.get("checkpoint_sha256")
+        sha = str(checkpoint_info.get("sha256") or "")
+        if fitted_for and fitted_for != sha:
+            raise InputError(
+                "calibration.json was fitted for another best.pt (SHA-256 "
+                f"{fitted_for[:12]}..., now {sha[:12]}...); re-run "
+                "`lungcad calibrate` or delete calibration.json",
+                Path(checkpoint_info["run_dir"]) / CALIBRATION_FILE,
+            )
+    return calibration
+
+
+def decision_threshold(calibration: Calibration | None, uncalibrated: float
+                       ) -> tuple[float, str]:
+    """The threshold a run's decisions use, and where it comes from.
+
+    Without a calibration, the run's own threshold (``threshold.json``, on uncalibrated
+    probabilities); with one, :meth:`Calibration.decision_threshold` (the threshold stored
+    in ``calibration.json``, else the run's threshold mapped through the calibration).
+
+    Args:
+        calibration: the run's calibration, or None.
+        uncalibrated: the run's threshold on uncalibrated probabilities.
+
+    Returns:
+        ``(threshold, source)``.
+    """
+    if calibration is None:
+        return float(uncalibrated), "checkpoint (threshold.json)"
+    return calibration.decision_threshold(uncalibrated)
+
+
+class RunDecision(NamedTuple):
+    """How a run turns cancer logits into decisions (:func:`run_decision`).
+
+    Attributes:
+        calibration: applied to the logits when not None (else the plain sigmoid).
+        threshold: decision threshold on the (calibrated) probability.
+        source: where the threshold comes from.
+    """
+
+    calibration: Calibration | None
+    threshold: float
+    source: str
+
+
+def run_decision(checkpoint_info: Mapping[str, Any]) -> RunDecision:
+    """The decision rule of a loaded run: its checked calibration and its threshold.
+
+    The one place that decides how ``lungcad predict`` (``inference.Predictor``) and
+    ``lungcad evaluate`` (``evaluation.evaluate_loaded``) score a run, so both report the
+    same probabilities and decisions.
+
+    Args:
+        checkpoint_info: ``checkpoint.load_checkpoint``'s info (``run_dir``, ``sha256``,
+            ``threshold``).
+
+    Raises:
+        InputError: see :func:`load_run_calibration`.
+    """
+    calibration = load_run_calibration(checkpoint_info)
+    threshold, source = decision_threshold(calibration,
+                                           float(checkpoint_info.get("threshold", 0.5)))
+    return RunDecision(calibration, threshold, source)
 
 
 def calibrate_run(

@@ -22,7 +22,9 @@ tampered file (nnU-Net's ``initialize_from_trained_model_folder`` is the model f
 
 from __future__ import annotations
 
+import csv
 import hashlib
+import io
 import json
 import logging
 import math
@@ -69,6 +71,7 @@ __all__ = [
     "set_rng_state",
     "software_versions",
     "write_json",
+    "write_metrics",
 ]
 
 
@@ -112,6 +115,24 @@ def write_json(path: str | Path, value: Any) -> Path:
     return write_text_atomic(path, json.dumps(_json_safe(value), indent=2) + "\n")
 
 
+def write_metrics(run_dir: str | Path, history: list[dict[str, Any]]) -> None:
+    """Write the per-epoch metrics as ``metrics.csv`` and ``metrics.json`` (atomically).
+
+    Args:
+        run_dir: the run folder.
+        history: one flat dict per epoch; the CSV's columns are the keys in first-seen order.
+    """
+    columns: list[str] = []
+    for row in history:
+        columns += [k for k in row if k not in columns]
+    text = io.StringIO()
+    writer = csv.DictWriter(text, fieldnames=columns, lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(history)
+    write_text_atomic(Path(run_dir) / METRICS_CSV, text.getvalue())
+    write_json(Path(run_dir) / METRICS_JSON, history)
+
+
 # --------------------------------------------------------------------------- RNG state
 
 
@@ -144,7 +165,7 @@ def set_rng_state(state: dict[str, Any]) -> None:
     np_state = state["numpy"]
     np.random.set_state((
         np_state["kind"],
-        np_state["keys"].numpy().astype(np.uint32),
+        np_state["keys"].cpu().numpy().astype(np.uint32),
         np_state["pos"],
         np_state["has_gauss"],
         np_state["cached_gaussian"],
@@ -301,7 +322,9 @@ def load_checkpoint(
     """
     path = _resolve(run_dir_or_file)
     payload = read_checkpoint(path, map_location=map_location)
-    config = config_from_dict(payload["config"])
+    # Lenient: a key added or removed by another lungcad version must not make the weights
+    # unloadable; the network's own keys are still checked strictly below.
+    config = config_from_dict(payload["config"], strict=False)
     model = model_from_config(config)
     try:
         model.load_state_dict(payload["model"], strict=True)

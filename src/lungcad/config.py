@@ -20,6 +20,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import logging
 import types
 import typing
 from dataclasses import dataclass, field
@@ -30,6 +31,8 @@ import yaml
 
 from lungcad.augmentation import AugmentationConfig, build_augmentation
 from lungcad.errors import InputError, MissingInputError
+
+log = logging.getLogger(__name__)
 
 __all__ = [
     "AugmentationConfig",
@@ -284,8 +287,11 @@ def _convert(value: Any, tp: Any, key: str) -> Any:
     raise bad()
 
 
-def _apply(obj: Any, updates: dict[str, Any], prefix: str) -> Any:
-    """Return a copy of dataclass ``obj`` with ``updates`` (a nested dict) applied."""
+def _apply(obj: Any, updates: dict[str, Any], prefix: str, strict: bool = True) -> Any:
+    """Return a copy of dataclass ``obj`` with ``updates`` (a nested dict) applied.
+
+    With ``strict=False`` unknown keys are skipped with a warning instead of failing.
+    """
     if not isinstance(updates, dict):
         raise InputError(
             f"expected a mapping of keys for section '{prefix or 'config'}', got {updates!r}",
@@ -297,6 +303,10 @@ def _apply(obj: Any, updates: dict[str, Any], prefix: str) -> Any:
     for raw_key, value in updates.items():
         key = str(raw_key)
         full = f"{prefix}.{key}" if prefix else key
+        if key not in names and not strict:
+            log.warning("ignoring unknown config key %s (written by another lungcad version?)",
+                        full)
+            continue
         if key not in names:
             where = f"section '{prefix}'" if prefix else "the top level"
             raise InputError(
@@ -304,7 +314,7 @@ def _apply(obj: Any, updates: dict[str, Any], prefix: str) -> Any:
             )
         current = getattr(obj, key)
         if dataclasses.is_dataclass(current):
-            changes[key] = _apply(current, value, full)
+            changes[key] = _apply(current, value, full, strict)
         else:
             changes[key] = _convert(value, hints[key], full)
     return dataclasses.replace(obj, **changes)
@@ -432,10 +442,18 @@ def load_config(
     return config_from_dict(updates)
 
 
-def config_from_dict(values: dict[str, Any]) -> Config:
+def config_from_dict(values: dict[str, Any], strict: bool = True) -> Config:
     """Apply a nested dict (complete or partial) to the defaults, with the same checks as
-    :func:`load_config`. Used to rebuild the configuration stored in a checkpoint."""
-    return apply_overrides(Config(), values)
+    :func:`load_config`.
+
+    Args:
+        values: nested sections, e.g. the ``"config"`` stored in a checkpoint.
+        strict: unknown keys fail (True) or are skipped with a warning (False: for configs
+            written by another lungcad version, where a key may have been added or removed).
+    """
+    cfg = _apply(Config(), values, "", strict)
+    _check_ranges(cfg)
+    return cfg
 
 
 def apply_overrides(cfg: Config, values: dict[str, Any]) -> Config:

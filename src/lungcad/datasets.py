@@ -32,6 +32,7 @@ from torch.utils.data import Dataset, WeightedRandomSampler
 
 from lungcad.errors import InputError, MissingInputError
 from lungcad.io.atomic import atomic_path
+from lungcad.io.images import load_slice_array
 from lungcad.preprocessing import resize_mask, resize_slice
 
 log = logging.getLogger(__name__)
@@ -351,17 +352,31 @@ def class_balanced_sampler(
                                  replacement=True, generator=generator)
 
 
-def _load_npy(path: Path, record: SliceRecord, what: str) -> np.ndarray:
-    if not path.is_file():
-        raise MissingInputError(
-            f"{what} of sample {record.sample_id!r} not found; was the prepared folder moved "
-            "without its slices/ folder? Re-run `lungcad prepare`.",
-            path,
-        )
-    array = np.load(path, allow_pickle=False)
-    if array.ndim != 2:
-        raise InputError(f"{what} must be a 2D (H, W) array; got shape {array.shape}", path)
-    return array
+def slice_to_model_input(unit_slice: np.ndarray,
+                         image_size: int | tuple[int, int] | None) -> np.ndarray:
+    """One windowed slice as the network sees it: the single model-input transform.
+
+    Used by :class:`SliceDataset` (training, validation, evaluation, calibration) and by
+    whole-study inference (``lungcad.inference``), so what the network is fed at prediction
+    time is bit-identical to what it was trained on: bilinear resize with anti-aliasing when
+    shrinking (``preprocessing.resize_slice``, order 1), then clip to [0, 1] (the resize and
+    augmentations never leave the range; stored values outside it are clipped).
+
+    Args:
+        unit_slice: ``(H, W)`` lung-windowed slice, nominally in [0, 1] (a prepared slice, or
+            ``preprocessing.to_unit_range(volume)[z]``).
+        image_size: side S of a square model input, ``(H', W')``, or None to keep the size.
+
+    Returns:
+        ``(S, S)`` (or ``(H', W')``, or ``(H, W)``) float32 in [0, 1].
+    """
+    image = np.asarray(unit_slice, dtype=np.float32)
+    if image_size is not None:
+        shape = ((int(image_size), int(image_size)) if isinstance(image_size, int | np.integer)
+                 else (int(image_size[0]), int(image_size[1])))
+        if image.shape != shape:
+            image = resize_slice(image, shape, order=1)
+    return np.clip(image, 0.0, 1.0)
 
 
 class SliceDataset(Dataset):
@@ -404,19 +419,18 @@ class SliceDataset(Dataset):
     def load(self, index: int) -> tuple[np.ndarray, np.ndarray]:
         """Image float32 ``(H, W)`` in [0, 1] and mask float32 ``(H, W)`` 0/1, resized."""
         record = self.records[index]
-        image = _load_npy(self.root / record.image_path, record, "image").astype(np.float32)
+        image = load_slice_array(self.root / record.image_path, record.sample_id, "image")
         if record.has_mask:
-            mask = _load_npy(self.root / record.mask_path, record, "mask")
+            mask = load_slice_array(self.root / record.mask_path, record.sample_id, "mask")
             if mask.shape != image.shape:
                 raise InputError(f"mask shape {mask.shape} differs from its image's "
                                  f"{image.shape}", self.root / record.mask_path)
             mask = (mask > 0).astype(np.float32)
         else:
-            mask = np.zeros_like(image)
-        if self.image_size is not None and image.shape != self.image_size:
-            image = resize_slice(image, self.image_size, order=1)
+            mask = np.zeros(image.shape, dtype=np.float32)
+        if self.image_size is not None and mask.shape != self.image_size:
             mask = resize_mask(mask, self.image_size)
-        return np.clip(image, 0.0, 1.0), mask
+        return slice_to_model_input(image, self.image_size), mask
 
     def __getitem__(self, index: int) -> dict[str, object]:
         record = self.records[index]

@@ -15,7 +15,10 @@ without augmentation, eval mode, sigmoid of the logits) and writes an evaluation
 Honesty rules built in:
 
 * The decision threshold is the run's own (``threshold.json``, chosen on the validation
-  split during training); it is never tuned on the evaluated data.
+  split during training); it is never tuned on the evaluated data. A run calibrated with
+  ``lungcad calibrate`` (``calibration.json``) is scored exactly as ``lungcad predict`` scores
+  it: calibrated probabilities and the calibrated threshold
+  (:func:`lungcad.calibration.run_decision`); ``evaluation.json`` records which applied.
 * Classification metrics only for slices with a label (0/1) and only for a classification
   ("cls") run, whose head was trained; segmentation metrics only for slices with a mask and
   only for a run whose decoder was trained (a "seg" run, or a "cls" run started from one).
@@ -43,6 +46,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from lungcad import __version__
+from lungcad.calibration import CALIBRATION_FILE, Calibration, RunDecision, run_decision
 from lungcad.checkpoint import (
     RUN_FILE,
     THRESHOLD_FILE,
@@ -76,16 +80,20 @@ from lungcad.evaluation_scoring import (
     SliceOutput,
     SliceResult,
     example_category,
-    json_safe,
-    load_array,
     predicted_mask,
     predictions_csv,
     score_outputs,
     segmentation_summary,
     select_examples,
-    to_json,
 )
-from lungcad.io.atomic import atomic_dir, write_text_atomic
+from lungcad.io.atomic import (  # json_safe, to_json: re-exported for callers
+    atomic_dir,
+    json_safe,
+    to_json,
+    write_json_atomic,
+    write_text_atomic,
+)
+from lungcad.io.images import load_slice_array
 from lungcad.layouts import PrepareSettings, count_table
 from lungcad.models import LungCADNet
 
@@ -152,6 +160,7 @@ def predict_slices(
     device: torch.device | str = "cpu",
     amp: bool = False,
     num_workers: int = 0,
+    calibration: Calibration | None = None,
 ) -> Iterator[SliceOutput]:
     """Run the network over manifest slices, in record order, as training's validation does.
 
@@ -165,6 +174,8 @@ def predict_slices(
         device: where the model runs (the model must already be there).
         amp: float16 autocast on CUDA (as training with ``train.amp``).
         num_workers: DataLoader worker processes.
+        calibration: maps the cancer logits to probabilities (as ``lungcad predict`` does for
+            a calibrated run); None: the sigmoid.
 
     Yields:
         One :class:`SliceOutput` per record, in order.
@@ -179,7 +190,9 @@ def predict_slices(
         # context would leave autograd disabled in the caller's code.
         with torch.inference_mode(), _autocast(device, amp):
             out = model(batch["image"].to(device))
-            cls = torch.sigmoid(out["cls_logits"].float()).cpu().numpy()
+            logits = out["cls_logits"].float()
+            cls = (calibration.apply(logits.cpu().numpy()) if calibration is not None
+                   else torch.sigmoid(logits).cpu().numpy())
             seg = torch.sigmoid(out["seg_logits"].float())[:, 0].cpu().numpy()
         for i in range(len(cls)):
             yield SliceOutput(records[start + i], float(cls[i]), seg[i])
@@ -206,8 +219,9 @@ def _render_examples(model: LungCADNet, config: Config, data: EvaluationData,
     panels, written = [], []
     for (category, row), output in zip(examples, outputs, strict=True):
         record = output.record
-        image = load_array(data.root, record.image_path, record, "image").astype(np.float32)
-        ref = (load_array(data.root, record.mask_path, record, "mask") > 0
+        image = load_slice_array(data.root / record.image_path, record.sample_id,
+                                 "image").astype(np.float32)
+        ref = (load_slice_array(data.root / record.mask_path, record.sample_id, "mask") > 0
                if record.has_mask else None)
         pred = predicted_mask(output.seg_probability, image.shape)
         title = f"{category}: {row.sample_id}"
@@ -272,9 +286,10 @@ def _tasks(stage: str, run_info: Mapping[str, Any], data: EvaluationData
     return classify, segment, notes
 
 
-def _threshold_info(run_dir: Path, value: float, classify: bool) -> dict[str, Any]:
+def _threshold_info(run_dir: Path, value: float, classify: bool,
+                    decision: RunDecision | None) -> dict[str, Any]:
     stored = _readto_json(run_dir / THRESHOLD_FILE)
-    return {
+    info = {
         "value": value if classify else None,
         "source": THRESHOLD_FILE if stored else "checkpoint",
         "method": stored.get("method"),
@@ -283,6 +298,32 @@ def _threshold_info(run_dir: Path, value: float, classify: bool) -> dict[str, An
         "rule": stored.get("rule", "cancer if probability >= threshold"),
         "tuned_on_evaluated_data": False,
     }
+    cal = None if decision is None else decision.calibration
+    if classify and cal is not None:
+        split = cal.info.get("split", "validation")
+        info.update({
+            "value": decision.threshold,
+            "source": decision.source,
+            "uncalibrated_value": value,
+            "rule": cal.info.get("rule", "cancer if calibrated probability >= threshold"),
+        })
+        if decision.source == "calibration.json":  # re-chosen on calibrated probabilities
+            info.update(method=cal.info.get("threshold_method"), epoch=None,
+                        chosen_on=f"{split} split (calibrated probabilities)")
+    return info
+
+
+def _calibration_info(decision: RunDecision | None) -> dict[str, Any]:
+    """``evaluation.json``'s record of whether (and which) calibration was applied."""
+    if decision is None:
+        return {"applied": False, "reason": "no classification scored"}
+    cal = decision.calibration
+    if cal is None:
+        return {"applied": False, "reason": f"the run has no {CALIBRATION_FILE}"}
+    return {"applied": True, "file": CALIBRATION_FILE, "method": cal.method,
+            "temperature": cal.temperature, "fitted_on": cal.info.get("split"),
+            "checkpoint_sha256": cal.info.get("checkpoint_sha256"),
+            "threshold_source": decision.source}
 
 
 def _data_info(data: EvaluationData, run_info: Mapping[str, Any]) -> dict[str, Any]:
@@ -345,12 +386,16 @@ def evaluate_loaded(
     run_dir = Path(checkpoint_info["run_dir"])
     run_info = _readto_json(run_dir / RUN_FILE)
     classify, segment, notes = _tasks(config.train.stage, run_info, data)
-    threshold = float(checkpoint_info["threshold"]) if classify else None
+    # The calibration and threshold `lungcad predict` would use (only a trained classifier
+    # has a decision to calibrate).
+    decision = run_decision(checkpoint_info) if classify else None
+    threshold = decision.threshold if decision is not None else None
     torch_device = resolve_device(device)
     model.to(torch_device)
     outputs = predict_slices(model, data.records, data.root, config.model.image_size,
                              batch_size=batch_size, device=torch_device,
-                             amp=config.train.amp)
+                             amp=config.train.amp,
+                             calibration=None if decision is None else decision.calibration)
     rows, metrics = score_outputs(outputs, data.root, threshold=threshold, segment=segment,
                                   n_boot=n_boot, seed=seed)
     spacings = {math.isfinite(r.spacing_y) and math.isfinite(r.spacing_x)
@@ -373,7 +418,9 @@ def evaluate_loaded(
             "training_manifests": run_info.get("manifests", []),
             "init_from": run_info.get("init_from"),
         },
-        "threshold": _threshold_info(run_dir, float(checkpoint_info["threshold"]), classify),
+        "threshold": _threshold_info(run_dir, float(checkpoint_info["threshold"]), classify,
+                                     decision),
+        "calibration": _calibration_info(decision),
         "data": _data_info(data, run_info),
         "tasks": {"classification": classify, "segmentation": segment},
         "notes": notes,
@@ -417,7 +464,7 @@ def write_evaluation(result: EvaluationResult, out: Path, model: LungCADNet, con
     """Write the evaluation folder's files into ``out`` (an existing, empty folder)."""
     metrics, rows = result.metrics, result.rows
     threshold = result.info["threshold"]["value"]
-    write_text_atomic(out / METRICS_FILE, to_json(metrics))
+    write_json_atomic(out / METRICS_FILE, metrics)
     write_text_atomic(out / PREDICTIONS_FILE, predictions_csv(rows))
     plots: dict[str, str] = {}
     labelled = [r for r in rows if r.label in (0, 1) and math.isfinite(r.probability)]
@@ -441,7 +488,7 @@ def write_evaluation(result: EvaluationResult, out: Path, model: LungCADNet, con
         plots["examples"] = "examples.png"
     result.info["plots"] = plots
     result.info["examples"] = written
-    write_text_atomic(out / EVALUATION_FILE, to_json(result.info))
+    write_json_atomic(out / EVALUATION_FILE, result.info)
 
 
 def evaluate_run(

@@ -1,13 +1,12 @@
 """Plots of an evaluation: confusion matrix, ROC, calibration, Dice, overlays (PNG).
 
-Figures are built with matplotlib's object API (``matplotlib.figure.Figure`` rendered by the
-Agg canvas), never ``pyplot``: no global backend or figure state is touched, so this works
-headless and inside servers. Files are written atomically.
+Figures come from :mod:`lungcad.visualize` (``new_figure``/``save_figure``: matplotlib's
+object API on an Agg canvas, never ``pyplot``), so this works headless and inside servers.
+Files are written atomically.
 """
 
 from __future__ import annotations
 
-import io
 import math
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -16,35 +15,10 @@ from typing import Any
 import numpy as np
 
 from lungcad.io.atomic import atomic_path
+from lungcad.visualize import draw_slice, new_figure, save_figure
 
-DPI = 110
 REF_COLOUR = "#00c853"  # reference (ground-truth) contour
 PRED_COLOUR = "#ff1744"  # predicted contour
-
-
-def new_figure(width: float, height: float) -> Any:
-    """A matplotlib Figure (constrained layout) on an Agg canvas, detached from pyplot."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    fig = Figure(figsize=(width, height), dpi=DPI, layout="constrained")
-    FigureCanvasAgg(fig)
-    return fig
-
-
-def figure_bytes(fig: Any) -> bytes:
-    """The figure as PNG bytes."""
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png")
-    return buffer.getvalue()
-
-
-def save_figure(fig: Any, path: str | Path) -> Path:
-    """Write the figure as PNG, atomically; returns ``path``."""
-    path = Path(path)
-    with atomic_path(path) as tmp:
-        tmp.write_bytes(figure_bytes(fig))
-    return path
 
 
 def _fmt(value: float | None) -> str:
@@ -161,13 +135,8 @@ def draw_overlay(ax: Any, image: np.ndarray, ref: np.ndarray | None, pred: np.nd
         pred: ``(H, W)`` predicted mask (or None).
         title: axes title.
     """
-    ax.imshow(image, cmap="gray", vmin=0, vmax=1, interpolation="nearest")
-    for mask, colour in ((ref, REF_COLOUR), (pred, PRED_COLOUR)):
-        if mask is not None and np.any(mask) and not np.all(mask):
-            ax.contour(np.asarray(mask, dtype=float), levels=[0.5], colors=[colour],
-                       linewidths=1.2)
-    ax.set_title(title, fontsize=8)
-    ax.set_axis_off()
+    draw_slice(ax, image, [(ref, REF_COLOUR), (pred, PRED_COLOUR)], title=title,
+               linewidth=1.2, interpolation="nearest")
 
 
 def overlay_rgb(image: np.ndarray, ref: np.ndarray | None, pred: np.ndarray | None,

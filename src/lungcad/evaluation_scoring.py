@@ -11,9 +11,8 @@ from __future__ import annotations
 
 import csv
 import io
-import json
 import math
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -21,7 +20,7 @@ from typing import Any
 import numpy as np
 
 from lungcad.datasets import SliceRecord
-from lungcad.errors import InputError, MissingInputError
+from lungcad.io.images import load_slice_array
 from lungcad.metrics import (
     bootstrap_ci,
     classification_metrics,
@@ -56,23 +55,6 @@ class SliceOutput:
     record: SliceRecord
     probability: float
     seg_probability: np.ndarray
-
-
-def load_array(root: Path, relative: str, record: SliceRecord, what: str) -> np.ndarray:
-    """A slice's 2D ``.npy`` (image or mask) from its manifest folder, checked.
-
-    Raises:
-        MissingInputError: the file is missing.
-        InputError: it is not a 2D array.
-    """
-    path = root / relative
-    if not path.is_file():
-        raise MissingInputError(f"{what} of sample {record.sample_id!r} not found; re-run "
-                                "`lungcad prepare` or check the manifest's folder", path)
-    array = np.load(path, allow_pickle=False)
-    if array.ndim != 2:
-        raise InputError(f"{what} must be a 2D (H, W) array; got shape {array.shape}", path)
-    return array
 
 
 def predicted_mask(seg_probability: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
@@ -123,7 +105,7 @@ def _score_slice(output: SliceOutput, root: Path, threshold: float | None,
         has_mask=record.has_mask,
     )
     if segment and record.has_mask:
-        ref = load_array(root, record.mask_path, record, "mask") > 0
+        ref = load_slice_array(root / record.mask_path, record.sample_id, "mask") > 0
         pred = predicted_mask(output.seg_probability, ref.shape)
         spacing = [s if math.isfinite(s) and s > 0 else 1.0
                    for s in (record.spacing_y, record.spacing_x)]
@@ -279,26 +261,6 @@ def select_examples(rows: Sequence[SliceResult], per_category: int = 2
 
 
 # --------------------------------------------------------------------------- files
-
-
-def json_safe(value: Any) -> Any:
-    """NaN/inf -> None, numpy scalars -> Python, tuples -> lists (strict JSON)."""
-    if isinstance(value, Mapping):
-        return {str(k): json_safe(v) for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        return [json_safe(v) for v in value]
-    if isinstance(value, np.generic):
-        value = value.item()
-    if isinstance(value, Path):
-        return str(value)
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    return value
-
-
-def to_json(value: Any) -> str:
-    """Indented strict JSON of ``value`` (see :func:`json_safe`), with a final newline."""
-    return json.dumps(json_safe(value), indent=2, allow_nan=False) + "\n"
 
 
 def _cell(value: Any) -> str:

@@ -32,7 +32,8 @@ from scipy import stats
 from skimage.feature import graycomatrix, graycoprops, local_binary_pattern
 
 from lungcad import __version__
-from lungcad.errors import InputError, MissingInputError
+from lungcad.errors import InputError
+from lungcad.io.images import load_slice_array
 from lungcad.preprocessing import LUNG_WINDOW, lung_mask
 from lungcad.volume import Volume
 
@@ -304,16 +305,6 @@ def _record_features(
     return extract_features(image, roi_mask, kind, spacing), fell_back
 
 
-def _load(path: Path, sample_id: str, what: str) -> np.ndarray:
-    if not path.is_file():
-        raise MissingInputError(f"{what} of sample {sample_id!r} not found; re-run "
-                                "`lungcad prepare` or check the manifest's folder", path)
-    array = np.load(path, allow_pickle=False)
-    if array.ndim != 2:
-        raise InputError(f"{what} must be a 2D (H, W) array; got shape {array.shape}", path)
-    return array
-
-
 def feature_table(
     records: Sequence[Any],
     root: str | Path,
@@ -355,9 +346,9 @@ def feature_table(
         if roi == "mask" and not record.mask_path:
             raise InputError(f"sample {record.sample_id!r} has no tumour mask but roi='mask' "
                              "was asked for; use roi='lung' or 'whole'", root)
-        image = _load(root / record.image_path, record.sample_id, "image")
+        image = load_slice_array(root / record.image_path, record.sample_id, "image")
         mask = (
-            _load(root / record.mask_path, record.sample_id, "mask")
+            load_slice_array(root / record.mask_path, record.sample_id, "mask")
             if roi == "mask" and record.mask_path else None
         )
         spacing = tuple(

@@ -176,7 +176,7 @@ def plot_gap(table: GapTable, path: str | Path) -> Path:
     """Grouped bar chart: one panel per metric, models on the x axis, one bar per set."""
     import numpy as np
 
-    from lungcad.evaluation_plots import new_figure, save_figure
+    from lungcad.visualize import new_figure, save_figure
 
     n_panels = max(1, len(table.metrics))
     fig = new_figure(max(4.0, 0.9 * len(table.models) + 1.5) * min(n_panels, 3),

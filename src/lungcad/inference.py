@@ -11,10 +11,10 @@ Pipeline (per study, on the canonical LPS volume):
    ~10 s per 300-slice study). A single 2D image is always evaluated, without a lung mask;
 2. slices without lung (beyond a ``lung_margin_mm`` margin) are skipped;
 3. each slice is windowed to [0, 1] (``preprocessing.to_unit_range``) and resized to the
-   model's ``image_size`` by :func:`model_input`, exactly as training reads a prepared slice
-   (``datasets.SliceDataset``): prepared slices are whole axial slices, not lung crops, so by
-   default inference does not crop either (``crop_to_lungs=True`` crops to the lung box, for
-   models trained on such crops);
+   model's ``image_size`` by ``datasets.slice_to_model_input``, the very function training's
+   ``datasets.SliceDataset`` applies to a prepared slice. Prepared slices are whole axial
+   slices, not lung crops, so by default inference does not crop either
+   (``crop_to_lungs=True`` crops to the lung box, for models trained on such crops);
 4. batched forward passes (PyTorch under ``inference_mode`` in channels_last, or ONNX Runtime);
 5. tumour probabilities are resized back and pasted into a probability volume on the input's
    grid; the mask is ``probability >= 0.5``;
@@ -42,9 +42,10 @@ from scipy import ndimage as ndi
 from tqdm.auto import tqdm
 
 from lungcad import __version__
-from lungcad.calibration import Calibration, load_calibration
+from lungcad.calibration import Calibration, decision_threshold, run_decision
 from lungcad.checkpoint import load_checkpoint
 from lungcad.config import Config, config_hash
+from lungcad.datasets import slice_to_model_input
 from lungcad.errors import InputError
 from lungcad.lesions import Lesion, find_lesions
 from lungcad.models import LungCADNet
@@ -78,24 +79,9 @@ MASK_THRESHOLD = 0.5
 LUNG_MASK_PIXEL_MM = 3.0
 
 
-def model_input(unit_slice: np.ndarray, image_size: int) -> np.ndarray:
-    """One windowed slice as the network sees it: the training-time transform.
-
-    Identical to ``datasets.SliceDataset.load`` on a prepared slice (which ``lungcad prepare``
-    stores as ``clip(to_unit_range(volume)[z], 0, 1)``): bilinear resize with anti-aliasing
-    when shrinking (``preprocessing.resize_slice``, order 1), then clip to [0, 1].
-
-    Args:
-        unit_slice: ``(H, W)`` float in [0, 1] (a lung-windowed slice).
-        image_size: side S of the model input in pixels.
-
-    Returns:
-        ``(S, S)`` float32 in [0, 1].
-    """
-    image = np.clip(np.asarray(unit_slice, dtype=np.float32), 0.0, 1.0)
-    if image.shape != (image_size, image_size):
-        image = resize_slice(image, (image_size, image_size), order=1)
-    return np.clip(image, 0.0, 1.0)
+#: The model-input transform, under the name inference has always exported. It *is*
+#: ``datasets.slice_to_model_input`` (the function SliceDataset applies), not a copy.
+model_input = slice_to_model_input
 
 
 def aggregate_study(slice_probabilities: np.ndarray, spacing_z_mm: float,
@@ -274,16 +260,7 @@ class Predictor:
                 raise InputError(f"threads must be >= 1; got {num_threads}", "--threads")
             torch.set_num_threads(int(num_threads))
         model, config, info = load_checkpoint(run_dir, map_location=device)
-        calibration = load_calibration(info["run_dir"])
-        if calibration is not None:
-            fitted_for = calibration.info.get("checkpoint_sha256")
-            if fitted_for and fitted_for != info["sha256"]:
-                raise InputError(
-                    "calibration.json was fitted for another best.pt (SHA-256 "
-                    f"{fitted_for[:12]}..., now {info['sha256'][:12]}...); re-run "
-                    "`lungcad calibrate` or delete calibration.json",
-                    Path(info["run_dir"]) / "calibration.json",
-                )
+        calibration = run_decision(info).calibration  # the threshold: see __init__
         if backend == "onnx":
             from lungcad.export import ensure_onnx_export
 
@@ -292,10 +269,9 @@ class Predictor:
                    batch_size=batch_size, calibration=calibration, device=device, **options)
 
     def _threshold(self) -> tuple[float, str]:
-        base = float(self.checkpoint_info.get("threshold", 0.5))
-        if self.calibration is None:
-            return base, "checkpoint (threshold.json)"
-        return self.calibration.decision_threshold(base)
+        # The rule of calibration.run_decision, for the calibration this predictor was given.
+        return decision_threshold(self.calibration,
+                                  float(self.checkpoint_info.get("threshold", 0.5)))
 
     @property
     def info(self) -> dict[str, Any]:
@@ -461,7 +437,7 @@ class Predictor:
         slab = Volume(array=volume.array[batch][:, box[0], box[1]], spacing=volume.spacing,
                       intensity=volume.intensity)
         unit = to_unit_range(slab)
-        return np.stack([model_input(u, self.image_size) for u in unit])[:, None]
+        return np.stack([slice_to_model_input(u, self.image_size) for u in unit])[:, None]
 
     def run_model(self, inputs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """One forward pass on the configured backend.

@@ -75,14 +75,20 @@ def lung_mask(
         second_lung_min_fraction: see step 4.
 
     Returns:
-        bool array ``(z, y, x)``; all False (with a logged warning) when no lung is found.
+        bool array ``(z, y, x)``; all False when no lung is found, logged as a WARNING for a
+        volume and at DEBUG level for a single slice (``z = 1``), whose callers usually loop
+        over many slices and should count the empty masks and log one summary.
     """
     hu = volume.intensity == "hu"
     array = np.asarray(volume.array, dtype=np.float32)
     spacing_yx = (float(volume.spacing[1]), float(volume.spacing[2]))
     empty = np.zeros(array.shape, dtype=bool)
+    # One WARNING per call for a 3D volume; DEBUG for a single 2D slice, since callers that
+    # loop over slices (features, inference on JPEG folders) would flood the log: they check
+    # ``not mask.any()`` and report one count instead.
+    level = logging.DEBUG if array.ndim == 3 and array.shape[0] == 1 else logging.WARNING
     if array.size == 0 or not np.isfinite(array).any():
-        log.warning("lung_mask: empty or non-finite image; returning an empty mask")
+        log.log(level, "lung_mask: empty or non-finite image; returning an empty mask")
         return empty
     array = np.nan_to_num(array, nan=float(np.nanmin(array)))
     if smoothing_mm is None:
@@ -122,7 +128,8 @@ def lung_mask(
             ]
         )
     if not lungs.any():
-        log.warning(
+        log.log(
+            level,
             "lung_mask: no lung found (threshold %.3g on %s intensities); returning an empty mask",
             threshold,
             volume.intensity,

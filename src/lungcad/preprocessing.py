@@ -162,8 +162,9 @@ def crop_to_lungs(
             f"lung mask shape {mask_array.shape} does not match the volume's {volume.shape}; "
             "pass a mask on the volume's own grid (see resample_to_reference)"
         )
-    if not mask_array.any():
-        log.warning("crop_to_lungs: empty lung mask; keeping the whole volume")
+    if not mask_array.any():  # DEBUG for one slice: per-slice loops would flood the log
+        level = logging.DEBUG if volume.shape[0] == 1 else logging.WARNING
+        log.log(level, "crop_to_lungs: empty lung mask; keeping the whole volume")
     box = lung_bbox(mask_array, volume.spacing, margin_mm)
     offset = np.array([s.start for s in box], dtype=np.float64)
     meta = copy.deepcopy(volume.meta)

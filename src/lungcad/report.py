@@ -276,6 +276,10 @@ def evaluation_sections(folder: str | Path, *, brief: bool = False, level: int =
                                f"{threshold.get('chosen_on')}; never tuned on this data)"
                                if threshold.get("value") is not None else "n/a"),
     }
+    calibration = info.get("calibration", {})
+    if calibration.get("applied"):
+        summary["probabilities"] = (f"calibrated ({calibration.get('method')}, "
+                                    f"{calibration.get('file')}), as `lungcad predict` does")
     notes = [html_note(n) for n in info.get("notes", [])]
     if data.get("overlaps_training_data"):
         notes.append(html_note("These slices come from the manifest the model was trained on "
@@ -361,7 +365,7 @@ def _provenance(info: Mapping[str, Any], data: Mapping[str, Any], ckpt: Mapping[
 
 
 def _curves_png(rows: list[dict[str, str]]) -> bytes | None:
-    from lungcad.evaluation_plots import figure_bytes, new_figure
+    from lungcad.visualize import figure_bytes, new_figure
 
     def series(key: str) -> list[float]:
         return [float(r[key]) if r.get(key) not in (None, "") else math.nan for r in rows]

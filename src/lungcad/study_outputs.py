@@ -30,9 +30,9 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from lungcad import __version__
-from lungcad.checkpoint import write_json
+from lungcad.checkpoint import file_sha256
 from lungcad.errors import InputError
-from lungcad.io.atomic import atomic_dir
+from lungcad.io.atomic import atomic_dir, write_json_atomic
 from lungcad.lesions import lesions_to_dicts
 from lungcad.preprocessing import to_unit_range
 from lungcad.volume import Volume, orientation_code
@@ -63,13 +63,7 @@ def input_hashes(source: Volume) -> dict[str, Any]:
         if files[0].suffix.lower() == ".mhd":
             files += [p for p in files[0].parent.glob(files[0].stem + ".*")
                       if p.suffix.lower() in (".raw", ".zraw")]
-    digests = []
-    for file in files:
-        digest = hashlib.sha256()
-        with file.open("rb") as fh:
-            for chunk in iter(lambda: fh.read(1 << 20), b""):
-                digest.update(chunk)
-        digests.append(f"{digest.hexdigest()}  {file.name}")
+    digests = [f"{file_sha256(file)}  {file.name}" for file in files]
     if not digests:
         return {"sha256": None, "files": 0}
     if len(digests) == 1:
@@ -262,7 +256,7 @@ def write_study_outputs(source: Volume, result: StudyResult, out_dir: str | Path
         names = sorted(p.name for p in tmp.iterdir())
         names += [FINDINGS_FILE] + (["report.html"] if report else [])
         doc = findings(source, result, sorted(names))
-        write_json(tmp / FINDINGS_FILE, doc)
+        write_json_atomic(tmp / FINDINGS_FILE, doc)
         if report:
             write_study_report(tmp / "report.html", doc, pictures)
     return {name: out_dir / name for name in sorted(names)}

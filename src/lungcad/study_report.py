@@ -7,69 +7,55 @@ the intended-use statement, because a probability without it invites over-readin
 
 from __future__ import annotations
 
-import base64
-import html
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 from lungcad.io.atomic import write_text_atomic
+from lungcad.report import (
+    escape,
+    html_image,
+    html_kv,
+    html_note,
+    html_page,
+    html_section,
+    html_table,
+)
 
 __all__ = ["render_study_report", "write_study_report"]
 
-_STYLE = """
-body{font-family:system-ui,-apple-system,Segoe UI,Roboto,sans-serif;margin:2em;max-width:70em;
-color:#222}
-h1{font-size:1.5em}h2{font-size:1.15em;margin-top:1.6em;border-bottom:1px solid #ccc}
-table{border-collapse:collapse;margin:.5em 0}td,th{border:1px solid #ccc;padding:.25em .6em;
-text-align:right}th{background:#f2f2f2}td.l,th.l{text-align:left}
-.warn{background:#fff4e5;border:1px solid #f0a040;padding:.6em 1em}
-.decision{font-size:1.3em;font-weight:bold}.pos{color:#b00020}.neg{color:#1b5e20}
-img{max-width:100%;border:1px solid #999;margin:.3em 0}
-figure{display:inline-block;margin:.3em}figcaption{font-size:.85em;color:#555}
-"""
-
-
-def _e(value: Any) -> str:
-    return html.escape("" if value is None else str(value))
+#: The decision line, coloured by the decision (the page's CSS is the shared report CSS).
+_DECISION_STYLE = "font-size:1.3em;font-weight:bold;color:{}"
+_POSITIVE, _NEGATIVE = "#b00020", "#1b5e20"
 
 
 def _num(value: Any, digits: int = 3) -> str:
+    """A findings value as text: floats to ``digits`` decimals, coordinates as ``(x, y, z)``
+    with one decimal, None as "-"."""
     if value is None:
         return "-"
     if isinstance(value, float):
         return f"{value:.{digits}f}"
     if isinstance(value, list | tuple):
         return "(" + ", ".join(_num(v, 1) for v in value) + ")"
-    return _e(value)
-
-
-def _img(name: str, data: bytes, caption: str) -> str:
-    encoded = base64.b64encode(data).decode("ascii")
-    return (f'<figure><img alt="{_e(name)}" src="data:image/png;base64,{encoded}">'
-            f"<figcaption>{_e(caption)}</figcaption></figure>")
+    return str(value)
 
 
 def _rows(pairs: list[tuple[str, Any]]) -> str:
-    return "".join(f'<tr><th class="l">{_e(k)}</th><td class="l">{_num(v)}</td></tr>'
-                   for k, v in pairs)
+    # Values are formatted here (as text), so html_kv shows them as they are, escaped.
+    return html_kv({key: _num(value) for key, value in pairs})
 
 
 def _lesion_table(lesions: list[dict[str, Any]]) -> str:
     if not lesions:
         return "<p>No tumour region was segmented.</p>"
-    head = ("<tr><th>#</th><th>volume (mL)</th><th>longest axial diameter (mm)</th>"
-            "<th>slices</th><th>centroid LPS (mm)</th><th>mean HU</th>"
-            "<th>max probability</th></tr>")
-    body = "".join(
-        f"<tr><td>{_e(les['id'])}</td><td>{_num(les['volume_ml'])}</td>"
-        f"<td>{_num(les['longest_axial_diameter_mm'], 1)}</td>"
-        f"<td>{_e(les['slice_range'][0])}-{_e(les['slice_range'][1])}</td>"
-        f"<td>{_num(les['centroid_lps_mm'])}</td><td>{_num(les.get('mean_hu'), 0)}</td>"
-        f"<td>{_num(les.get('max_probability'))}</td></tr>"
-        for les in lesions
-    )
-    return f"<table>{head}{body}</table>"
+    header = ["#", "volume (mL)", "longest axial diameter (mm)", "slices",
+              "centroid LPS (mm)", "mean HU", "max probability"]
+    rows = ([les["id"], _num(les["volume_ml"]), _num(les["longest_axial_diameter_mm"], 1),
+             f"{les['slice_range'][0]}-{les['slice_range'][1]}", _num(les["centroid_lps_mm"]),
+             _num(les.get("mean_hu"), 0), _num(les.get("max_probability"))]
+            for les in lesions)
+    return html_table(rows, header)
 
 
 def _slice_table(slices: dict[str, Any]) -> str:
@@ -77,14 +63,23 @@ def _slice_table(slices: dict[str, Any]) -> str:
     ranked = sorted(((p, z) for z, p in enumerate(probs) if p is not None), reverse=True)[:10]
     if not ranked:
         return "<p>No slice was evaluated.</p>"
-    body = "".join(f"<tr><td>{z}</td><td>{p:.3f}</td></tr>" for p, z in ranked)
     return (f"<p>{len(slices.get('evaluated', []))} of {len(probs)} slices evaluated "
             "(slices without lung are skipped). Highest slice probabilities:</p>"
-            f"<table><tr><th>slice</th><th>probability</th></tr>{body}</table>")
+            + html_table(([z, f"{p:.3f}"] for p, z in ranked), ["slice", "probability"]))
+
+
+def _caption(name: str) -> str:
+    if name == "preview.png":
+        return "Slices with the most predicted tumour (red)"
+    return (f"Grad-CAM, slice {name[5:9].lstrip('0') or '0'}: where the classifier looked "
+            "(left: slice, right: heat map)")
 
 
 def render_study_report(findings: Mapping[str, Any], pictures: Mapping[str, bytes]) -> str:
     """The HTML text of a study report.
+
+    Built from the shared helpers of :mod:`lungcad.report` (page, sections, tables, embedded
+    images), so study and evaluation reports look alike.
 
     Args:
         findings: the findings.json document (``study_outputs.findings``).
@@ -94,17 +89,13 @@ def render_study_report(findings: Mapping[str, Any], pictures: Mapping[str, byte
         A complete, self-contained HTML document.
     """
     study, model, source = findings["study"], findings["model"], findings["input"]
-    positive = bool(study["is_cancer"])
-    decision = (f'<p class="decision {"pos" if positive else "neg"}">{_e(study["decision"])}'
+    colour = _POSITIVE if study["is_cancer"] else _NEGATIVE
+    decision = (f'<p style="{_DECISION_STYLE.format(colour)}">{escape(study["decision"])}'
                 f" (probability {study['probability']:.3f}, threshold "
                 f"{study['threshold']:.3f})</p>")
-    warnings = "".join(f"<li>{_e(w)}</li>" for w in findings.get("warnings", []))
-    figures = "".join(
-        _img(name, data, "Slices with the most predicted tumour (red)" if name == "preview.png"
-             else f"Grad-CAM, slice {name[5:9].lstrip('0') or '0'}: where the classifier "
-                  "looked (left: slice, right: heat map)")
-        for name, data in pictures.items()
-    )
+    warnings = "".join(f"<li>{escape(w)}</li>" for w in findings.get("warnings", []))
+    figures = "".join(html_image(data, name, caption=_caption(name))
+                      for name, data in pictures.items())
     study_rows = _rows([
         ("study probability of cancer", study["probability"]),
         ("decision threshold", study["threshold"]),
@@ -131,31 +122,21 @@ def render_study_report(findings: Mapping[str, Any], pictures: Mapping[str, byte
         ("lungcad version", findings.get("lungcad_version")),
         ("backend", model.get("backend")),
     ])
-    timing = ", ".join(f"{_e(k)} {v:.2f}" for k, v in findings.get("timings_s", {}).items())
-    return f"""<!DOCTYPE html>
-<html lang="en"><head><meta charset="utf-8">
-<meta name="viewport" content="width=device-width, initial-scale=1">
-<title>lungcad study report</title><style>{_STYLE}</style></head>
-<body>
-<h1>lungcad study report</h1>
-<div class="warn"><strong>Intended use.</strong> {_e(findings.get("intended_use"))}</div>
-<h2>Result</h2>
-{decision}
-<table>{study_rows}</table>
-{f"<p>Notes:</p><ul>{warnings}</ul>" if warnings else ""}
-<h2>Lesions</h2>
-{_lesion_table(findings.get("lesions", []))}
-<h2>Images</h2>
-{figures or "<p>No pictures.</p>"}
-<h2>Slices</h2>
-{_slice_table(findings.get("slices", {}))}
-<h2>Input</h2>
-<table>{input_rows}</table>
-<h2>Model</h2>
-<table>{model_rows}</table>
-<p>Created {_e(findings.get("created_utc"))} (UTC). Timings (s): {timing}.</p>
-</body></html>
-"""
+    timing = ", ".join(f"{escape(k)} {v:.2f}" for k, v in findings.get("timings_s", {}).items())
+    intended_use = findings.get("intended_use") or ""
+    body = [
+        html_note(f"Intended use. {intended_use}"),
+        html_section("Result", decision, study_rows,
+                     f"<p>Notes:</p><ul>{warnings}</ul>" if warnings else ""),
+        html_section("Lesions", _lesion_table(findings.get("lesions", []))),
+        html_section("Images", figures or "<p>No pictures.</p>"),
+        html_section("Slices", _slice_table(findings.get("slices", {}))),
+        html_section("Input", input_rows),
+        html_section("Model", model_rows),
+        f"<p>Created {escape(findings.get('created_utc') or '')} (UTC). "
+        f"Timings (s): {timing}.</p>",
+    ]
+    return html_page("lungcad study report", body)
 
 
 def write_study_report(path: str | Path, findings: Mapping[str, Any],

@@ -6,32 +6,36 @@ epochs of (train, validate, log, checkpoint, early-stop). Behaviour changes only
 :class:`lungcad.config.Config`:
 
 * stage "seg": BCE + Dice on slices with a tumour mask (slices without one add nothing);
-  validation Dice per epoch (mean over slices with tumour, and global Dice of pooled counts).
+  validation Dice per epoch: ``val_dice`` is the mean over validation slices that show tumour,
+  ``val_dice_global`` the Dice of the pooled pixel counts of all validation slices.
 * stage "cls": BCE on labelled slices, positive-class weight ``n_neg / n_pos`` (1 with
-  ``data.balanced_sampling``); encoder frozen for ``optim.freeze_encoder_epochs`` and then
-  fine-tuned; decoder kept frozen (``optim.freeze_decoder``); start from a stage-"seg" run
-  (``train.init_from``). Validation accuracy, F1, MCC, AUC at 0.5, plus the decision threshold
-  that maximises MCC (or Youden's J) on validation, saved to ``threshold.json``.
+  ``data.balanced_sampling``, which balances the classes by sampling instead); encoder frozen
+  for ``optim.freeze_encoder_epochs`` then fine-tuned; decoder kept frozen
+  (``optim.freeze_decoder``); weights from a stage-"seg" run (``train.init_from``).
+  Validation accuracy, F1, MCC, AUC at probability 0.5. The decision threshold is then chosen
+  on the validation predictions by maximising MCC (``train.threshold_method: mcc``, default)
+  or Youden's J = sensitivity + specificity - 1 (``youden``), with
+  :func:`lungcad.metrics.choose_threshold`; the best epoch's threshold is saved in
+  ``threshold.json`` and in ``best.pt`` ("cancer if probability >= threshold"). Model
+  selection and early stopping use ``val_mcc`` at 0.5, so the threshold never flatters the
+  choice of epoch.
 
 Reproducibility: every epoch reseeds Python, NumPy and torch from ``(seed, epoch, rank)`` and
 the data order from ``(seed, epoch)``, so epoch ``e`` depends only on the weights, optimiser
-state and ``e``. Together with ``last.pt`` (which holds model, optimiser, scheduler, gradient
-scaler, early-stopping state and RNG states) a resumed run reproduces the uninterrupted one
-exactly on the same hardware.
+state and ``e``. With ``last.pt`` (model, optimiser, scheduler, gradient scaler, RNG and
+early-stopping state) a resumed run reproduces the uninterrupted one exactly on the same
+hardware and thread count.
 
-Scale-out: launched by ``torchrun``, the loop reads RANK / WORLD_SIZE / LOCAL_RANK, joins a
-process group (NCCL on CUDA, Gloo on CPU), shards data with a per-epoch-seeded sampler,
-averages BatchNorm statistics before validation, gathers validation predictions from all
-ranks (so every rank computes the same metrics and takes the same early-stopping decision),
-and lets only rank 0 log, show progress and write files.
+Scale-out: under ``torchrun`` each process trains on its shard (see
+:mod:`lungcad.distributed`); BatchNorm statistics are averaged before validation, validation
+predictions are gathered so every rank computes the same metrics and takes the same
+early-stopping decision, and only rank 0 logs, shows progress and writes files.
 """
 
 from __future__ import annotations
 
 import contextlib
-import csv
 import dataclasses
-import io
 import json
 import logging
 import math
@@ -39,7 +43,6 @@ import os
 import random
 import sys
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -47,7 +50,6 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import ConcatDataset, DataLoader, Dataset, DistributedSampler, Sampler
@@ -58,8 +60,6 @@ from lungcad.checkpoint import (
     BEST,
     CONFIG_FILE,
     LAST,
-    METRICS_CSV,
-    METRICS_JSON,
     RUN_FILE,
     THRESHOLD_FILE,
     file_sha256,
@@ -70,6 +70,7 @@ from lungcad.checkpoint import (
     set_rng_state,
     software_versions,
     write_json,
+    write_metrics,
 )
 from lungcad.config import Config, config_hash, config_to_dict, config_to_yaml, diff_configs
 from lungcad.datasets import (
@@ -78,6 +79,15 @@ from lungcad.datasets import (
     class_balanced_sampler,
     filter_records,
     read_manifest,
+)
+from lungcad.distributed import (
+    DistInfo,
+    ShardedWeightedSampler,
+    all_gather_list,
+    all_reduce_sum,
+    average_batchnorm,
+    epoch_seed,
+    init_distributed,
 )
 from lungcad.errors import InputError, MissingInputError
 from lungcad.io.atomic import write_text_atomic
@@ -123,57 +133,13 @@ class RunResult:
     model: LungCADNet | None = None
 
 
-# --------------------------------------------------------------------------- processes, RNG
-
-
-@dataclass
-class _Dist:
-    rank: int = 0
-    world: int = 1
-    local_rank: int = 0
-    created: bool = False  # we called init_process_group, so we destroy it
-
-    @property
-    def main(self) -> bool:
-        return self.rank == 0
-
-
-def _init_distributed(device_choice: str) -> _Dist:
-    """Join the torchrun process group (or reuse one that is already initialised)."""
-    if dist.is_available() and dist.is_initialized():
-        local = int(os.environ.get("LOCAL_RANK", dist.get_rank()))
-        return _Dist(dist.get_rank(), dist.get_world_size(), local, created=False)
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world <= 1:
-        return _Dist()
-    rank, local = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
-    use_cuda = device_choice != "cpu" and torch.cuda.is_available()
-    if use_cuda:
-        torch.cuda.set_device(local)
-    dist.init_process_group(backend="nccl" if use_cuda else "gloo")
-    return _Dist(rank, world, local, created=True)
-
-
-def _device(choice: str, ddp: _Dist) -> torch.device:
-    if choice == "cuda" and not torch.cuda.is_available():
-        raise InputError(
-            "CUDA was requested but torch sees no GPU; use --set train.device=cpu (or auto)",
-            path="train.device",
-        )
-    if choice == "cpu" or not torch.cuda.is_available():
-        return torch.device("cpu")
-    return torch.device("cuda", ddp.local_rank)
+# --------------------------------------------------------------------------- seeds
 
 
 def _seed_all(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
-
-
-def _epoch_seed(seed: int, epoch: int, rank: int = 0) -> int:
-    """A 32-bit seed for (seed, epoch, rank), well mixed by NumPy's SeedSequence."""
-    return int(np.random.SeedSequence([seed, epoch, rank]).generate_state(1)[0])
 
 
 def _worker_init(worker_id: int) -> None:
@@ -184,34 +150,22 @@ def _worker_init(worker_id: int) -> None:
     random.seed(seed)
 
 
-class _ShardedWeightedSampler(Sampler[int]):
-    """Weighted draws with replacement, identical on all ranks; rank r keeps every world-th.
-
-    The DistributedSampler counterpart of ``WeightedRandomSampler`` (class-balanced sampling
-    under DDP); seeded by (seed, epoch) through :meth:`set_epoch`.
-    """
-
-    def __init__(self, weights: torch.Tensor, world: int, rank: int, seed: int) -> None:
-        self.weights, self.world, self.rank, self.seed = weights, world, rank, seed
-        self.num_samples = math.ceil(len(weights) / world)
-        self.epoch = 0
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
-
-    def __iter__(self) -> Iterator[int]:
-        g = torch.Generator().manual_seed(_epoch_seed(self.seed, self.epoch))
-        draws = torch.multinomial(self.weights, self.num_samples * self.world, True, generator=g)
-        return iter(draws[self.rank :: self.world].tolist())
-
-    def __len__(self) -> int:
-        return self.num_samples
-
-
 # --------------------------------------------------------------------------- data
 
 
-def _load_records(cfg: Config, split: str) -> tuple[list[SliceRecord], Dataset, list[str]]:
+@dataclass
+class _Data:
+    train_records: list[SliceRecord]
+    val_records: list[SliceRecord]
+    train_loader: DataLoader
+    val_loader: DataLoader
+    sampler: Any  # DistributedSampler or ShardedWeightedSampler (both have set_epoch)
+    generator: torch.Generator  # the train loader's, reseeded every epoch
+    manifests: list[str]
+    pos_weight: float | None  # classifier BCE positive-class weight (None: 1)
+
+
+def _load_split(cfg: Config, split: str) -> tuple[list[SliceRecord], Dataset, list[str]]:
     """Filtered records of one split from all manifests, their Dataset, and manifest paths."""
     if not cfg.data.manifest:
         raise InputError(
@@ -222,33 +176,63 @@ def _load_records(cfg: Config, split: str) -> tuple[list[SliceRecord], Dataset, 
     stage = cfg.train.stage
     require_mask = cfg.data.require_mask if cfg.data.require_mask is not None else stage == "seg"
     labels = (0, 1) if stage == "cls" else None
-    sources = cfg.data.sources or None
     size = (cfg.model.image_size, cfg.model.image_size)
     augment = build_augmentation(cfg.augmentation) if split == cfg.data.train_split else None
-    all_records: list[SliceRecord] = []
+    records: list[SliceRecord] = []
     parts: list[Dataset] = []
     paths: list[str] = []
     for entry in cfg.data.manifest:
         path = Path(entry)
         csv_path = path / "manifest.csv" if path.is_dir() else path
-        records = filter_records(read_manifest(csv_path), split, require_mask=require_mask,
-                                 labels=labels, sources=sources)
+        kept = filter_records(read_manifest(csv_path), split, require_mask=require_mask,
+                              labels=labels, sources=cfg.data.sources or None)
         paths.append(str(csv_path))
-        if records:
-            all_records += records
-            parts.append(SliceDataset(records, csv_path.parent, image_size=size, augment=augment))
-    if not all_records:
-        what = "with a tumour mask" if require_mask else "with a label 0/1" if labels else ""
+        if kept:
+            records += kept
+            parts.append(SliceDataset(kept, csv_path.parent, image_size=size, augment=augment))
+    if not records:
+        what = "with a tumour mask " if require_mask else "with a label 0/1 " if labels else ""
         raise InputError(
-            f"no '{split}' slices {what} in {', '.join(paths)}; stage {stage!r} needs them. "
+            f"no '{split}' slices {what}in {', '.join(paths)}; stage {stage!r} needs them. "
             "Check the manifest's split/mask_path/label columns, data.sources and the stage.",
             path="data.manifest",
         )
-    return all_records, ConcatDataset(parts), paths
+    return records, ConcatDataset(parts), paths
 
 
-def _loader(dataset: Dataset, sampler: Sampler | list[int], cfg: Config, generator: torch.Generator,
-            train: bool) -> DataLoader:
+def _build_data(cfg: Config, ddp: DistInfo) -> _Data:
+    train_records, train_set, manifests = _load_split(cfg, cfg.data.train_split)
+    val_records, val_set, _ = _load_split(cfg, cfg.data.val_split)
+    pos_weight = None
+    if cfg.train.stage == "cls":
+        for name, recs in (("train", train_records), ("val", val_records)):
+            if len({r.label for r in recs}) < 2:
+                raise InputError(
+                    f"the {name} split has only label {recs[0].label}; stage 'cls' needs "
+                    "cancerous (1) and non-cancerous (0) slices in both train and val",
+                    path="data.manifest",
+                )
+        if not cfg.data.balanced_sampling:
+            n_pos = sum(r.label == 1 for r in train_records)
+            pos_weight = (len(train_records) - n_pos) / n_pos
+    if cfg.data.balanced_sampling:
+        weights = class_balanced_sampler(train_records).weights
+        sampler: Any = ShardedWeightedSampler(weights, ddp.world, ddp.rank, cfg.train.seed)
+    else:
+        sampler = DistributedSampler(train_set, num_replicas=ddp.world, rank=ddp.rank,
+                                     shuffle=True, seed=cfg.train.seed)
+    generator = torch.Generator()
+    val_indices = list(range(ddp.rank, len(val_set), ddp.world))  # a shard each, no padding
+    return _Data(
+        train_records, val_records,
+        _loader(train_set, sampler, cfg, generator, train=True),
+        _loader(val_set, val_indices, cfg, torch.Generator(), train=False),
+        sampler, generator, manifests, pos_weight,
+    )
+
+
+def _loader(dataset: Dataset, sampler: Sampler | list[int], cfg: Config,
+            generator: torch.Generator, train: bool) -> DataLoader:
     return DataLoader(
         dataset,
         batch_size=cfg.data.batch_size,
@@ -265,23 +249,23 @@ def _loader(dataset: Dataset, sampler: Sampler | list[int], cfg: Config, generat
 # --------------------------------------------------------------------------- model, optimiser
 
 
-def _set_trainable(model: LungCADNet, cfg: Config, epoch: int) -> tuple[bool, ...]:
+def _set_trainable(model: LungCADNet, cfg: Config, epoch: int) -> tuple[bool, bool, bool]:
     """Freeze/unfreeze parts for this (0-based) epoch; returns (encoder, decoder, head) flags."""
-    stage, opt = cfg.train.stage, cfg.optim
-    encoder_frozen = opt.freeze_encoder_epochs == -1 or epoch < opt.freeze_encoder_epochs
-    decoder_on = stage == "seg" or not opt.freeze_decoder
-    head_on = stage == "cls"  # the seg loss never reaches the head; frozen keeps DDP simple
-    model.freeze_encoder(encoder_frozen)
+    opt = cfg.optim
+    encoder_on = not (opt.freeze_encoder_epochs == -1 or epoch < opt.freeze_encoder_epochs)
+    decoder_on = cfg.train.stage == "seg" or not opt.freeze_decoder
+    head_on = cfg.train.stage == "cls"  # the seg loss never reaches the head
+    model.freeze_encoder(not encoder_on)
     for p in model.decoder_parameters():
         p.requires_grad_(decoder_on)
     for p in model.head_parameters():
         p.requires_grad_(head_on)
-    return (not encoder_frozen, decoder_on, head_on)
+    return encoder_on, decoder_on, head_on
 
 
-def _train_mode(model: LungCADNet, trainable: tuple[bool, ...]) -> None:
-    model.train()  # keeps a frozen encoder in eval mode (LungCADNet.train)
-    if not trainable[1]:  # frozen decoder: keep its BatchNorm statistics too
+def _train_mode(model: LungCADNet, trainable: tuple[bool, bool, bool]) -> None:
+    model.train()  # LungCADNet.train keeps a frozen encoder (and its BatchNorm) in eval mode
+    if not trainable[1]:  # a frozen decoder keeps its BatchNorm statistics too
         model.decoder.eval()
         model.segmentation_head.eval()
 
@@ -294,19 +278,17 @@ def _param_groups(model: LungCADNet, cfg: Config) -> list[dict[str, Any]]:
              ("head", model.head_parameters(), 1.0))
     for name, params, scale in parts:
         params = list(params)
-        decay = [p for p in params if p.ndim > 1]
-        no_decay = [p for p in params if p.ndim <= 1]
         lr = cfg.optim.lr * scale
-        groups.append({"name": f"{name}", "params": decay, "lr": lr,
-                       "weight_decay": cfg.optim.weight_decay})
-        groups.append({"name": f"{name}_no_decay", "params": no_decay, "lr": lr,
-                       "weight_decay": 0.0})
+        groups.append({"name": name, "lr": lr, "weight_decay": cfg.optim.weight_decay,
+                       "params": [p for p in params if p.ndim > 1]})
+        groups.append({"name": f"{name}_no_decay", "lr": lr, "weight_decay": 0.0,
+                       "params": [p for p in params if p.ndim <= 1]})
     return groups
 
 
 def _scheduler(optimizer: torch.optim.Optimizer, cfg: Config, steps_per_epoch: int) -> Any:
     opt = cfg.optim
-    if opt.schedule == "plateau":
+    if opt.schedule == "plateau":  # stepped once per epoch with the monitored metric
         return torch.optim.lr_scheduler.ReduceLROnPlateau(
             optimizer, mode="max", factor=0.1, patience=max(1, opt.patience // 2),
             min_lr=opt.min_lr,
@@ -315,7 +297,7 @@ def _scheduler(optimizer: torch.optim.Optimizer, cfg: Config, steps_per_epoch: i
     warmup = min(total - 1, round(opt.warmup_epochs * steps_per_epoch))
     floor = min(1.0, opt.min_lr / opt.lr)
 
-    def factor(step: int) -> float:  # linear warmup, then cosine decay to min_lr
+    def factor(step: int) -> float:  # linear warmup, then cosine decay to min_lr; per step
         if step < warmup:
             return (step + 1) / warmup
         progress = min(1.0, (step - warmup) / max(1, total - warmup))
@@ -336,10 +318,8 @@ def _init_weights(model: LungCADNet, cfg: Config) -> dict[str, Any]:
                 path=cfg.train.init_from,
             )
         model.load_state_dict(payload["model"], strict=True)
-        path = Path(cfg.train.init_from)
-        pt = path / BEST if path.is_dir() else path
-        log.info("initialised from %s (epoch %s)", pt, payload.get("epoch"))
-        return {"init_from": str(pt), "init_from_sha256": payload["sha256"]}
+        log.info("initialised from %s (epoch %s)", cfg.train.init_from, payload.get("epoch"))
+        return {"init_from": cfg.train.init_from, "init_from_sha256": payload["sha256"]}
     if cfg.model.pretrained:
         load_pretrained_encoder(model, cfg.model.pretrained)
         return {"pretrained": cfg.model.pretrained,
@@ -347,59 +327,46 @@ def _init_weights(model: LungCADNet, cfg: Config) -> dict[str, Any]:
     return {}
 
 
+def _autocast(cfg: Config, device: torch.device) -> contextlib.AbstractContextManager:
+    if cfg.train.amp and device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.float16)
+    return contextlib.nullcontext()
+
+
 # --------------------------------------------------------------------------- validation
-
-
-def _all_gather(values: list[Any], ddp: _Dist) -> list[Any]:
-    if ddp.world == 1:
-        return values
-    gathered: list[list[Any]] = [[] for _ in range(ddp.world)]
-    dist.all_gather_object(gathered, values)
-    return [v for part in gathered for v in part]
-
-
-def _average_batchnorm(model: nn.Module, ddp: _Dist) -> None:
-    """Average BatchNorm running statistics over ranks (as timm's ``distribute_bn``), so all
-    ranks validate and save the same model."""
-    if ddp.world == 1:
-        return
-    for name, buf in model.named_buffers():
-        if ("running_mean" in name or "running_var" in name) and buf.is_floating_point():
-            dist.all_reduce(buf, op=dist.ReduceOp.SUM)
-            buf.div_(ddp.world)
 
 
 @torch.no_grad()
 def _validate(model: LungCADNet, loader: DataLoader, cfg: Config, device: torch.device,
-              ddp: _Dist, seg_loss: BCEDiceLoss, pos_weight: float | None) -> dict[str, float]:
-    """Validation metrics of the whole val split (predictions gathered from all ranks)."""
+              ddp: DistInfo, pos_weight: float | None) -> dict[str, float]:
+    """Metrics of the whole validation split (predictions gathered from all ranks)."""
     model.eval()
+    seg_loss = BCEDiceLoss()
     rows: list[tuple[Any, ...]] = []  # one per slice
     losses: list[tuple[float, int]] = []  # (mean loss, slices it covers) per batch
     for batch in loader:
-        images = batch["image"].to(device, non_blocking=True)
         with _autocast(cfg, device):
-            out = model(images)
+            out = model(batch["image"].to(device, non_blocking=True))
         if cfg.train.stage == "seg":
             masks, has = batch["mask"].to(device), batch["has_mask"].to(device)
             pred, ref = out["seg_logits"].float() > 0, masks > 0.5
-            tp = (pred & ref).sum((1, 2, 3)).tolist()
-            fp = (pred & ~ref).sum((1, 2, 3)).tolist()
-            fn = (~pred & ref).sum((1, 2, 3)).tolist()
+            counts = [(a & b).sum((1, 2, 3)).tolist() for a, b in
+                      ((pred, ref), (pred, ~ref), (~pred, ref))]  # tp, fp, fn per slice
             losses.append((float(seg_loss(out["seg_logits"], masks, has)), int(has.sum())))
-            rows += list(zip(batch["sample_id"], tp, fp, fn, strict=True))
+            rows += list(zip(*counts, strict=True))
         else:
             labels = batch["label"].to(device)
             probs = torch.sigmoid(out["cls_logits"].float()).tolist()
             losses.append((float(classification_loss(out["cls_logits"], labels, pos_weight)),
                            len(probs)))
-            rows += list(zip(batch["sample_id"], probs, labels.long().tolist(), strict=True))
-    rows, losses = _all_gather(rows, ddp), _all_gather(losses, ddp)
+            rows += list(zip(probs, labels.long().tolist(), strict=True))
+    rows, losses = all_gather_list(rows, ddp), all_gather_list(losses, ddp)
     n_loss = sum(n for _, n in losses)
     val_loss = sum(v * n for v, n in losses) / n_loss if n_loss else float("nan")
     if cfg.train.stage == "seg":
-        tp, fp, fn = (np.array([r[k] for r in rows], dtype=np.float64) for k in (1, 2, 3))
-        per_slice = [dice_from_counts(a, b, c) for a, b, c in zip(tp, fp, fn, strict=True)]
+        tp, fp, fn = (np.array(column, dtype=np.float64) for column in zip(*rows, strict=True))
+        # dice_from_counts is NaN for a slice without tumour: those are left out of the mean.
+        per_slice = [dice_from_counts(*c) for c in zip(tp, fp, fn, strict=True)]
         with_tumour = [d for d in per_slice if not math.isnan(d)]
         return {
             "val_loss": val_loss,
@@ -407,8 +374,8 @@ def _validate(model: LungCADNet, loader: DataLoader, cfg: Config, device: torch.
             "val_dice_global": dice_from_counts(tp.sum(), fp.sum(), fn.sum()),
             "val_slices_with_tumour": float(len(with_tumour)),
         }
-    y_prob = np.clip(np.array([r[1] for r in rows], dtype=np.float64), 0.0, 1.0)
-    y_true = np.array([r[2] for r in rows], dtype=np.int64)
+    y_prob = np.clip(np.array([r[0] for r in rows], dtype=np.float64), 0.0, 1.0)
+    y_true = np.array([r[1] for r in rows], dtype=np.int64)
     at_half = classification_metrics(y_true, y_prob, 0.5)
     threshold = choose_threshold(y_true, y_prob, cfg.train.threshold_method)
     tuned = classification_metrics(y_true, y_prob, threshold)
@@ -426,33 +393,15 @@ def _validate(model: LungCADNet, loader: DataLoader, cfg: Config, device: torch.
     }
 
 
-def _autocast(cfg: Config, device: torch.device) -> contextlib.AbstractContextManager:
-    if cfg.train.amp and device.type == "cuda":
-        return torch.autocast("cuda", dtype=torch.float16)
-    return contextlib.nullcontext()
-
-
 # --------------------------------------------------------------------------- run folder
-
-
-def _write_metrics(run_dir: Path, history: list[dict[str, float]]) -> None:
-    columns: list[str] = []
-    for row in history:
-        columns += [k for k in row if k not in columns]
-    text = io.StringIO()
-    writer = csv.DictWriter(text, fieldnames=columns, lineterminator="\n")
-    writer.writeheader()
-    writer.writerows(history)
-    write_text_atomic(run_dir / METRICS_CSV, text.getvalue())
-    write_json(run_dir / METRICS_JSON, history)
 
 
 def _now() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="seconds")
 
 
-def _check_run_dir(cfg: Config, resume: str | Path | None) -> tuple[Path, Config | None]:
-    """The run folder, and the stored config when resuming (after checking it matches)."""
+def _check_run_dir(cfg: Config, resume: str | Path | None) -> Path:
+    """The run folder; when resuming, check that ``cfg`` matches the run's stored config."""
     if resume is None:
         run_dir = Path(cfg.train.out_dir)
         if (run_dir / LAST).exists() or (run_dir / BEST).exists():
@@ -461,8 +410,8 @@ def _check_run_dir(cfg: Config, resume: str | Path | None) -> tuple[Path, Config
                 "--out folder",
                 path=run_dir,
             )
-        return run_dir, None
-    from lungcad.config import load_config  # local: only resuming reads a stored config
+        return run_dir
+    from lungcad.config import load_config  # only resuming reads a stored config
 
     run_dir = Path(resume)
     if not (run_dir / LAST).is_file():
@@ -480,7 +429,47 @@ def _check_run_dir(cfg: Config, resume: str | Path | None) -> tuple[Path, Config
             "a new run with --init-from.",
             path=run_dir,
         )
-    return run_dir, stored
+    return run_dir
+
+
+def _save_epoch(run_dir: Path, cfg: Config, row: dict[str, float], history: list[dict],
+                early: dict[str, Any], improved: bool, model: nn.Module, versions: dict,
+                resumable: dict[str, Any]) -> None:
+    """Write metrics, best.pt (+ threshold.json) when improved, and last.pt (rank 0)."""
+    write_metrics(run_dir, history)
+    common = {"model": model.state_dict(), "epoch": row["epoch"], "config": config_to_dict(cfg),
+              "metrics": row, "versions": versions, "threshold": early["threshold"],
+              "stage": cfg.train.stage}
+    if improved:
+        save_checkpoint(run_dir / BEST, common)
+        if cfg.train.stage == "cls":
+            write_json(run_dir / THRESHOLD_FILE, {
+                "threshold": early["threshold"], "method": cfg.train.threshold_method,
+                "rule": "cancer if probability >= threshold", "chosen_on": "validation split",
+                "epoch": row["epoch"], "val_mcc_at_threshold": row["val_mcc_at_threshold"],
+                "val_mcc_at_0.5": row["val_mcc"]})
+    # last.pt is written last: a crash before it means the epoch is simply redone on resume.
+    save_checkpoint(run_dir / LAST, {**common, **resumable, "rng": get_rng_state(),
+                                     "early_stopping": dict(early), "history": history})
+
+
+def _tensorboard(run_dir: Path, cfg: Config, ddp: DistInfo) -> Any:
+    """A TensorBoard SummaryWriter when asked for and installed (rank 0 only), else None."""
+    if not (cfg.train.tensorboard and ddp.main):
+        return None
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        log.warning("train.tensorboard is set but the tensorboard package is not installed; "
+                    "metrics go to metrics.csv/json only (pip install tensorboard)")
+        return None
+    return SummaryWriter(str(run_dir / "tensorboard"))
+
+
+def _fmt(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:.2e}" if 0 < abs(value) < 1e-3 else f"{value:.4f}"
+    return str(value)
 
 
 # --------------------------------------------------------------------------- the loop
@@ -505,84 +494,55 @@ def train(
     Raises:
         InputError / MissingInputError: bad configuration or data (before any training step).
     """
-    ddp = _init_distributed(config.train.device)
-    previous_flags = (torch.are_deterministic_algorithms_enabled(),
-                      torch.backends.cudnn.benchmark)
+    ddp = init_distributed(config.train.device)
+    flags = torch.are_deterministic_algorithms_enabled(), torch.backends.cudnn.benchmark
     try:
-        result = _train(config, resume, stop_after_epoch, ddp)
-    finally:
-        torch.use_deterministic_algorithms(previous_flags[0])
-        torch.backends.cudnn.benchmark = previous_flags[1]
-    # Only after success: on an error the peers may be blocked in a collective, and
-    # destroy_process_group would wait for them forever; exiting lets torchrun stop them.
-    if ddp.created:
-        dist.destroy_process_group()
-    return result
+        return _train(config, resume, stop_after_epoch, ddp)
+    finally:  # leave the process's global torch flags as they were
+        torch.use_deterministic_algorithms(flags[0])
+        torch.backends.cudnn.benchmark = flags[1]
 
 
 def _train(cfg: Config, resume: str | Path | None, stop_after_epoch: int | None,
-           ddp: _Dist) -> RunResult:
-    # -- setup: folder, device, determinism
-    run_dir, _ = _check_run_dir(cfg, resume)
-    if resume is not None:
-        cfg = _with_out_dir(cfg, run_dir)
-    device = _device(cfg.train.device, ddp)
-    use_amp = cfg.train.amp and device.type == "cuda"
-    memory_format = (torch.channels_last if cfg.train.channels_last and device.type == "cuda"
-                     else torch.contiguous_format)
+           ddp: DistInfo) -> RunResult:
+    # -- setup: run folder, device, determinism
+    run_dir = _check_run_dir(cfg, resume)
+    cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, out_dir=str(run_dir)))
+    if cfg.train.device == "cuda" and not torch.cuda.is_available():
+        raise InputError("CUDA was requested but torch sees no GPU; use --set "
+                         "train.device=cpu (or auto)", path="train.device")
+    cuda = cfg.train.device != "cpu" and torch.cuda.is_available()
+    device = torch.device("cuda", ddp.local_rank) if cuda else torch.device("cpu")
+    memory_format = torch.channels_last if cuda and cfg.train.channels_last else \
+        torch.contiguous_format
     if cfg.train.deterministic:
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
         torch.use_deterministic_algorithms(True, warn_only=True)
-    torch.backends.cudnn.benchmark = device.type == "cuda" and not cfg.train.deterministic
+    torch.backends.cudnn.benchmark = cuda and not cfg.train.deterministic
     stage = cfg.train.stage
     monitor = cfg.optim.monitor if cfg.optim.monitor != "auto" else (
         "val_dice" if stage == "seg" else "val_mcc")
     _seed_all(cfg.train.seed)
 
-    # -- data
-    train_records, train_set, manifests = _load_records(cfg, cfg.data.train_split)
-    val_records, val_set, _ = _load_records(cfg, cfg.data.val_split)
-    pos_weight = None
-    if stage == "cls":
-        n_pos = sum(r.label == 1 for r in train_records)
-        n_neg = len(train_records) - n_pos
-        for name, recs in (("train", train_records), ("val", val_records)):
-            if len({r.label for r in recs}) < 2:
-                raise InputError(
-                    f"the {name} split has only label {recs[0].label}; stage 'cls' needs "
-                    "cancerous (1) and non-cancerous (0) slices in both train and val",
-                    path="data.manifest",
-                )
-        pos_weight = None if cfg.data.balanced_sampling else n_neg / n_pos
-    if cfg.data.balanced_sampling:
-        weights = class_balanced_sampler(train_records).weights
-        train_sampler: Any = _ShardedWeightedSampler(weights, ddp.world, ddp.rank,
-                                                     cfg.train.seed)
-    else:
-        train_sampler = DistributedSampler(train_set, num_replicas=ddp.world, rank=ddp.rank,
-                                           shuffle=True, seed=cfg.train.seed)
-    loader_gen = torch.Generator()
-    train_loader = _loader(train_set, train_sampler, cfg, loader_gen, train=True)
-    val_indices = list(range(ddp.rank, len(val_set), ddp.world))  # no padding duplicates
-    val_loader = _loader(val_set, val_indices, cfg, torch.Generator(), train=False)
-    steps_per_epoch = len(train_loader)
+    # -- data, model, optimiser, schedule, gradient scaler
+    data = _build_data(cfg, ddp)
+    steps_per_epoch = len(data.train_loader)
     if cfg.train.max_steps_per_epoch:
         steps_per_epoch = min(steps_per_epoch, cfg.train.max_steps_per_epoch)
-
-    # -- model, optimiser, schedule, scaler
     model = model_from_config(cfg)
-    provenance = {} if resume is not None else _init_weights(model, cfg)
+    provenance = _init_weights(model, cfg) if resume is None else {}
     model.to(device=device, memory_format=memory_format)
     optimizer = torch.optim.AdamW(_param_groups(model, cfg), lr=cfg.optim.lr,
-                                  fused=device.type == "cuda" or None)
+                                  fused=True if cuda else None)
     scheduler = _scheduler(optimizer, cfg, steps_per_epoch)
-    scaler = torch.amp.GradScaler(device.type, enabled=use_amp)
+    scaler = torch.amp.GradScaler(device.type, enabled=cfg.train.amp and cuda)
     seg_loss = BCEDiceLoss()
 
-    # -- state that resuming restores
+    # -- what --resume restores
     start_epoch, history = 0, []
-    early = {"best": -math.inf, "best_epoch": 0, "bad_epochs": 0, "threshold": None}
-    run_info: dict[str, Any] = {}
+    early: dict[str, Any] = {"best": -math.inf, "best_epoch": 0, "bad_epochs": 0,
+                             "threshold": None}
+    run_info: dict[str, Any] = {"started_at": _now(), **provenance}
     if resume is not None:
         state = read_checkpoint(run_dir / LAST, map_location=device)
         model.load_state_dict(state["model"])
@@ -590,50 +550,46 @@ def _train(cfg: Config, resume: str | Path | None, stop_after_epoch: int | None,
         scheduler.load_state_dict(state["scheduler"])
         scaler.load_state_dict(state["scaler"])
         set_rng_state(state["rng"])
-        start_epoch, history = state["epoch"], list(state["history"])
-        early = state["early_stopping"]
-        run_file = run_dir / RUN_FILE
-        if run_file.is_file():
-            run_info = json.loads(run_file.read_text(encoding="utf-8"))
+        start_epoch, history, early = state["epoch"], state["history"], state["early_stopping"]
+        if (run_dir / RUN_FILE).is_file():
+            run_info = json.loads((run_dir / RUN_FILE).read_text(encoding="utf-8"))
         run_info.setdefault("resumed_at", []).append(_now())
         log.info("resuming %s after epoch %d", run_dir, start_epoch)
-    else:
-        run_info = {"started_at": _now(), **provenance}
     run_info.update({
         "stage": stage, "status": "running", "config_hash": config_hash(cfg),
         "versions": software_versions(), "world_size": ddp.world, "device": str(device),
-        "manifests": [{"path": p, "sha256": file_sha256(p)} for p in manifests],
-        "train_slices": len(train_records), "val_slices": len(val_records),
-        "pos_weight": pos_weight, "monitor": monitor,
+        "manifests": [{"path": p, "sha256": file_sha256(p)} for p in data.manifests],
+        "train_slices": len(data.train_records), "val_slices": len(data.val_records),
+        "pos_weight": data.pos_weight, "monitor": monitor,
     })
     if ddp.main:
         run_dir.mkdir(parents=True, exist_ok=True)
         write_text_atomic(run_dir / CONFIG_FILE, config_to_yaml(cfg))
         write_json(run_dir / RUN_FILE, run_info)
     writer = _tensorboard(run_dir, cfg, ddp)
-    log.info("stage %s: %d train / %d val slices, %d steps per epoch, device %s, %d process(es)",
-             stage, len(train_records), len(val_records), steps_per_epoch, device, ddp.world)
+    if ddp.main:
+        log.info("stage %s: %d train / %d val slices, %d steps per epoch, %s, %d process(es)",
+                 stage, len(data.train_records), len(data.val_records), steps_per_epoch,
+                 device, ddp.world)
 
     # -- epochs
-    status = "finished"
-    wrapped: nn.Module = model
-    trainable_before: tuple[bool, ...] = ()
+    status, wrapped, trainable_before = "finished", model, None
     for epoch in range(start_epoch, cfg.optim.epochs):
         t0 = time.perf_counter()
-        _seed_all(_epoch_seed(cfg.train.seed, epoch, ddp.rank))
-        train_sampler.set_epoch(epoch)
-        loader_gen.manual_seed(_epoch_seed(cfg.train.seed, epoch, ddp.rank))
+        _seed_all(epoch_seed(cfg.train.seed, epoch, ddp.rank))
+        data.sampler.set_epoch(epoch)
+        data.generator.manual_seed(epoch_seed(cfg.train.seed, epoch, ddp.rank))
         trainable = _set_trainable(model, cfg, epoch)
         if trainable != trainable_before:  # DDP must know which parameters get gradients
-            wrapped = (DistributedDataParallel(model, device_ids=[device.index]
-                                               if device.type == "cuda" else None)
-                       if ddp.world > 1 else model)
+            wrapped = model if ddp.world == 1 else DistributedDataParallel(
+                model, device_ids=[device.index] if cuda else None)
             trainable_before = trainable
         params = [p for p in model.parameters() if p.requires_grad]
         _train_mode(model, trainable)
-        loss_sum, n_seen = torch.zeros((), device=device), torch.zeros((), device=device)
-        bar = tqdm(train_loader, total=steps_per_epoch, desc=f"epoch {epoch + 1}", leave=False,
-                   disable=not (cfg.train.progress and ddp.main and sys.stderr.isatty()))
+        totals = torch.zeros(2, device=device)  # (sum of loss * slices, slices)
+        bar = tqdm(data.train_loader, total=steps_per_epoch, desc=f"epoch {epoch + 1}",
+                   leave=False, disable=not (cfg.train.progress and ddp.main
+                                             and sys.stderr.isatty()))
         for step, batch in enumerate(bar):
             if step >= steps_per_epoch:
                 break
@@ -645,110 +601,70 @@ def _train(cfg: Config, resume: str | Path | None, stop_after_epoch: int | None,
                                 batch["has_mask"].to(device))
             else:
                 loss = classification_loss(out["cls_logits"], batch["label"].to(device),
-                                           pos_weight)
+                                           data.pos_weight)
             scaler.scale(loss).backward()
             if cfg.optim.grad_clip > 0:
-                scaler.unscale_(optimizer)
+                scaler.unscale_(optimizer)  # clip the true gradients, not the scaled ones
                 torch.nn.utils.clip_grad_norm_(params, cfg.optim.grad_clip)
             scaler.step(optimizer)
             scaler.update()
             optimizer.zero_grad(set_to_none=True)
             if cfg.optim.schedule == "cosine":
                 scheduler.step()
-            loss_sum += loss.detach() * len(images)
-            n_seen += len(images)
+            totals[0] += loss.detach() * len(images)
+            totals[1] += len(images)
             bar.set_postfix(loss=f"{loss.item():.4f}")
         bar.close()
-        if ddp.world > 1:
-            totals = torch.stack([loss_sum, n_seen])
-            dist.all_reduce(totals)
-            loss_sum, n_seen = totals[0], totals[1]
-        _average_batchnorm(model, ddp)
+        all_reduce_sum(totals, ddp)
+        average_batchnorm(model, ddp)
 
-        metrics = _validate(model, val_loader, cfg, device, ddp, seg_loss, pos_weight)
+        metrics = _validate(model, data.val_loader, cfg, device, ddp, data.pos_weight)
         value = metrics.get(monitor, float("nan"))
         if cfg.optim.schedule == "plateau":
             scheduler.step(value if math.isfinite(value) else -math.inf)
         row = {"epoch": epoch + 1, "lr": max(g["lr"] for g in optimizer.param_groups),
-               "train_loss": float(loss_sum / n_seen.clamp(min=1)), **metrics,
+               "train_loss": float(totals[0] / totals[1].clamp(min=1)), **metrics,
                "time_s": round(time.perf_counter() - t0, 3)}
         history.append(row)
         improved = early["best_epoch"] == 0 or (math.isfinite(value) and value > early["best"])
         if improved:
-            early.update(best=value if math.isfinite(value) else -math.inf,
-                         best_epoch=epoch + 1, bad_epochs=0, threshold=metrics.get("val_threshold"))
+            early.update(best=value if math.isfinite(value) else -math.inf, bad_epochs=0,
+                         best_epoch=epoch + 1, threshold=metrics.get("val_threshold"))
         else:
             early["bad_epochs"] += 1
 
         if ddp.main:
-            _write_metrics(run_dir, history)
-            common = {"model": model.state_dict(), "epoch": epoch + 1,
-                      "config": config_to_dict(cfg), "metrics": row,
-                      "versions": run_info["versions"], "threshold": early["threshold"],
-                      "stage": stage}
-            if improved:
-                save_checkpoint(run_dir / BEST, common)
-                if stage == "cls":
-                    write_json(run_dir / THRESHOLD_FILE, {
-                        "threshold": early["threshold"], "method": cfg.train.threshold_method,
-                        "epoch": epoch + 1, "rule": "cancer if probability >= threshold",
-                        "chosen_on": "validation split", "val_mcc_at_threshold":
-                        metrics["val_mcc_at_threshold"], "val_mcc_at_0.5": metrics["val_mcc"]})
-            save_checkpoint(run_dir / LAST, {
-                **common, "optimizer": optimizer.state_dict(),
-                "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(),
-                "rng": get_rng_state(), "early_stopping": dict(early), "history": history})
+            _save_epoch(run_dir, cfg, row, history, early, improved, model,
+                        run_info["versions"], {"optimizer": optimizer.state_dict(),
+                                               "scheduler": scheduler.state_dict(),
+                                               "scaler": scaler.state_dict()})
             if writer is not None:
                 for key, val in row.items():
-                    if key != "epoch":
-                        writer.add_scalar(key, val, epoch + 1)
+                    writer.add_scalar(key, val, epoch + 1)
             log.info("epoch %d/%d %s (best %s=%.4f @%d)", epoch + 1, cfg.optim.epochs,
                      " ".join(f"{k}={_fmt(v)}" for k, v in row.items() if k != "epoch"),
                      monitor, early["best"], early["best_epoch"])
-
         if cfg.optim.patience and early["bad_epochs"] >= cfg.optim.patience:
             status = "early_stopped"
-            log.info("early stop: %s did not improve for %d epochs", monitor,
-                     cfg.optim.patience)
+            if ddp.main:
+                log.info("early stop: %s has not improved for %d epochs", monitor,
+                         cfg.optim.patience)
             break
-        if stop_after_epoch is not None and epoch + 1 >= stop_after_epoch \
-                and epoch + 1 < cfg.optim.epochs:
+        if stop_after_epoch is not None and stop_after_epoch <= epoch + 1 < cfg.optim.epochs:
             status = "stopped"
             break
 
+    # -- wrap up
     if writer is not None:
         writer.close()
     epochs_done = history[-1]["epoch"] if history else start_epoch
     if ddp.main:
-        run_info.update({"status": status, "finished_at": _now(),
-                         "epochs_completed": epochs_done, "best_epoch": early["best_epoch"],
+        run_info.update({"status": status, "finished_at": _now(), "epochs_completed":
+                         epochs_done, "best_epoch": early["best_epoch"],
                          "best_metric": early["best"]})
         write_json(run_dir / RUN_FILE, run_info)
     if ddp.world > 1:
-        dist.barrier()
+        torch.distributed.barrier()  # the run folder is complete before any rank returns
     return RunResult(run_dir=run_dir, status=status, epochs_completed=epochs_done,
                      best_epoch=early["best_epoch"], best_metric=early["best"], monitor=monitor,
                      history=history, threshold=early["threshold"], model=model)
-
-
-def _fmt(value: float) -> str:
-    if isinstance(value, float) and (abs(value) < 1e-3 and value != 0):
-        return f"{value:.2e}"
-    return f"{value:.4f}" if isinstance(value, float) else str(value)
-
-
-def _with_out_dir(cfg: Config, run_dir: Path) -> Config:
-    return dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, out_dir=str(run_dir)))
-
-
-def _tensorboard(run_dir: Path, cfg: Config, ddp: _Dist) -> Any:
-    """A TensorBoard SummaryWriter when asked for and installed (rank 0 only), else None."""
-    if not (cfg.train.tensorboard and ddp.main):
-        return None
-    try:
-        from torch.utils.tensorboard import SummaryWriter
-    except ImportError:
-        log.warning("train.tensorboard is set but the tensorboard package is not installed; "
-                    "metrics go to metrics.csv/json only (pip install tensorboard)")
-        return None
-    return SummaryWriter(str(run_dir / "tensorboard"))

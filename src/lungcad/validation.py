@@ -34,24 +34,21 @@ thickness and field of view differ), prepares both with
 from __future__ import annotations
 
 import logging
-import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 from lungcad import __version__
-from lungcad.baselines import MODEL_NAMES, run_baselines
+from lungcad.baselines import MODEL_NAMES, baselines_markdown, run_baselines_on_manifests
 from lungcad.checkpoint import file_sha256
 from lungcad.config import Config, apply_overrides, config_hash, config_to_dict, load_config
-from lungcad.datasets import SliceRecord, check_no_group_leakage, filter_records, read_manifest
+from lungcad.datasets import SliceRecord, check_no_group_leakage, read_manifest
 from lungcad.errors import InputError
-from lungcad.evaluation import EvaluationResult, evaluate_run, to_json
+from lungcad.evaluation import EvaluationResult, evaluate_run
 from lungcad.gap import GapTable, gap_table, write_gap
-from lungcad.io.atomic import write_text_atomic
+from lungcad.io.atomic import write_json_atomic, write_text_atomic
 from lungcad.layouts import PrepareSettings, prepare_dataset
 
 log = logging.getLogger(__name__)
@@ -59,8 +56,6 @@ log = logging.getLogger(__name__)
 VALIDATION_FILE = "validation.json"
 RESERVED_SET_NAMES = ("train", "train_cv", "internal")
 BASELINE_TRAIN_SPLITS = ("train", "val")
-BASELINE_COLUMNS = (("accuracy", "Acc"), ("sensitivity", "Sens"), ("specificity", "Spec"),
-                    ("f1", "F1"), ("mcc", "MCC"), ("kappa", "Kappa"), ("auc", "AUC"))
 
 #: Small CPU settings for the synthetic experiment (used when no config file is given).
 SYNTHETIC_OVERRIDES = (
@@ -160,17 +155,6 @@ def train_deep_model(train_manifest: Path, config: Config, runs_dir: Path,
     return runs
 
 
-def _feature_data(records: list[SliceRecord], root: Path, set_name: str, features: str,
-                  roi: str, cache_dir: Path, jobs: int) -> tuple[np.ndarray, ...]:
-    from lungcad.features import feature_table
-
-    X, _ = feature_table(records, root, kind=features, roi=roi, cache_dir=cache_dir,
-                         n_jobs=jobs)
-    y = np.array([r.label for r in records])
-    groups = np.array([f"{set_name}:{r.group_id}" for r in records])
-    return X, y, groups
-
-
 def baseline_results(
     train_manifest: Path,
     externals: Mapping[str, Path],
@@ -191,55 +175,20 @@ def baseline_results(
     Returns:
         ``{model: {"train", "train_cv", "internal", <external>...: metrics}}``.
     """
-    cache = out_dir / "feature_cache"
-    a_records = read_manifest(train_manifest)
-    selections = {
-        "train": filter_records(a_records, BASELINE_TRAIN_SPLITS, labels=(0, 1)),
-        "internal": filter_records(a_records, "test", labels=(0, 1)),
-    }
-    roots = {"train": _manifest_csv(train_manifest).parent,
-             "internal": _manifest_csv(train_manifest).parent}
-    for name, path in externals.items():
-        selections[name] = filter_records(read_manifest(path), labels=(0, 1))
-        roots[name] = _manifest_csv(path).parent
-    empty = [name for name, recs in selections.items() if not recs]
-    if empty:
-        raise InputError(f"no labelled (0/1) slices in set(s) {empty} for the baselines; pass "
-                         "--baselines none for segmentation-only data", "--baselines")
-    data = {name: _feature_data(recs, roots[name], name, features, roi, cache, jobs)
-            for name, recs in selections.items()}
-    log.info("baselines %s on %d training slices", ", ".join(models), len(data["train"][1]))
-    results = run_baselines(data["train"], {k: v for k, v in data.items() if k != "train"},
-                            models=models, seed=seed, n_boot=n_boot, n_jobs=jobs)
+    result = run_baselines_on_manifests(
+        train_manifest, externals, features=features, roi=roi, models=models,
+        train_splits=BASELINE_TRAIN_SPLITS, internal_required=True,
+        cache_dir=out_dir / "feature_cache", n_boot=n_boot, seed=seed, n_jobs=jobs,
+        empty_hint="; pass --baselines none for segmentation-only data")
     summary = {"settings": {"models": list(models), "features": features, "roi": roi,
                             "train_splits": list(BASELINE_TRAIN_SPLITS), "n_boot": n_boot,
                             "seed": seed},
-               "sets": {name: {"n": int(len(y)), "n_groups": int(len(np.unique(g))),
-                               "n_positive": int(np.sum(y))} for name, (_, y, g) in data.items()},
-               "metrics": results}
-    write_text_atomic(out_dir / "baselines" / "metrics.json",
-                      to_json(summary))
-    write_text_atomic(out_dir / "baselines" / "metrics.md", baselines_markdown(results))
-    return results
-
-
-def baselines_markdown(results: Mapping[str, Mapping[str, Mapping[str, float]]]) -> str:
-    """One row per baseline and set (``train_cv`` = out-of-fold), with 95% CIs if computed."""
-    def fmt(value: Any) -> str:
-        return "n/a" if value is None or not math.isfinite(value) else f"{value:.3f}"
-
-    header = ["Model", "Set", "N"] + [label for _, label in BASELINE_COLUMNS] + ["Threshold"]
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    for model, per_set in results.items():
-        for set_name, m in per_set.items():
-            cells = [model, set_name, str(int(m["n"]))]
-            for key, _ in BASELINE_COLUMNS:
-                cell = fmt(m[key])
-                if f"{key}_ci_low" in m:
-                    cell += f" ({fmt(m[f'{key}_ci_low'])}-{fmt(m[f'{key}_ci_high'])})"
-                cells.append(cell)
-            lines.append("| " + " | ".join(cells + [fmt(m["threshold"])]) + " |")
-    return "\n".join(lines) + "\n"
+               "sets": result.set_summary(),
+               "metrics": result.metrics}
+    write_json_atomic(out_dir / "baselines" / "metrics.json", summary)
+    write_text_atomic(out_dir / "baselines" / "metrics.md",
+                      baselines_markdown(result.metrics, patients=False))
+    return result.metrics
 
 
 def _protocol(
@@ -318,7 +267,7 @@ def _protocol(
             "training manifest; external sets evaluated in full; nothing tuned on them"),
         **(extra_info or {}),
     }
-    write_text_atomic(out / VALIDATION_FILE, to_json(info))
+    write_json_atomic(out / VALIDATION_FILE, info)
     return ValidationResult(out_dir=out, runs=runs, evaluations=evaluations,
                             baselines=base_results, gap=table)
 

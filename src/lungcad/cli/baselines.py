@@ -15,20 +15,13 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 import logging
-import math
 from pathlib import Path
-from typing import Any
 
 NAME = "baselines"
 HELP = "train and evaluate radiomics + scikit-learn baselines (internal and external sets)"
 
 RESERVED_SETS = ("train", "train_cv", "internal")
-TABLE_COLUMNS = (
-    ("accuracy", "Acc"), ("sensitivity", "Sens"), ("specificity", "Spec"), ("f1", "F1"),
-    ("mcc", "MCC"), ("kappa", "Kappa"), ("auc", "AUC"),
-)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -78,57 +71,15 @@ def _parse_eval(items: list[str]) -> dict[str, Path]:
     return out
 
 
-def _manifest_root(path: Path) -> Path:
-    return path if path.is_dir() else path.parent
-
-
-def _json_safe(value: Any) -> Any:
-    """NaN/inf -> None and numpy scalars -> Python, so metrics.json is strict JSON."""
-    if isinstance(value, dict):
-        return {str(k): _json_safe(v) for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        return [_json_safe(v) for v in value]
-    if hasattr(value, "item"):
-        value = value.item()
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    return value
-
-
-def _fmt(value: float) -> str:
-    return "n/a" if value is None or not math.isfinite(value) else f"{value:.3f}"
-
-
-def markdown_table(metrics: dict[str, dict[str, dict[str, float]]]) -> str:
-    """Markdown table: one row per model and set, with 95% CIs where computed."""
-    header = ["Model", "Set", "N", "Patients"] + [label for _, label in TABLE_COLUMNS]
-    header.append("Threshold")
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    for model, per_set in metrics.items():
-        for set_name, m in per_set.items():
-            cells = [model, set_name, str(int(m["n"])), str(int(m["n_groups"]))]
-            for key, _ in TABLE_COLUMNS:
-                cell = _fmt(m[key])
-                if f"{key}_ci_low" in m:
-                    cell += f" ({_fmt(m[f'{key}_ci_low'])}-{_fmt(m[f'{key}_ci_high'])})"
-                cells.append(cell)
-            cells.append(_fmt(m["threshold"]))
-            lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines) + "\n"
-
-
 def run(args: argparse.Namespace) -> int:
     """Compute features, fit and evaluate the baselines, write the outputs."""
     import joblib
-    import numpy as np
     import sklearn
 
     from lungcad import __version__
-    from lungcad.baselines import MODEL_NAMES, evaluate_baselines, fit_baselines
-    from lungcad.datasets import check_no_group_leakage, filter_records, read_manifest
+    from lungcad.baselines import MODEL_NAMES, baselines_markdown, run_baselines_on_manifests
     from lungcad.errors import InputError
-    from lungcad.features import feature_table
-    from lungcad.io.atomic import atomic_path, write_text_atomic
+    from lungcad.io.atomic import atomic_path, write_json_atomic, write_text_atomic
 
     if args.features != "handcrafted":
         # pyradiomics sets its logger to INFO when imported and then logs every extraction
@@ -149,43 +100,13 @@ def run(args: argparse.Namespace) -> int:
         raise InputError("--train-splits must not include 'test' (it is the internal test "
                          "set)", "--train-splits")
     externals = _parse_eval(args.eval)
-    cache_dir = args.cache_dir or args.out / "feature_cache"
 
-    records = read_manifest(args.train)
-    check_no_group_leakage(records)
-    selections = {
-        "train": (filter_records(records, train_splits, labels=(0, 1)), args.train),
-        "internal": (filter_records(records, "test", labels=(0, 1)), args.train),
-    }
-    for name, path in externals.items():
-        selections[name] = (filter_records(read_manifest(path), labels=(0, 1)), path)
-    if not selections["train"][0]:
-        raise InputError(f"no labelled slices in split(s) {train_splits}", args.train)
-    if not selections["internal"][0]:
-        print("note: the training manifest has no labelled test split; no internal set")
-        del selections["internal"]
-
-    data: dict[str, tuple] = {}
-    names: list[str] | None = None
-    for set_name, (recs, path) in selections.items():
-        if not recs:
-            raise InputError(f"set {set_name!r} has no slices with a known label (0/1)", path)
-        print(f"features [{args.features}, roi={args.roi}] for {set_name}: {len(recs)} slices")
-        X, set_names = feature_table(recs, _manifest_root(path), kind=args.features,
-                                     roi=args.roi, cache_dir=cache_dir, n_jobs=args.jobs)
-        if names is not None and set_names != names:
-            raise InputError("feature names differ between sets; this is a bug", path)
-        names = set_names
-        y = np.array([r.label for r in recs])
-        groups = np.array([f"{set_name}:{r.group_id}" for r in recs])
-        data[set_name] = (X, y, groups)
-
-    print(f"fitting {', '.join(models)} on {len(data['train'][1])} slices")
-    fitted = fit_baselines(data["train"], models, seed=args.seed, scoring=args.scoring,
-                           threshold_method=args.threshold_method, n_jobs=args.jobs)
-    evaluated = {k: v for k, v in data.items() if k != "train"}
-    metrics = evaluate_baselines(fitted, data["train"], evaluated, n_boot=args.n_boot,
-                                 seed=args.seed)
+    result = run_baselines_on_manifests(
+        args.train, externals, features=args.features, roi=args.roi, models=models,
+        train_splits=train_splits, cache_dir=args.cache_dir or args.out / "feature_cache",
+        scoring=args.scoring, threshold_method=args.threshold_method, n_boot=args.n_boot,
+        seed=args.seed, n_jobs=args.jobs, progress=print)
+    fitted, metrics, names = result.fitted, result.metrics, result.feature_names
 
     summary = {
         "lungcad_version": __version__,
@@ -194,13 +115,10 @@ def run(args: argparse.Namespace) -> int:
             "features": args.features, "roi": args.roi, "models": models,
             "train_splits": train_splits, "scoring": args.scoring,
             "threshold_method": args.threshold_method, "n_boot": args.n_boot,
-            "seed": args.seed, "n_features": len(names or []),
+            "seed": args.seed, "n_features": len(names),
         },
-        "data": {
-            name: {"manifest": str(selections[name][1]), "n": int(len(y)),
-                   "n_groups": int(len(np.unique(g))), "n_positive": int(np.sum(y))}
-            for name, (_, y, g) in data.items()
-        },
+        "data": {name: {"manifest": str(result.manifests[name]), **counts}
+                 for name, counts in result.set_summary().items()},
         "models": {
             name: {"threshold": f.threshold, "best_params": f.best_params,
                    "cv_score": f.cv_score, "scoring": f.scoring}
@@ -217,13 +135,12 @@ def run(args: argparse.Namespace) -> int:
                 "features": args.features, "roi": args.roi, "best_params": f.best_params,
                 "lungcad_version": __version__, "sklearn_version": sklearn.__version__,
             }, tmp)
-    table = markdown_table(metrics)
+    table = baselines_markdown(metrics)
     write_text_atomic(out / "metrics.md",
                       f"# Baselines ({args.features} features, ROI {args.roi})\n\n"
                       "Threshold chosen on out-of-fold training predictions; `train_cv` = "
                       "out-of-fold. Brackets: patient-level bootstrap 95% CI.\n\n" + table)
-    write_text_atomic(out / "metrics.json",
-                      json.dumps(_json_safe(summary), indent=2, allow_nan=False) + "\n")
+    write_json_atomic(out / "metrics.json", summary)
     print(table)
     print(f"wrote {out / 'metrics.json'}, {out / 'metrics.md'} and {len(fitted)} models")
     return 0

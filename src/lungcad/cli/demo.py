@@ -25,8 +25,9 @@ log = logging.getLogger("lungcad.demo")
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", type=Path, default=Path("demo_output"), help="output folder")
-    parser.add_argument("--cases", type=int, default=8, help="internal cohort size")
-    parser.add_argument("--external-cases", type=int, default=4, help="external cohort size")
+    parser.add_argument("--cases", type=int, default=10, help="internal cohort size")
+    parser.add_argument("--external-cases", type=int, default=6, help="external cohort size")
+    parser.add_argument("--epochs", type=int, default=4, help="epochs per training stage")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--data-only", action="store_true",
                         help="stop after the cohorts, previews and summary (no training)")
@@ -99,6 +100,45 @@ def summarise_cohort(name: str, cohort_dir: Path, preview_dir: Path) -> dict[str
     return {"cohort": name, "site": cohort["site"], "cases": rows}
 
 
+def prepare_cohorts(folders: dict[str, Path], out: Path, seed: int) -> dict[str, Path]:
+    """Prepare each cohort's MSD layout into a slice manifest (internal: patient-level splits)."""
+    from lungcad.layouts import PrepareSettings, prepare_dataset
+
+    prepared = {}
+    for name, fractions in (("internal", (0.2, 0.2)), ("external", (0.0, 0.0))):
+        settings = PrepareSettings(layout="msd", seed=seed, val_fraction=fractions[0],
+                                   test_fraction=fractions[1])
+        prepared[name] = prepare_dataset(folders[name] / "msd", out / "prepared" / name,
+                                         settings).out
+    return prepared
+
+
+def validate(prepared: dict[str, Path], out: Path, epochs: int, seed: int):
+    """Train seg then cls on the internal site, evaluate internally and externally, run the
+    traditional-ML baselines on the same splits and write the generalisation-gap table."""
+    from lungcad.config import load_config
+    from lungcad.validation import SYNTHETIC_OVERRIDES, run_validation
+
+    overrides = [*SYNTHETIC_OVERRIDES, f"optim.epochs={epochs}", f"train.seed={seed}"]
+    config = load_config(None, overrides)
+    return run_validation(prepared["internal"], {"external": prepared["external"]}, config,
+                          out / "validation", baselines=("logreg", "rf", "knn"),
+                          n_boot=200, seed=seed)
+
+
+def predict_one(cls_run: Path, study: Path, out: Path) -> dict[str, Path]:
+    """Whole-study inference on one DICOM series: mask, SEG, SR, findings, Grad-CAM, report."""
+    from lungcad.inference import Predictor, write_study_outputs
+
+    predictor = Predictor.from_checkpoint(cls_run, device="cpu")
+    volume, result = predictor.predict_path(study)
+    files = write_study_outputs(volume, result, out)
+    log.info("study %s: probability %.3f (%s at threshold %.3f), %d lesion(s)", study.name,
+             result.study_probability, "cancer" if result.is_cancer else "no cancer",
+             predictor.threshold, len(result.lesions))
+    return files
+
+
 def run(args: argparse.Namespace) -> int:
     from lungcad.io.atomic import write_text_atomic
 
@@ -106,11 +146,11 @@ def run(args: argparse.Namespace) -> int:
     out.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
 
-    t = _step("1/2 synthetic cohorts (internal site + shifted external site)")
+    t = _step("1/6 synthetic cohorts (internal site + shifted external site)")
     folders = make_cohorts(out, args.cases, args.external_cases, args.seed)
     log.info("cohorts written in %.1f s", time.perf_counter() - t)
 
-    t = _step("2/2 read back through the readers, lung masks, previews, summary")
+    t = _step("2/6 read back through the readers, lung masks, previews, summary")
     summary = {name: summarise_cohort(name, folder, out / "previews")
                for name, folder in folders.items()}
     write_text_atomic(out / "dataset_summary.json", json.dumps(summary, indent=2))
@@ -124,6 +164,36 @@ def run(args: argparse.Namespace) -> int:
     write_text_atomic(out / "dataset_summary.md", "\n".join(lines) + "\n")
     print("\n".join(lines))
     log.info("summary and previews in %.1f s", time.perf_counter() - t)
+    if args.data_only:
+        print(f"\ndemo (data only) finished in {time.perf_counter() - started:.0f} s")
+        return 0
+
+    t = _step("3/6 prepare slice manifests (internal: patient-level train/val/test)")
+    prepared = prepare_cohorts(folders, out, args.seed)
+    log.info("prepared in %.1f s", time.perf_counter() - t)
+
+    t = _step("4/6 train seg + cls, evaluate internal/external, baselines, generalisation gap")
+    result = validate(prepared, out, args.epochs, args.seed)
+    log.info("validation in %.1f s", time.perf_counter() - t)
+    print("\n" + result.gap.to_markdown())
+
+    t = _step("5/6 predict one external DICOM study: mask, SEG, SR, Grad-CAM, report")
+    external = json.loads((folders["external"] / "cohort.json").read_text())
+    case = next((c for c in external["cases"] if c.get("has_tumour")), external["cases"][0])
+    files = predict_one(result.runs["cls"], folders["external"] / case["files"]["dicom"],
+                        out / "prediction" / case["case_id"])
+    log.info("prediction outputs: %s", ", ".join(sorted(p.name for p in files.values())))
+    log.info("predicted in %.1f s", time.perf_counter() - t)
+
+    t = _step("6/6 HTML report of the validation")
+    from lungcad.report import write_report
+
+    report = write_report(result.out_dir, out / "validation_report.html")
+    log.info("report: %s (%.1f s)", report, time.perf_counter() - t)
 
     print(f"\ndemo finished in {time.perf_counter() - started:.0f} s; outputs in {out}/")
+    print("  previews/                 lung-mask previews of every synthetic study")
+    print("  validation/gap.md         deep model vs baselines, train/internal/external")
+    print("  validation_report.html    the validation report (tables, plots, provenance)")
+    print(f"  prediction/{case['case_id']}/  mask.nii.gz, seg.dcm, sr.dcm, report.html, Grad-CAM")
     return 0

@@ -93,6 +93,10 @@ def run(args: argparse.Namespace) -> int:
     if info["threshold"]["value"] is not None:
         print(f"decision threshold {info['threshold']['value']:.3f} (from "
               f"{info['threshold']['source']}, chosen on the run's validation split)")
+    calibration = info.get("calibration", {})
+    if calibration.get("applied"):
+        print(f"probabilities calibrated ({calibration['method']}, {calibration['file']}), "
+              "as `lungcad predict` applies them")
     for key in SUMMARY_KEYS:
         if key in metrics:
             print(f"  {key:<20}{_fmt(metrics, key)}")

@@ -114,9 +114,9 @@ def run(args: argparse.Namespace) -> int:
     """Predict, write each study's outputs, print one line per study; 1 if any failed."""
     from tqdm.auto import tqdm
 
-    from lungcad.checkpoint import write_json
     from lungcad.errors import InputError, MissingInputError
     from lungcad.inference import Predictor
+    from lungcad.io.atomic import write_json_atomic
 
     source = Path(args.input)
     if not source.exists():
@@ -154,8 +154,8 @@ def run(args: argparse.Namespace) -> int:
             log.debug("traceback of %s", study, exc_info=True)
             row.update(status="failed", error=f"{type(exc).__name__}: {exc}")
         rows.append(row)
-    write_json(out / "batch_summary.json", {"input": str(source), "studies": rows,
-                                             "failed": failed, "ok": len(rows) - failed})
+    write_json_atomic(out / "batch_summary.json", {"input": str(source), "studies": rows,
+                                                    "failed": failed, "ok": len(rows) - failed})
     print(f"{len(rows) - failed} of {len(rows)} studies done, {failed} failed; summary: "
           f"{out / 'batch_summary.json'}")
     return EXIT_SOME_FAILED if failed else 0

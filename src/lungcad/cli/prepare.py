@@ -48,6 +48,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="--slices tumour: non-tumour slices kept per tumour slice (1.0)")
     parser.add_argument("--min-negatives", type=int, default=8,
                         help="--slices tumour: at least this many non-tumour slices per scan")
+    parser.add_argument("--min-tumour-area-mm2", type=float, default=None,
+                        help="3D sets: a slice with tumour is labelled cancerous (1) only when "
+                             "the tumour covers at least this many mm^2 (default 10); slices "
+                             "with less keep their mask but get label -1 (unknown), so the "
+                             "classifier skips them. 0: any tumour voxel makes the slice 1")
 
 
 def _print_table(counts: dict[str, dict[str, int]]) -> None:
@@ -66,12 +71,16 @@ def run(args: argparse.Namespace) -> int:
         val_fraction=args.val_fraction, test_fraction=args.test_fraction, seed=args.seed,
         block_size=args.block_size, slices=args.slices, negative_ratio=args.negative_ratio,
         min_negatives=args.min_negatives,
+        # None: PrepareSettings' default, defined there only
+        **({} if args.min_tumour_area_mm2 is None
+           else {"min_tumour_area_mm2": args.min_tumour_area_mm2}),
     )
     result = prepare_dataset(args.data, args.out, settings)
     summary = result.summary
     print(f"prepared {summary['layout']} dataset {summary['input']}")
     print(f"-> {result.out / 'manifest.csv'} ({len(result.records)} slices, "
-          f"{summary['counts']['total']['groups']} groups; label 1 = cancerous)")
+          f"{summary['counts']['total']['groups']} groups; label 1 = cancerous, "
+          "-1 = unknown)")
     _print_table(summary["counts"])
     if summary["warnings"]:
         print(f"{len(summary['warnings'])} warning(s) logged above and kept in summary.json")

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import SimpleITK as sitk
 
 from lungcad.errors import InputError, MissingInputError
@@ -19,6 +20,16 @@ def sitk_error_reason(exc: RuntimeError) -> str:
     """The last informative line of a SimpleITK exception (its first lines are C++ file paths)."""
     lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
     return lines[-1] if lines else type(exc).__name__
+
+
+def nonfinite_error(n_bad: int, n_voxels: int, path: Path) -> InputError:
+    """The error for a volume with ``n_bad`` NaN or infinite voxels out of ``n_voxels``."""
+    return InputError(
+        f"{n_bad} of {n_voxels} voxels are NaN or infinite; a CT volume holds a finite HU "
+        "value in every voxel, so the file is corrupt or was written from a failed "
+        "computation. Re-export it from the original scan.",
+        path,
+    )
 
 
 def read_sitk_volume(path: Path, format_name: str, kind: str) -> Volume:
@@ -35,7 +46,8 @@ def read_sitk_volume(path: Path, format_name: str, kind: str) -> Volume:
 
     Raises:
         MissingInputError: the file does not exist.
-        InputError: unreadable, 4D, multi-channel or complex-valued files.
+        InputError: unreadable, 4D, multi-channel or complex-valued files, or voxels that are
+            NaN or infinite (a corrupt file).
     """
     if not path.is_file():
         raise MissingInputError(f"{kind} file not found.", path)
@@ -69,6 +81,9 @@ def read_sitk_volume(path: Path, format_name: str, kind: str) -> Volume:
     volume = Volume.from_sitk(image, intensity="hu", meta={"source_path": str(path)})
     warnings: list[str] = []
     low, high = float(volume.array.min()), float(volume.array.max())
+    if not (np.isfinite(low) and np.isfinite(high)):  # min/max propagate NaN and show inf
+        raise nonfinite_error(int(np.count_nonzero(~np.isfinite(volume.array))),
+                              volume.array.size, path)
     if low >= 0.0 and high <= 1.0:
         warnings.append(
             f"values lie in [{low:g}, {high:g}]: this looks like a windowed image or a mask, "

@@ -3,16 +3,24 @@
 Writers produce their output under a temporary name in the destination folder and rename it
 into place only when complete (a rename within one file system is atomic on POSIX). A failure
 or interruption leaves the old file (or no file), never a truncated one.
+
+JSON documents are written with :func:`write_json_atomic`: indented, strict JSON (NaN and
+infinities become ``null``, which other tools accept), one writer for every module.
 """
 
 from __future__ import annotations
 
 import contextlib
+import json
+import math
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from pathlib import Path
+from typing import Any
+
+import numpy as np
 
 
 def _umask() -> int:
@@ -88,3 +96,29 @@ def write_text_atomic(dest: str | Path, text: str) -> Path:
     with atomic_path(dest) as tmp:
         tmp.write_text(text, encoding="utf-8")
     return Path(dest)
+
+
+def json_safe(value: Any) -> Any:
+    """``value`` as strict-JSON-ready Python: NaN/inf -> None, numpy scalars -> Python,
+    tuples -> lists, Paths -> str, mapping keys -> str (recursively)."""
+    if isinstance(value, Mapping):
+        return {str(k): json_safe(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [json_safe(v) for v in value]
+    if isinstance(value, np.generic):
+        value = value.item()
+    if isinstance(value, Path):
+        return str(value)
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
+
+
+def to_json(value: Any) -> str:
+    """Indented strict JSON of ``value`` (see :func:`json_safe`), with a final newline."""
+    return json.dumps(json_safe(value), indent=2, allow_nan=False) + "\n"
+
+
+def write_json_atomic(dest: str | Path, value: Any) -> Path:
+    """Write ``value`` as :func:`to_json` text to ``dest`` atomically and return ``dest``."""
+    return write_text_atomic(dest, to_json(value))

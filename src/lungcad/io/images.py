@@ -127,3 +127,36 @@ def read_slice_volume(path: str | Path) -> Volume:
             "source_orientation": "LPS",
         },
     )
+
+
+def load_slice_array(path: str | Path, sample_id: str, what: str) -> np.ndarray:
+    """A prepared slice's 2D ``.npy`` (image or mask), checked.
+
+    The one reader of the slice files ``lungcad prepare`` writes, shared by training
+    (``datasets.SliceDataset``), evaluation and the baselines' feature extraction. It lives
+    here, not in :mod:`lungcad.datasets`, so feature-extraction workers need not import torch.
+
+    Args:
+        path: the ``.npy`` file (manifest folder / the record's ``image_path`` or
+            ``mask_path``).
+        sample_id: the record's ``sample_id`` (named in error messages).
+        what: ``"image"`` or ``"mask"`` (named in error messages).
+
+    Returns:
+        The ``(H, W)`` array as stored (dtype unchanged).
+
+    Raises:
+        MissingInputError: the file is missing.
+        InputError: it is not a 2D array.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise MissingInputError(
+            f"{what} of sample {sample_id!r} not found; was the prepared folder moved without "
+            "its slices/ folder? Re-run `lungcad prepare` or check the manifest's folder.",
+            path,
+        )
+    array = np.load(path, allow_pickle=False)
+    if array.ndim != 2:
+        raise InputError(f"{what} must be a 2D (H, W) array; got shape {array.shape}", path)
+    return array

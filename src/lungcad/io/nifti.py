@@ -2,16 +2,123 @@
 
 SimpleITK converts NIfTI's RAS header to ITK's LPS geometry and applies ``scl_slope`` /
 ``scl_inter``; the values are taken as HU (NIfTI has no modality field, so CT is assumed).
+
+SimpleITK's NIfTI reader hides two kinds of damage: it zero-fills the voxels missing from a
+truncated file and reads NaN voxels as 0. So the data is checked first against the header
+(read cheaply with nibabel): the file size for ``.nii``; the whole gzip stream for ``.nii.gz``
+(a stream cut short ends without its end-of-stream marker); and float data for NaN/inf,
+streamed in chunks so the check never holds a second copy of the volume.
 """
 
 from __future__ import annotations
 
+import gzip
+import zlib
+from dataclasses import dataclass
 from pathlib import Path
+from typing import BinaryIO
 
-from lungcad.io._sitk import read_sitk_volume
+import numpy as np
+
+from lungcad.errors import InputError
+from lungcad.io._sitk import nonfinite_error, read_sitk_volume
 from lungcad.volume import Volume
 
 NIFTI_SUFFIXES = (".nii", ".nii.gz")
+_CHUNK = 1 << 24  # bytes read at a time when streaming the data
+
+
+@dataclass(frozen=True)
+class _Layout:
+    """Where the voxels of a NIfTI file lie: byte offset, on-disk dtype and voxel count."""
+
+    offset: int
+    dtype: np.dtype
+    n_voxels: int
+
+    @property
+    def end(self) -> int:
+        return self.offset + self.n_voxels * self.dtype.itemsize
+
+
+def _layout(path: Path) -> _Layout | None:
+    """The data layout the header declares, or None if nibabel cannot read the header."""
+    import nibabel as nib
+
+    try:
+        # A lazy proxy: only the header is read (also for .nii.gz). Its offset is the one in
+        # the file (the image's .header is a copy whose vox_offset is reset to 0).
+        proxy = nib.load(path).dataobj
+        return _Layout(int(proxy.offset), np.dtype(proxy.dtype), int(np.prod(proxy.shape)))
+    except Exception:  # nibabel raises many types; SimpleITK then reports the damaged file
+        return None
+
+
+def _count_nonfinite(stream: BinaryIO, layout: _Layout) -> tuple[int, int]:
+    """Read ``stream`` to its end; return (bytes read, NaN/inf voxels among the data)."""
+    total, n_bad, pending = 0, 0, b""
+    size = layout.dtype.itemsize
+    while chunk := stream.read(_CHUNK):
+        start, total = total, total + len(chunk)
+        # The part of this chunk that lies inside the voxel data, whole voxels only.
+        data = pending + chunk[max(layout.offset - start, 0) : max(layout.end - start, 0)]
+        whole = len(data) - len(data) % size
+        n_bad += int(np.count_nonzero(~np.isfinite(np.frombuffer(data[:whole], layout.dtype))))
+        pending = data[whole:]
+    return total, n_bad
+
+
+def _scan(path: Path, layout: _Layout | None) -> tuple[int, int]:
+    """Bytes of NIfTI data in ``path`` (decompressed for .gz) and its NaN/inf voxel count.
+
+    Raises:
+        InputError: the gzip stream ends early or is damaged.
+    """
+    gz = path.name.lower().endswith(".gz")
+    check_values = layout is not None and layout.dtype.kind == "f"
+    if not gz and not check_values:
+        return path.stat().st_size, 0
+    try:
+        with gzip.open(path, "rb") if gz else path.open("rb") as stream:
+            if check_values:
+                return _count_nonfinite(stream, layout)
+            total = 0
+            while chunk := stream.read(_CHUNK):  # to the end: also verifies the gzip CRC
+                total += len(chunk)
+            return total, 0
+    except (EOFError, OSError, zlib.error) as exc:  # BadGzipFile is an OSError
+        raise InputError(
+            f"truncated or corrupt NIfTI: the gzip stream is damaged ({exc}); the file was cut "
+            "short, e.g. by an interrupted download or copy. Download or export it again.",
+            path,
+        ) from exc
+
+
+def check_nifti_data(path: str | Path) -> None:
+    """Refuse a NIfTI file whose data is shorter than its header declares or holds NaN/inf.
+
+    Reads the whole (decompressed) file once for ``.nii.gz`` or float data; an integer
+    ``.nii`` costs only its header.
+
+    Args:
+        path: an existing ``.nii`` or ``.nii.gz`` file.
+
+    Raises:
+        InputError: the file is truncated, its gzip stream is corrupt, or voxels are NaN/inf.
+    """
+    path = Path(path)
+    layout = _layout(path)
+    stored, n_bad = _scan(path, layout)
+    if layout is not None and stored < layout.end:
+        unpacked = " (decompressed)" if path.name.lower().endswith(".gz") else ""
+        raise InputError(
+            f"truncated or corrupt NIfTI: the header declares {layout.end} bytes (header + "
+            f"voxels) but the file holds {stored}{unpacked}; it was cut short, e.g. by an "
+            "interrupted download or copy. Download or export it again.",
+            path,
+        )
+    if n_bad:
+        raise nonfinite_error(n_bad, layout.n_voxels, path)
 
 
 def read_nifti(path: str | Path) -> Volume:
@@ -26,6 +133,9 @@ def read_nifti(path: str | Path) -> Volume:
 
     Raises:
         MissingInputError: the file does not exist.
-        InputError: corrupt, 4D or multi-channel files.
+        InputError: corrupt, truncated, NaN-containing, 4D or multi-channel files.
     """
-    return read_sitk_volume(Path(path), "nifti", "NIfTI")
+    path = Path(path)
+    if path.is_file():
+        check_nifti_data(path)
+    return read_sitk_volume(path, "nifti", "NIfTI")

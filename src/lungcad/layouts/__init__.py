@@ -14,7 +14,9 @@ Supported layouts (:func:`detect_layout` picks one from the folder's structure):
   blocks of file numbers (no patient ids available).
 
 3D volumes are cut into axial slices of the canonical LPS volume, windowed to [0, 1] with the
-lung window. The output folder is written atomically: on any error nothing is left in it.
+lung window. A 3D slice is labelled 1 (cancerous) when its tumour covers at least
+``PrepareSettings.min_tumour_area_mm2`` (default 10 mm^2), 0 without tumour, and -1 (unknown,
+mask kept) in between. The output folder is written atomically: on any error nothing is left in it.
 Modules: ``common`` (settings, slice writer), ``volumes`` (3D), ``images2d`` (2D),
 ``prepare`` (detection, splits, summary).
 """

@@ -18,6 +18,9 @@ LAYOUTS = ("msd", "luna16", "classfolders", "imagemask")
 SLICE_MODES = ("tumour", "all", "lung")
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
 DEFAULT_BLOCK_SIZE = {"classfolders": 20, "imagemask": 10}
+# Least tumour area (mm^2) on a slice for the slice to be labelled cancerous (3D sets): about
+# a 3.6 mm disc, i.e. ~16 pixels at 0.8 mm; smaller edge slivers get label -1 (unknown).
+DEFAULT_MIN_TUMOUR_AREA_MM2 = 10.0
 LAYOUT_HELP = (
     "expected one of these layouts: msd (dataset.json, imagesTr/*.nii.gz, labelsTr/*.nii.gz), "
     "luna16 (annotations.csv and subset*/<seriesuid>.mhd), imagemask (images/*.png and "
@@ -43,6 +46,13 @@ class PrepareSettings:
         negative_ratio: ``"tumour"`` mode: non-tumour slices kept per tumour slice.
         min_negatives: ``"tumour"`` mode: at least this many non-tumour slices per scan (so
             scans without tumour still contribute).
+        min_tumour_area_mm2: 3D sets: a slice is labelled cancerous (1) only when its tumour
+            covers at least this area (mm^2, pixel count x spacing_y x spacing_x). A slice with
+            less tumour (e.g. the 1-3 pixel tip of a tumour on its first or last slice) keeps
+            its mask, so segmentation still learns from it, but gets label -1 (unknown): the
+            classifier neither learns it as cancerous nor as non-cancerous (stage ``cls`` and
+            the metrics use labels 0/1 only). 0 labels every slice with a tumour voxel 1. Not
+            used for 2D sets (their pixel size is unknown).
     """
 
     layout: str = "auto"
@@ -55,6 +65,7 @@ class PrepareSettings:
     slices: str = "tumour"
     negative_ratio: float = 1.0
     min_negatives: int = 8
+    min_tumour_area_mm2: float = DEFAULT_MIN_TUMOUR_AREA_MM2
 
     def __post_init__(self) -> None:
         if self.layout not in ("auto", *LAYOUTS):
@@ -68,6 +79,9 @@ class PrepareSettings:
         check_split_fractions(self.val_fraction, self.test_fraction)
         if self.negative_ratio < 0 or self.min_negatives < 0:
             raise InputError("negative_ratio and min_negatives must be >= 0", "--negative-ratio")
+        if not self.min_tumour_area_mm2 >= 0:  # also refuses NaN
+            raise InputError(f"min_tumour_area_mm2 must be a number >= 0 (mm^2); got "
+                             f"{self.min_tumour_area_mm2}", "--min-tumour-area-mm2")
 
 
 def slug(text: str) -> str:

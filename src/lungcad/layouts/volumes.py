@@ -120,8 +120,27 @@ def _volume_records(writer: SliceWriter, volume: Volume, tumour: np.ndarray, cas
     chosen = _choose_slices(volume, per_slice, settings, case, warnings)
     unit = to_unit_range(volume)
     spacing_yx = (volume.spacing[1], volume.spacing[2])
-    return [writer.add(f"{case}_z{z:04d}", case, z, unit[z], tumour[z], int(per_slice[z]),
+    labels = slice_labels(tumour, spacing_yx, settings.min_tumour_area_mm2)
+    return [writer.add(f"{case}_z{z:04d}", case, z, unit[z], tumour[z], int(labels[z]),
                        spacing_yx, source) for z in chosen]
+
+
+def slice_labels(tumour: np.ndarray, spacing_yx: tuple[float, float],
+                 min_area_mm2: float) -> np.ndarray:
+    """Cancer label of each axial slice from its tumour area.
+
+    Args:
+        tumour: bool ``(z, y, x)`` tumour mask.
+        spacing_yx: pixel size (row, column) in mm.
+        min_area_mm2: least tumour area (mm^2) for label 1.
+
+    Returns:
+        int64 ``(z,)``: 0 without tumour, 1 with at least ``min_area_mm2`` of tumour, -1
+        (unknown) with less: too little to call the slice cancerous, too much to call it not.
+    """
+    pixels = tumour.reshape(tumour.shape[0], -1).sum(axis=1)
+    area_mm2 = pixels * float(spacing_yx[0]) * float(spacing_yx[1])
+    return np.where(pixels == 0, 0, np.where(area_mm2 >= min_area_mm2, 1, -1)).astype(np.int64)
 
 
 def _msd_cases(data: Path) -> list[tuple[str, Path, Path]]:

@@ -43,7 +43,7 @@ from typing import Any
 
 import numpy as np
 
-from lungcad.checkpoint import write_json
+from lungcad.io.atomic import write_json_atomic
 from lungcad.service.audit import AuditLog, result_summary
 from lungcad.service.rendering import save_render_data
 from lungcad.service.uploads import relative_message
@@ -323,7 +323,7 @@ class JobManager:
                      "attempts": 0, "user": user, "format": input_info["format"],
                      "input_path": input_info["input_path"],
                      "n_files": input_info.get("n_files"), "study": None}
-            write_json(staged / STATE_FILE, state)
+            write_json_atomic(staged / STATE_FILE, state)
             os.replace(staged, self.job_dir(job_id))
             self._states[job_id] = state
             self._queue.append(job_id)
@@ -339,7 +339,7 @@ class JobManager:
         with self._cond:
             state = self._states[job_id]
             state.update(changes)
-            write_json(self.job_dir(job_id) / STATE_FILE, state)
+            write_json_atomic(self.job_dir(job_id) / STATE_FILE, state)
             return dict(state)
 
     def _finish(self, job_id: str, status: str, *, error: str | None = None,
@@ -391,8 +391,8 @@ class JobManager:
             cam = None if result.cam is None else result.cam.array
             save_render_data(folder / "render", volume, result.mask.array, cam,
                              result.cam_slices)
-            write_json(folder / RESULT_FILE,
-                       result_document(job_id, volume, result, files, self.model_version))
+            write_json_atomic(folder / RESULT_FILE,
+                              result_document(job_id, volume, result, files, self.model_version))
         except Exception as exc:
             if self._stopping.is_set():
                 return
