@@ -29,6 +29,7 @@ from lungcad import __version__
 log = logging.getLogger("lungcad")
 
 EXIT_BAD_INPUT = 2
+_CHATTY_LIBRARIES = ("highdicom", "httpx", "httpcore", "radiomics", "PIL", "matplotlib")
 
 
 def _subcommand_modules() -> list[ModuleType]:
@@ -68,6 +69,10 @@ def configure_logging(verbose: bool = False) -> None:
         stream=sys.stderr,
         force=True,
     )
+    # Libraries that narrate every step at INFO (highdicom copies each DICOM module, httpx
+    # logs each request); their warnings still show, their chatter only with --verbose.
+    for name in _CHATTY_LIBRARIES:
+        logging.getLogger(name).setLevel(logging.DEBUG if verbose else logging.WARNING)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -125,9 +125,6 @@ def run(args: argparse.Namespace) -> int:
 
         raise MissingInputError("checkpoint run folder not found; pass the folder `lungcad "
                                 "train` wrote", args.checkpoint)
-    if not args.verbose:  # per-request and per-attribute INFO lines would drown the useful ones
-        for noisy in ("httpx", "highdicom"):
-            logging.getLogger(noisy).setLevel(logging.WARNING)
     client = _client(args)
 
     def load_predictor():
