@@ -166,8 +166,10 @@ def test_early_stopping_and_plateau_schedule(manifest: Path, tmp_path: Path) -> 
     # validation MCC cannot improve, so patience 1 stops the run after its second epoch.
     cfg = tiny_config(manifest, tmp_path / "r", "train.stage=cls", "optim.epochs=5",
                       "optim.patience=1", "optim.lr=1e-12", "optim.min_lr=0",
-                      "optim.schedule=plateau", "optim.freeze_encoder_epochs=-1")
+                      "optim.schedule=plateau", "optim.freeze_encoder_epochs=-1",
+                      "train.deterministic=true")
     result = train(cfg)
+    assert not torch.are_deterministic_algorithms_enabled()  # global flag restored
     assert result.status == "early_stopped" and result.epochs_completed == 2
     assert result.best_epoch == 1
     run = json.loads((tmp_path / "r" / "run.json").read_text())

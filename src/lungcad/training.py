@@ -495,12 +495,13 @@ def train(
         InputError / MissingInputError: bad configuration or data (before any training step).
     """
     ddp = init_distributed(config.train.device)
-    flags = torch.are_deterministic_algorithms_enabled(), torch.backends.cudnn.benchmark
+    flags = (torch.are_deterministic_algorithms_enabled(),
+             torch.is_deterministic_algorithms_warn_only_enabled(), torch.backends.cudnn.benchmark)
     try:
         return _train(config, resume, stop_after_epoch, ddp)
     finally:  # leave the process's global torch flags as they were
-        torch.use_deterministic_algorithms(flags[0])
-        torch.backends.cudnn.benchmark = flags[1]
+        torch.use_deterministic_algorithms(flags[0], warn_only=flags[1])
+        torch.backends.cudnn.benchmark = flags[2]
 
 
 def _train(cfg: Config, resume: str | Path | None, stop_after_epoch: int | None,
@@ -644,13 +645,14 @@ def _train(cfg: Config, resume: str | Path | None, stop_after_epoch: int | None,
             log.info("epoch %d/%d %s (best %s=%.4f @%d)", epoch + 1, cfg.optim.epochs,
                      " ".join(f"{k}={_fmt(v)}" for k, v in row.items() if k != "epoch"),
                      monitor, early["best"], early["best_epoch"])
-        if cfg.optim.patience and early["bad_epochs"] >= cfg.optim.patience:
+        last = epoch + 1 == cfg.optim.epochs
+        if cfg.optim.patience and early["bad_epochs"] >= cfg.optim.patience and not last:
             status = "early_stopped"
             if ddp.main:
                 log.info("early stop: %s has not improved for %d epochs", monitor,
                          cfg.optim.patience)
             break
-        if stop_after_epoch is not None and stop_after_epoch <= epoch + 1 < cfg.optim.epochs:
+        if stop_after_epoch is not None and stop_after_epoch <= epoch + 1 and not last:
             status = "stopped"
             break
 

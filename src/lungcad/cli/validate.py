@@ -15,8 +15,11 @@ a small CPU configuration (lungcad.validation.SYNTHETIC_OVERRIDES, unless --conf
 from __future__ import annotations
 
 import argparse
+import logging
 
 NAME = "validate"
+log = logging.getLogger("lungcad.validate")
+
 HELP = "train on one dataset, test internally and externally, baselines, generalisation gap"
 
 EPILOG = """examples:
@@ -100,9 +103,12 @@ def run(args: argparse.Namespace) -> int:
                                           n_external=args.external_cases, matrix=args.matrix,
                                           cls_config=cls_config, **options)
     else:
-        if not args.train or not args.external:
-            raise InputError("pass --train MANIFEST_A and at least one --external MANIFEST "
-                             "(or --synthetic)", "--train")
+        if not args.train:
+            raise InputError("pass --train MANIFEST_A (and --external MANIFEST for external "
+                             "validation), or --synthetic", "--train")
+        if not args.external:
+            log.warning("no --external set: the table compares train and internal (held-out "
+                        "patients of the same site) only; that is not external validation")
         result = run_validation(args.train, parse_externals(args.external), config, args.out,
                                 cls_config=cls_config, **options)
     print(result.gap.to_markdown())
