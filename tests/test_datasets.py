@@ -240,3 +240,23 @@ def test_slice_dataset_reports_missing_files(
         SliceDataset(records, root)[0]
     with pytest.raises(InputError, match="image_size"):
         SliceDataset(records, root, image_size=(0, 10))
+
+
+def test_balanced_sampler_does_not_overdraw_unknown_labels() -> None:
+    from lungcad.datasets import SliceRecord, class_balanced_sampler
+
+    def rec(i: int, label: int) -> SliceRecord:
+        return SliceRecord(sample_id=f"s{i}", group_id="g", slice_index=i,
+                           image_path=f"slices/s{i}.npy", mask_path="", label=label,
+                           spacing_y=1.0, spacing_x=1.0, source="t", split="train")
+
+    records = [rec(i, 0) for i in range(80)] + [rec(80 + i, 1) for i in range(16)]
+    records += [rec(96 + i, -1) for i in range(4)]
+    weights = class_balanced_sampler(records).weights
+    pairs = list(zip(weights.tolist(), records, strict=True))
+    mass = {lab: sum(w for w, r in pairs if r.label == lab)
+            for lab in (0, 1, -1)}
+    total = sum(mass.values())
+    assert mass[0] / total == pytest.approx(0.48)
+    assert mass[1] / total == pytest.approx(0.48)
+    assert mass[-1] / total == pytest.approx(0.04)

@@ -332,10 +332,11 @@ def class_balanced_sampler(
     num_samples: int | None = None,
     seed: int | None = None,
 ) -> WeightedRandomSampler:
-    """A sampler that draws each label equally often (with replacement).
+    """A sampler that draws labels 0 and 1 equally often (with replacement).
 
-    Each record is weighted ``1 / (n_labels * count(label))``, so with a 1:4 class imbalance
-    an epoch still sees both labels about equally often.
+    Each labelled record is weighted ``known_share / (n_labels * count(label))``, so with a
+    1:4 class imbalance an epoch still sees both labels about equally often; records of
+    unknown label (-1) keep weight ``1 / n`` (their natural share of the epoch).
 
     Args:
         records: the training records, in the order of the Dataset built from them.
@@ -344,9 +345,16 @@ def class_balanced_sampler(
     """
     if not records:
         raise InputError("cannot build a sampler from no records", "records")
-    counts = Counter(r.label for r in records)
-    weights = torch.tensor([1.0 / (len(counts) * counts[r.label]) for r in records],
-                           dtype=torch.double)
+    counts = Counter(r.label for r in records if r.label in (0, 1))
+    n = len(records)
+    known_share = sum(counts.values()) / n
+    # Labels 0 and 1 share the known records' part of the epoch equally; records of unknown
+    # label (-1: e.g. slices whose tumour is too small to call) keep their natural share
+    # rather than being over-drawn as a third "class".
+    weights = torch.tensor(
+        [known_share / (len(counts) * counts[r.label]) if r.label in counts else 1.0 / n
+         for r in records],
+        dtype=torch.double)
     generator = None if seed is None else torch.Generator().manual_seed(int(seed))
     return WeightedRandomSampler(weights, num_samples=num_samples or len(records),
                                  replacement=True, generator=generator)
