@@ -119,7 +119,8 @@ def test_nifti_mask_has_the_input_geometry(predictor, studies, tmp_path) -> None
     assert volume.meta["source_orientation"] == "RAS"
     assert result.mask.same_geometry(volume) and result.mask.array.dtype == np.uint8
     assert result.probability.array.min() >= 0 and result.probability.array.max() <= 1
-    assert np.array_equal(result.mask.array, (result.probability.array >= 0.5).astype(np.uint8))
+    # The mask is the thresholded probability, restricted to the lung field.
+    assert np.all(result.mask.array <= (result.probability.array >= 0.5))
     assert len(result.slice_probabilities) == volume.shape[0]
     assert result.study_probability == pytest.approx(
         aggregate_study(result.slice_probabilities, volume.spacing[0])[0])
@@ -238,3 +239,32 @@ def test_cli_batch_goes_on_after_a_corrupt_study(run, studies, tmp_path, capsys)
         assert (out / name / "findings.json").is_file()
     assert (out / "d_series" / "seg.dcm").is_file()
     assert not (out / "c_corrupt").exists()
+
+
+class _EverywhereTumour:
+    """Wraps a Predictor's model runner so every pixel scores as tumour (logit +4)."""
+
+    def __init__(self, predictor: Predictor) -> None:
+        self.predictor = predictor
+
+    def __call__(self, inputs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        seg, cls = self.predictor.__class__.run_model(self.predictor, inputs)
+        return np.full_like(seg, 4.0), cls
+
+
+def test_tumour_mask_stays_inside_the_lung_field(run, phantom, monkeypatch) -> None:
+    predictor = Predictor.from_checkpoint(run, batch_size=4)
+    monkeypatch.setattr(predictor, "run_model", _EverywhereTumour(predictor))
+    result = predictor.predict_volume(phantom.volume, cam=False)
+    mask = result.mask.array.astype(bool)
+    probability = result.probability.array
+    # The probability map is the model's own (tumour everywhere on evaluated slices) ...
+    assert probability[result.lung_slices].min() > 0.9
+    # ... but the reported mask never leaves the lungs' box, and does cover the lungs.
+    lungs = phantom.lung_mask.any(axis=0)
+    ys, xs = np.nonzero(mask.any(axis=0))
+    assert mask.any() and mask.sum() < mask.size * 0.9
+    lung_ys, lung_xs = np.nonzero(lungs)
+    margin_px = int(np.ceil(predictor.lung_margin_mm / min(phantom.volume.spacing[1:]))) + 1
+    assert ys.min() >= lung_ys.min() - margin_px and ys.max() <= lung_ys.max() + margin_px
+    assert xs.min() >= lung_xs.min() - margin_px and xs.max() <= lung_xs.max() + margin_px

@@ -17,7 +17,7 @@ Pipeline (per study, on the canonical LPS volume):
    (``crop_to_lungs=True`` crops to the lung box, for models trained on such crops);
 4. batched forward passes (PyTorch under ``inference_mode`` in channels_last, or ONNX Runtime);
 5. tumour probabilities are resized back and pasted into a probability volume on the input's
-   grid; the mask is ``probability >= 0.5``;
+   grid; the mask is ``probability >= 0.5`` inside the lung box (with its margin);
 6. per-slice cancer probabilities from ``cls_logits`` (through ``calibration.json`` when the
    run has one), aggregated to a study probability (:func:`aggregate_study`), compared with
    the run's threshold; lesions are measured with ``lesions.find_lesions``.
@@ -352,7 +352,7 @@ class Predictor:
         if not volume.meta.get("spacing_known", True):
             warnings.append("pixel spacing unknown (2D image): 1 mm is assumed, so lesion "
                             "sizes and volumes are in pixel units, not mm")
-        slices, box = self.select_slices(volume, warnings)
+        slices, box, lung_field = self.select_slices(volume, warnings)
         timings["lung_mask_s"] = time.perf_counter() - clock
 
         z_count = volume.shape[0]
@@ -384,8 +384,15 @@ class Predictor:
                              else _sigmoid(logits[done]))
         study_probability, k = aggregate_study(slice_probs, volume.spacing[0],
                                                self.aggregation_extent_mm)
-        mask = volume.with_array((probability >= MASK_THRESHOLD).astype(np.uint8),
-                                 intensity="windowed")
+        tumour = probability >= MASK_THRESHOLD
+        if lung_field is not None:
+            # A lung tumour lies in the lung field: predictions outside the lung box (with
+            # its margin) -- table, outside air, shoulders -- are not reported as lesions.
+            # The probability map is left as the model gave it.
+            outside = np.ones(tumour.shape[1:], dtype=bool)
+            outside[lung_field] = False
+            tumour[:, outside] = False
+        mask = volume.with_array(tumour.astype(np.uint8), intensity="windowed")
         prob_volume = _share_geometry(volume, probability)
         timings["postprocess_s"] += time.perf_counter() - clock
         clock = time.perf_counter()
@@ -462,23 +469,24 @@ class Predictor:
 
     def select_slices(
         self, volume: Volume, warnings: list[str] | None = None
-    ) -> tuple[list[int], tuple[slice, slice]]:
-        """The slices to evaluate and the in-plane box fed to the model.
+    ) -> tuple[list[int], tuple[slice, slice], tuple[slice, slice] | None]:
+        """The slices to evaluate, the in-plane box fed to the model, and the lung field.
 
         Args:
             volume: canonical Volume.
             warnings: a list to append a note to when no lung is found.
 
         Returns:
-            ``(slices, (y, x))``: z indices with lung (within ``lung_margin_mm``; all slices
-            when the lung mask is empty; slice 0 of a one-slice image without a mask) and
-            the whole slice, or the lung box with its margin when ``crop_to_lungs``.
+            ``(slices, (y, x), field)``: z indices with lung (within ``lung_margin_mm``; all
+            slices when the lung mask is empty; slice 0 of a one-slice image without a mask);
+            the whole slice, or the lung box with its margin when ``crop_to_lungs``; and the
+            in-plane lung box with its margin (None when no lung mask was made or found).
         """
         warnings = [] if warnings is None else warnings
         z_count, height, width = volume.shape
         full = (slice(0, height), slice(0, width))
         if z_count == 1 and not self.crop_to_lungs:
-            return [0], full  # one slice: nothing to skip
+            return [0], full, None  # one slice: nothing to skip
         factor = 1
         if volume.intensity == "hu":
             factor = max(1, int(LUNG_MASK_PIXEL_MM / min(volume.spacing[1:])))
@@ -489,17 +497,16 @@ class Predictor:
         lungs = lung_mask(small)
         if not lungs.any():
             warnings.append("no lung found by the lung mask; every slice was evaluated")
-            return list(range(z_count)), full
+            return list(range(z_count)), full, None
         has_lung = lungs.any(axis=(1, 2))
         margin = int(math.ceil(self.lung_margin_mm / volume.spacing[0] - 1e-9))
         if margin > 0:
             has_lung = ndi.binary_dilation(has_lung, iterations=margin)
         slices = np.flatnonzero(has_lung).tolist()
-        if not self.crop_to_lungs:
-            return slices, full
         box = lung_bbox(lungs, small.spacing, self.lung_margin_mm)
-        return slices, (slice(box[1].start * factor, min(box[1].stop * factor, height)),
-                        slice(box[2].start * factor, min(box[2].stop * factor, width)))
+        lung_field = (slice(box[1].start * factor, min(box[1].stop * factor, height)),
+                      slice(box[2].start * factor, min(box[2].stop * factor, width)))
+        return slices, (lung_field if self.crop_to_lungs else full), lung_field
 
     def _cam(self, volume: Volume, slices: list[int], box: tuple[slice, slice]) -> Volume:
         from lungcad.explain import CamExplainer
