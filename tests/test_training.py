@@ -15,10 +15,10 @@ import numpy as np
 import pytest
 import torch
 
+from inference_helpers import make_manifest  # odd slices hold a disc; first 2/3 train
 from lungcad.checkpoint import load_checkpoint, read_checkpoint
 from lungcad.cli import main as cli_main
 from lungcad.config import Config, config_to_yaml, load_config
-from lungcad.datasets import SliceRecord, write_manifest
 from lungcad.distributed import ShardedWeightedSampler
 from lungcad.errors import InputError
 from lungcad.training import train
@@ -28,36 +28,9 @@ torch.set_num_threads(1)
 SIZE = 64
 
 
-def make_manifest(folder: Path, n: int = 16, seed: int = 0) -> Path:
-    """``n`` random 64x64 slices; odd ones hold a bright disc (mask 1, label 1).
-
-    Every slice has a mask (empty for label 0); slices 0-9 are train, 10-15 val.
-    """
-    rng = np.random.default_rng(seed)
-    (folder / "slices").mkdir(parents=True)
-    yy, xx = np.mgrid[:SIZE, :SIZE]
-    records = []
-    for i in range(n):
-        image = rng.uniform(0.0, 0.4, (SIZE, SIZE)).astype(np.float32)
-        mask = np.zeros((SIZE, SIZE), np.uint8)
-        label = i % 2
-        if label:
-            cy, cx, r = rng.integers(16, 48), rng.integers(16, 48), rng.integers(5, 12)
-            mask[(yy - cy) ** 2 + (xx - cx) ** 2 <= r * r] = 1
-            image[mask > 0] += 0.5
-        np.save(folder / "slices" / f"s{i}.npy", image)
-        np.save(folder / "slices" / f"s{i}_mask.npy", mask)
-        records.append(SliceRecord(
-            sample_id=f"s{i}", group_id=f"p{i // 2}", slice_index=i,
-            image_path=f"slices/s{i}.npy", mask_path=f"slices/s{i}_mask.npy", label=label,
-            spacing_y=1.0, spacing_x=1.0, source="test", split="train" if i < 10 else "val",
-        ))
-    return write_manifest(records, folder / "manifest.csv")
-
-
 @pytest.fixture(scope="module")
 def manifest(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return make_manifest(tmp_path_factory.mktemp("data"))
+    return make_manifest(tmp_path_factory.mktemp("data"), n=16)
 
 
 def tiny_config(manifest: Path, out: Path, *extra: str) -> Config:
@@ -240,7 +213,7 @@ def test_ddp_two_processes_on_cpu() -> None:
 
 
 def _run_ddp(tmp_path: Path) -> None:
-    manifest = make_manifest(tmp_path / "data")
+    manifest = make_manifest(tmp_path / "data", n=16)
     script = tmp_path / "ddp_train.py"
     script.write_text(DDP_SCRIPT)
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
