@@ -53,6 +53,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--threads", type=int, default=None,
                         help="CPU threads for inference (default: torch's)")
     parser.add_argument("--device", default="cpu", help="torch device (cpu, cuda)")
+    parser.add_argument("--retention-days", type=float, default=None, metavar="N",
+                        help="delete done/failed jobs (results hold patient data) N days after "
+                             "they finished, checked at start and hourly (default: keep)")
 
 
 def _is_loopback(host: str) -> bool:
@@ -74,7 +77,8 @@ def run(args: argparse.Namespace) -> int:
     settings = ServiceSettings.from_sources(
         args.data_dir, token_file=args.token_file, insecure_no_auth=args.insecure_no_auth,
         max_upload_mb=args.max_upload_mb, max_unpacked_mb=args.max_unpacked_mb,
-        max_files=args.max_files, queue_size=args.queue_size, workers=args.workers)
+        max_files=args.max_files, queue_size=args.queue_size, workers=args.workers,
+        retention_days=args.retention_days)
     settings.validate()  # before the model loads: a missing token fails in a second
     if not _is_loopback(args.host):
         log.warning("listening on %s, not loopback: serve it only behind TLS", args.host)

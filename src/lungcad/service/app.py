@@ -16,6 +16,8 @@ description is at ``/openapi.json``, interactive docs at ``/docs``)::
     GET  /api/v1/jobs                         every job's status, newest first
     GET  /api/v1/jobs/{id}                    {"job_id", "status", "error", "created_at",
                                               "started_at", "finished_at"}
+    DELETE /api/v1/jobs/{id}                  remove a done or failed job and its results ->
+                                              204; 409 while queued or running
     GET  /api/v1/jobs/{id}/result             the result document (409 until done)
     GET  /api/v1/jobs/{id}/files/{name}       mask.nii.gz, seg.dcm, sr.dcm, report.html, ...
     GET  /api/v1/jobs/{id}/slices/{z}.png     axial slice, ?window=lung|mediastinal|bone
@@ -48,7 +50,7 @@ from lungcad import __version__
 from lungcad.errors import InputError
 from lungcad.service.audit import AuditLog
 from lungcad.service.auth import bearer_dependency, load_tokens
-from lungcad.service.jobs import JOB_ID_PATTERN, RESULT_FILE, JobManager, QueueFull
+from lungcad.service.jobs import JOB_ID_PATTERN, RESULT_FILE, JobBusy, JobManager, QueueFull
 from lungcad.service.rendering import SliceRenderer
 from lungcad.service.uploads import UploadRejected, prepare_study, receive_upload
 
@@ -80,6 +82,9 @@ class ServiceSettings:
         workers: worker threads (1: inference is CPU-bound and multi-threaded already).
         model_version: recorded with results and in the audit log; default
             ``<lungcad version>+<checkpoint sha256[:12]>``.
+        retention_days: done and failed jobs (results hold patient data) are deleted this many
+            days after they finished; None keeps them until deleted through the API.
+        retention_check_s: seconds between retention sweeps (one also runs at start).
     """
 
     data_dir: Path
@@ -91,6 +96,8 @@ class ServiceSettings:
     queue_size: int = 16
     workers: int = 1
     model_version: str | None = None
+    retention_days: float | None = None
+    retention_check_s: float = 3600.0
 
     def __post_init__(self) -> None:
         self.data_dir = Path(self.data_dir)
@@ -124,6 +131,12 @@ class ServiceSettings:
         for name in ("max_upload_mb", "max_unpacked_mb", "max_files", "queue_size", "workers"):
             if not getattr(self, name) > 0:
                 raise InputError(f"must be > 0; got {getattr(self, name)}", name)
+        if self.retention_days is not None and not self.retention_days > 0:
+            raise InputError(f"must be > 0 days (or unset to keep results); got "
+                             f"{self.retention_days}", "retention_days")
+        if not self.retention_check_s > 0:
+            raise InputError(f"must be > 0 seconds; got {self.retention_check_s}",
+                             "retention_check_s")
 
     @property
     def auth_enabled(self) -> bool:
@@ -200,7 +213,9 @@ def create_app(predictor: Any, settings: ServiceSettings) -> FastAPI:
     model_doc.setdefault("intended_use", INTENDED_USE)
     audit = AuditLog.open(settings.data_dir)
     jobs = JobManager(settings.data_dir, predictor, audit, model_version=model_version,
-                      workers=settings.workers, queue_size=settings.queue_size)
+                      workers=settings.workers, queue_size=settings.queue_size,
+                      retention_days=settings.retention_days,
+                      sweep_interval_s=settings.retention_check_s)
     require_token = bearer_dependency(settings.tokens, enabled=settings.auth_enabled)
     if not settings.auth_enabled:
         log.warning("authentication is OFF (--insecure-no-auth): anyone who can reach this "
@@ -315,6 +330,20 @@ def create_app(predictor: Any, settings: ServiceSettings) -> FastAPI:
     def job_status(job_id: str) -> dict[str, Any]:
         """One job's status: queued, running, done or failed (with the error)."""
         return known_job(job_id)
+
+    @api.delete("/jobs/{job_id}", tags=["jobs"], status_code=204, response_class=Response,
+                responses={**unauthorized, 404: {"description": "unknown job"},
+                           409: {"description": "job is queued or running"}})
+    def delete_job(job_id: str, user: str = Depends(require_token)) -> Response:
+        """Delete a done or failed job with its results (SEG, SR, findings: patient data)."""
+        known_job(job_id)
+        try:
+            jobs.delete(job_id, user=user)
+        except KeyError:  # deleted by another request or the retention sweep meanwhile
+            raise HTTPException(404, f"no job {job_id!r}") from None
+        except JobBusy as exc:
+            raise HTTPException(409, str(exc)) from None
+        return Response(status_code=204)
 
     @api.get("/jobs/{job_id}/result", tags=["results"], responses={**unauthorized, 404: {},
                                                                    409: {}})

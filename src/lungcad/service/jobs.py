@@ -20,6 +20,12 @@ that was running when the service stopped is re-run from its upload), so a resta
 neither jobs nor results. A job that was interrupted :data:`MAX_ATTEMPTS` times (e.g. it makes
 the process run out of memory) is marked failed rather than retried forever.
 
+Results hold patient data (SEG, SR, findings), so they can be removed: :meth:`JobManager.delete`
+(``DELETE /api/v1/jobs/{id}``) and, with ``retention_days``, :meth:`JobManager.sweep_expired`
+at start-up and every ``sweep_interval_s`` after. A job is removed by renaming its folder to a
+hidden trash name (one atomic step: the job is gone at once) and then deleting that; a
+trash folder left by a crash is removed on the next start like any other hidden folder.
+
 Workers are threads: inference is CPU-bound and already multi-threaded inside PyTorch, so the
 default is one worker. With more workers, reading and writing studies overlap but calls to the
 predictor are serialised by a lock (its Grad-CAM hooks are not thread-safe).
@@ -37,7 +43,7 @@ import shutil
 import threading
 import time
 import uuid
-from datetime import datetime, timezone
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any
 
@@ -50,8 +56,8 @@ from lungcad.service.uploads import relative_message
 
 log = logging.getLogger(__name__)
 
-__all__ = ["JOB_ID_PATTERN", "MAX_ATTEMPTS", "JobManager", "QueueFull", "ServiceBusy",
-           "result_document"]
+__all__ = ["FINISHED", "JOB_ID_PATTERN", "MAX_ATTEMPTS", "JobBusy", "JobManager", "QueueFull",
+           "ServiceBusy", "result_document"]
 
 STATE_FILE = "state.json"
 RESULT_FILE = "result.json"
@@ -59,6 +65,7 @@ PUBLIC_KEYS = ("job_id", "status", "error", "created_at", "started_at", "finishe
 JOB_ID_PATTERN = r"^[0-9a-f]{32}$"
 MAX_ATTEMPTS = 3
 API_PREFIX = "/api/v1"
+FINISHED = ("done", "failed")
 
 
 class QueueFull(Exception):
@@ -67,6 +74,10 @@ class QueueFull(Exception):
 
 class ServiceBusy(RuntimeError):
     """Another service holds this data folder's lock."""
+
+
+class JobBusy(Exception):
+    """The job is queued or running, so it cannot be deleted yet (409)."""
 
 
 def _now() -> str:
@@ -126,10 +137,14 @@ class JobManager:
         model_version: recorded with every result.
         workers: worker threads.
         queue_size: most jobs waiting (not running) at once; more are refused (:class:`QueueFull`).
+        retention_days: finished and failed jobs older than this (days since ``finished_at``)
+            are deleted at start and every ``sweep_interval_s``; None keeps them forever.
+        sweep_interval_s: seconds between retention sweeps.
     """
 
     def __init__(self, data_dir: str | Path, predictor: Any, audit: AuditLog, *,
-                 model_version: str, workers: int = 1, queue_size: int = 16) -> None:
+                 model_version: str, workers: int = 1, queue_size: int = 16,
+                 retention_days: float | None = None, sweep_interval_s: float = 3600.0) -> None:
         self.data_dir = Path(data_dir)
         self.jobs_dir = self.data_dir / "jobs"
         self.tmp_dir = self.data_dir / "tmp"
@@ -138,6 +153,9 @@ class JobManager:
         self.model_version = model_version
         self.n_workers = int(workers)
         self.queue_size = int(queue_size)
+        self.retention_days = None if retention_days is None else float(retention_days)
+        self.sweep_interval_s = float(sweep_interval_s)
+        self._sweeper: threading.Thread | None = None
         self._states: dict[str, dict[str, Any]] = {}
         self._queue: collections.deque[str] = collections.deque()
         self._cond = threading.Condition()
@@ -178,6 +196,11 @@ class JobManager:
                                       daemon=True)
             thread.start()
             self._threads.append(thread)
+        if self.retention_days is not None:
+            self.sweep_expired()  # results kept past their time while the service was down
+            self._sweeper = threading.Thread(target=self._sweep_loop, name="lungcad-retention",
+                                             daemon=True)
+            self._sweeper.start()
         log.info("job manager started: %d worker(s), %d job(s) queued", self.n_workers,
                  len(self._queue))
 
@@ -201,6 +224,9 @@ class JobManager:
             if thread.name not in busy:  # idle workers exit at once; busy ones are abandoned
                 thread.join(max(0.0, deadline - time.monotonic()))
         self._threads = []
+        if self._sweeper is not None:
+            self._sweeper.join(max(0.0, deadline - time.monotonic()))
+            self._sweeper = None
         if self._lock_fd is not None:
             fcntl.flock(self._lock_fd, fcntl.LOCK_UN)
             os.close(self._lock_fd)
@@ -332,6 +358,89 @@ class JobManager:
         self.audit.record("study_submitted", user=user, job_id=job_id,
                           model_version=self.model_version)
         return public
+
+    # ------------------------------------------------------------------ removal
+
+    def delete(self, job_id: str, *, user: str, action: str = "job_deleted") -> None:
+        """Remove a finished or failed job: its results, render data and any upload.
+
+        The folder is first renamed to a hidden trash name (atomic: the job disappears at
+        once, and a crash leaves only trash, which the next start removes), then deleted.
+
+        Args:
+            job_id: the job.
+            user: who removed it (a token id, or ``"system"`` for retention).
+            action: the audit action recorded (``job_deleted`` or ``job_expired``).
+
+        Raises:
+            KeyError: unknown job.
+            JobBusy: the job is queued or running.
+        """
+        with self._cond:
+            state = self._states.get(job_id)
+            if state is None:
+                raise KeyError(job_id)
+            if state["status"] not in FINISHED:
+                raise JobBusy(f"job {job_id} is {state['status']}; it can be deleted once it "
+                              "is done or failed")
+            trash: Path | None = self.jobs_dir / f".deleted-{job_id}-{uuid.uuid4().hex[:8]}"
+            try:
+                os.rename(self.job_dir(job_id), trash)
+            except FileNotFoundError:  # removed by hand: forget it all the same
+                trash = None
+            del self._states[job_id]
+        if trash is not None:
+            shutil.rmtree(trash, ignore_errors=True)
+            if trash.exists():
+                log.warning("could not remove all of %s; the next start removes it", trash)
+        self.audit.record(action, user=user, job_id=job_id, study=state.get("study"),
+                          model_version=self.model_version)
+        log.info("job %s: %s", job_id, action.removeprefix("job_"))
+
+    def sweep_expired(self, now: datetime | None = None) -> list[str]:
+        """Delete finished and failed jobs whose ``finished_at`` is over ``retention_days`` ago.
+
+        Args:
+            now: the time to measure age against (timezone-aware; default: now, UTC).
+
+        Returns:
+            The ids of the jobs deleted (none when ``retention_days`` is None).
+        """
+        if self.retention_days is None:
+            return []
+        cutoff = (now or datetime.now(timezone.utc)) - timedelta(days=self.retention_days)
+        with self._cond:
+            candidates = [(job_id, s.get("finished_at")) for job_id, s in self._states.items()
+                          if s["status"] in FINISHED]
+        removed = []
+        for job_id, finished_at in candidates:
+            try:
+                expired = finished_at is not None and datetime.fromisoformat(finished_at) < cutoff
+            except (TypeError, ValueError):
+                log.error("job %s: unreadable finished_at %r; not swept", job_id, finished_at)
+                continue
+            if not expired:
+                continue
+            try:
+                self.delete(job_id, user="system", action="job_expired")
+            except (KeyError, JobBusy):  # deleted by a client meanwhile
+                continue
+            except OSError as exc:
+                log.error("job %s: could not be removed (%s); retried at the next sweep",
+                          job_id, exc)
+                continue
+            removed.append(job_id)
+        if removed:
+            log.info("retention: %d job(s) older than %g days removed", len(removed),
+                     self.retention_days)
+        return removed
+
+    def _sweep_loop(self) -> None:
+        while not self._stopping.wait(self.sweep_interval_s):
+            try:
+                self.sweep_expired()
+            except Exception:  # a bad sweep must not end retention for good
+                log.exception("retention sweep failed")
 
     # ------------------------------------------------------------------ work
 
