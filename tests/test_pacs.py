@@ -36,11 +36,12 @@ from lungcad.io.dicom_writer import write_dicom_series
 from lungcad.service.pacs import (
     DicomWebClient,
     PacsError,
+    PacsStudyResult,
     PacsUnavailableError,
     RetryPolicy,
     process_study,
 )
-from lungcad.service.pacs_watch import StudyLedger
+from lungcad.service.pacs_watch import StudyLedger, watch_round
 from lungcad.synthetic import make_phantom
 
 torch.set_num_threads(1)  # 2 shared cores: more threads only contend
@@ -286,6 +287,70 @@ def test_ledger_survives_crashes_backs_off_and_gives_up(tmp_path: Path) -> None:
         StudyLedger(tmp_path)
 
 
+class ArrivingPacs:
+    """A fake PACS for the watcher: CT studies whose instance counts the test changes."""
+
+    def __init__(self) -> None:
+        self.counts: dict[str, int | None] = {}
+
+    def search_studies(self, *, modality=None, date_from=None) -> list[pydicom.Dataset]:
+        found = []
+        for uid, count in self.counts.items():
+            ds = pydicom.Dataset()
+            ds.StudyInstanceUID, ds.ModalitiesInStudy = uid, ["CT"]
+            if count is not None:
+                ds.NumberOfStudyRelatedInstances = count
+            found.append(ds)
+        return found
+
+    def search_series(self, study_uid: str) -> list[pydicom.Dataset]:
+        return []  # no lungcad outputs yet
+
+
+def test_watch_waits_until_a_study_stops_arriving(tmp_path: Path, monkeypatch) -> None:
+    processed: list[str] = []
+
+    def fake_process(client, predictor, uid, work):
+        processed.append(uid)
+        return PacsStudyResult(uid, "1.9", 0.1, False, 0)
+
+    monkeypatch.setattr("lungcad.service.pacs_watch.process_study", fake_process)
+    now = [1000.0]
+    pacs = ArrivingPacs()
+    pacs.counts = {"1.2.1": 3, "1.2.2": None}  # 1.2.2: a PACS that does not report counts
+
+    def round_(ledger: StudyLedger, **kw):
+        return watch_round(pacs, lambda: "model", ledger, tmp_path / "work", settle_s=30.0, **kw)
+
+    with StudyLedger(tmp_path / "state", clock=lambda: now[0]) as ledger:
+        report = round_(ledger)
+        assert processed == [] and report.settling == {"1.2.1": 30.0, "1.2.2": 30.0}
+        now[0] = 1040.0
+        pacs.counts["1.2.1"] = 5  # more images came: the wait starts again
+        report = round_(ledger)
+        assert processed == ["1.2.2"]  # no count: processed settle_s after first seen
+        assert report.settling == {"1.2.1": 30.0}
+        now[0] = 1060.0
+        assert round_(ledger).settling == {"1.2.1": pytest.approx(10.0)} and len(processed) == 1
+        assert ledger.get("1.2.1")["status"] == "pending"
+    # The counts are in the ledger: a restarted watcher (or the next --once) goes on waiting.
+    now[0] = 1070.0
+    with StudyLedger(tmp_path / "state", clock=lambda: now[0]) as ledger:
+        assert ledger.get("1.2.1")["instances"] == 5
+        report = round_(ledger)
+        assert processed == ["1.2.2", "1.2.1"] and report.settling == {}
+        assert ledger.get("1.2.1")["status"] == "done"
+        pacs.counts["1.2.3"] = 8
+        report = watch_round(pacs, lambda: "model", ledger, tmp_path / "work", settle_s=0.0)
+        assert processed[-1] == "1.2.3" and report.settling == {}  # 0: no wait
+        pacs.counts["1.2.4"] = 1
+        assert round_(ledger).settling == {"1.2.4": 30.0}
+        round_(ledger, study_uids=["1.2.4"])  # named by the operator: not waited for
+        assert processed[-1] == "1.2.4"
+        with pytest.raises(InputError, match="settle"):
+            watch_round(pacs, lambda: "model", ledger, tmp_path / "work", settle_s=-1.0)
+
+
 # -- against a real Orthanc ----------------------------------------------------------------
 
 
@@ -351,7 +416,7 @@ def test_round_trip_stores_seg_and_sr_in_the_study(orthanc: Orthanc, make_study,
 def watch(orthanc: Orthanc, run_dir: Path, state: Path, *extra: str) -> int:
     return cli_main(["watch", "--checkpoint", str(run_dir), "--pacs", orthanc.url,
                      "--user", USER, "--password", PASSWORD, "--state-dir", str(state),
-                     "--threads", "1", *extra])
+                     "--threads", "1", "--settle-seconds", "0", *extra])
 
 
 def test_watch_once_processes_only_new_studies(orthanc: Orthanc, make_study, run_dir: Path,
@@ -373,8 +438,11 @@ def test_watch_once_processes_only_new_studies(orthanc: Orthanc, make_study, run
 
         second, _, files = make_study(12, "20250602")
         client.store(files)
-        assert watch(orthanc, run_dir, state, "--once", "--since", "20250601") == 0
+        # With a settle time, --once sees the new study, waits, polls again, then processes.
+        assert watch(orthanc, run_dir, state, "--once", "--since", "20250601",
+                     "--settle-seconds", "0.5") == 0
         out = capsys.readouterr().out
+        assert "0 processed, 0 failed, 0 already analysed, 1 still arriving" in out
         assert f"done    {second}" in out and first not in out and "1 processed" in out
         assert modalities(client, first) == ["CT", "SEG", "SR"]  # nothing sent twice
         assert modalities(client, second) == ["CT", "SEG", "SR"]
@@ -439,6 +507,7 @@ def test_watch_loop_picks_up_new_studies_and_stops_cleanly(orthanc: Orthanc, mak
         command = [str(Path(sys.executable).with_name("lungcad")), "watch",
                    "--checkpoint", str(run_dir), "--pacs", orthanc.url, "--user", USER,
                    "--state-dir", str(state), "--interval", "0.5", "--since", "20250801",
+                   "--settle-seconds", "1",
                    "--threads", "1"]
         env = {**os.environ, "LUNGCAD_PACS_PASSWORD": PASSWORD}
         process = subprocess.Popen(command, env=env, stdout=subprocess.PIPE,

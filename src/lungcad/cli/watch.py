@@ -6,6 +6,11 @@ same study (STOW-RS). Studies holding only SEG/SR (lungcad's own outputs among t
 candidates. ``--once`` does one pass and exits (tests, cron); ``--study UID`` processes the
 named studies only.
 
+A study still arriving on the PACS is not read half-sent: it is processed only once its
+instance count has stayed unchanged for ``--settle-seconds`` (default 30; the ledger keeps the
+counts, so the wait also spans ``--once`` runs). With ``--once``, studies still settling are
+polled once more after their wait; any still changing then stay pending for the next run.
+
 Exit codes: 0 all went well (or nothing to do), 1 a study failed (recorded; retried later),
 2 bad input, 3 the PACS was unreachable (work stays pending).
 
@@ -49,7 +54,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     auth.add_argument("--token-file", type=Path, help="read the bearer token from this file")
     parser.add_argument("--interval", type=float, default=10.0,
                         help="seconds between polls (default 10)")
-    parser.add_argument("--once", action="store_true", help="one pass, then exit")
+    parser.add_argument("--once", action="store_true",
+                        help="one pass (plus one re-poll of studies still settling), then exit")
+    parser.add_argument("--settle-seconds", type=float, default=30.0,
+                        help="process a study only once its instance count has not changed "
+                             "for this long, so a study still arriving is not read half-sent "
+                             "(default 30; 0 disables)")
     parser.add_argument("--study", action="append", metavar="UID",
                         help="process only this StudyInstanceUID (repeatable); retries given-up "
                              "studies too")
@@ -118,6 +128,9 @@ def run(args: argparse.Namespace) -> int:
 
     if args.interval <= 0:
         raise InputError(f"--interval must be > 0 seconds; got {args.interval}", "--interval")
+    if args.settle_seconds < 0:
+        raise InputError(f"--settle-seconds must be >= 0; got {args.settle_seconds}",
+                         "--settle-seconds")
     if args.force and not args.study:
         raise InputError("--force only applies to studies named with --study", "--force")
     if not args.checkpoint.exists():
@@ -148,13 +161,15 @@ def run(args: argparse.Namespace) -> int:
             signal.signal(sig, lambda *_: (log.info("stopping after this study"), stop.set()))
 
     exit_code = 0
+    settle_repoll_done = False  # --once: studies still settling get one more poll
     with client, StudyLedger(args.state_dir, max_attempts=args.max_attempts,
                              retry_after_s=args.retry_after) as ledger:
         while True:
             try:
                 report = watch_round(client, predictor_once, ledger, args.state_dir / "studies",
                                      study_uids=args.study, since=args.since, force=args.force,
-                                     on_result=_print_outcome, should_stop=stop.is_set)
+                                     on_result=_print_outcome, should_stop=stop.is_set,
+                                     settle_s=args.settle_seconds)
             except PacsUnavailableError as exc:
                 log.error("%s", exc)
                 if args.once or args.study:
@@ -167,13 +182,24 @@ def run(args: argparse.Namespace) -> int:
                 counts = ledger.counts()
                 print(f"round: {report.found} CT studies, {len(report.processed)} processed, "
                       f"{len(report.failed)} failed, {len(report.already_on_pacs)} already "
-                      f"analysed; ledger: {dict(sorted(counts.items()))}", flush=True)
+                      f"analysed, {len(report.settling)} still arriving; "
+                      f"ledger: {dict(sorted(counts.items()))}", flush=True)
                 if report.unavailable:
                     log.error("%s", report.unavailable)
-                    exit_code = EXIT_UNAVAILABLE
+                    code = EXIT_UNAVAILABLE
                 elif report.failed:
-                    exit_code = EXIT_FAILED
+                    code = EXIT_FAILED
                 else:
-                    exit_code = 0
+                    code = 0
+                # --once with a re-poll keeps the worse outcome of its two rounds.
+                exit_code = max(exit_code, code) if settle_repoll_done else code
+                if (args.once and report.settling and not report.unavailable
+                        and not settle_repoll_done):
+                    settle_repoll_done = True
+                    wait = max(report.settling.values())
+                    log.info("%d study(ies) may still be arriving; polling again in %.1f s",
+                             len(report.settling), wait)
+                    stop.wait(wait)
+                    continue
             if args.once or args.study or stop.wait(args.interval):
                 return exit_code

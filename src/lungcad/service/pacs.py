@@ -41,6 +41,7 @@ __all__ = [
     "RetryPolicy",
     "candidate_studies",
     "check_uid",
+    "instance_count",
     "is_lungcad_output",
     "lungcad_output_series",
     "process_study",
@@ -184,3 +185,15 @@ def candidate_studies(studies: Iterable[pydicom.Dataset]) -> list[str]:
         if "CT" in {str(m).upper() for m in modalities} and "StudyInstanceUID" in study:
             uids.append(str(study.StudyInstanceUID))
     return uids
+
+
+def instance_count(study: pydicom.Dataset) -> int | None:
+    """A QIDO study result's NumberOfStudyRelatedInstances (0020,1208), or None when the PACS
+    did not return it (or returned something that is not a number)."""
+    value = study.get("NumberOfStudyRelatedInstances")
+    if value is None or value == "":
+        return None
+    try:
+        return int(value)
+    except (TypeError, ValueError):
+        return None

@@ -13,6 +13,14 @@ given up after ``max_attempts``. Results are stored back with the same SOPInstan
 round trip is repeated (see :func:`lungcad.service.pacs.process_study`), so the PACS never
 holds duplicates. :func:`watch_round` is one pass over the PACS; ``lungcad watch`` calls it
 once (``--once``) or in a loop.
+
+A study may still be arriving (a modality sends its images one by one), so a searched study
+is processed only once it has *settled*: its instance count (QIDO NumberOfStudyRelatedInstances)
+is unchanged between two polls at least ``settle_s`` seconds apart. The ledger keeps the last
+count seen and since when (``instances``, ``instances_since`` on the ``pending``/``failed``
+entry), so the wait spans rounds and restarts of the watcher; a change of count restarts the
+wait. A PACS that does not report the count makes the wait a plain ``settle_s`` after the
+study was first seen. ``settle_s=0`` disables the wait; studies named explicitly skip it.
 """
 
 from __future__ import annotations
@@ -24,7 +32,7 @@ import logging
 import os
 import time
 from collections import Counter
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
@@ -37,17 +45,20 @@ from lungcad.service.pacs import (
     PacsUnavailableError,
     candidate_studies,
     check_uid,
+    instance_count,
     lungcad_output_series,
     process_study,
 )
 
 log = logging.getLogger(__name__)
 
-__all__ = ["LEDGER_FILE", "RoundReport", "StudyLedger", "watch_round"]
+__all__ = ["DEFAULT_SETTLE_S", "LEDGER_FILE", "RoundReport", "StudyLedger", "watch_round"]
 
 LEDGER_FILE = "ledger.json"
 LOCK_FILE = "watch.lock"
 LEDGER_VERSION = 1
+#: Seconds a study's instance count must stay unchanged before it is processed.
+DEFAULT_SETTLE_S = 30.0
 
 
 def _now_iso(t: float) -> str:
@@ -182,6 +193,38 @@ class StudyLedger:
             self._save()
         return new
 
+    def observe(self, counts: Mapping[str, int | None]) -> None:
+        """Note the instance count of each study seen in a search.
+
+        A study whose count differs from the one recorded (or that has none recorded) starts
+        its settle clock now. Done and given-up studies are not tracked. Saved only when
+        something changed.
+        """
+        now = self._clock()
+        changed = False
+        for uid, count in counts.items():
+            entry = self.studies.get(uid)
+            if entry is None or entry["status"] in ("done", "gave_up"):
+                continue
+            if "instances_since" not in entry or entry.get("instances") != count:
+                if "instances_since" in entry:
+                    log.info("study %s: %s -> %s instances; still arriving", uid,
+                             entry.get("instances"), count)
+                entry.update(instances=count, instances_since=now)
+                changed = True
+        if changed:
+            self._save()
+
+    def settle_remaining(self, uid: str, settle_s: float) -> float:
+        """Seconds until the study's instance count has been unchanged for ``settle_s``
+        (0.0 when settled; ``settle_s`` when its count was never observed)."""
+        if settle_s <= 0:
+            return 0.0
+        entry = self.studies.get(uid)
+        if entry is None or "instances_since" not in entry:
+            return float(settle_s)
+        return max(0.0, float(entry["instances_since"]) + settle_s - self._clock())
+
     def start(self, uid: str) -> None:
         """Mark a study as being processed (persisted before any work starts)."""
         self._entry(uid)["status"] = "running"
@@ -229,6 +272,8 @@ class RoundReport:
         failed: StudyInstanceUID -> error, for studies that failed this round.
         already_on_pacs: studies new to the ledger that already held lungcad outputs.
         unavailable: the error when the PACS became unreachable (the round stopped there).
+        settling: StudyInstanceUID -> seconds still to wait, for due studies whose instance
+            count has not settled yet (they may still be arriving; left pending).
     """
 
     found: int = 0
@@ -236,6 +281,7 @@ class RoundReport:
     failed: dict[str, str] = field(default_factory=dict)
     already_on_pacs: list[str] = field(default_factory=list)
     unavailable: str | None = None
+    settling: dict[str, float] = field(default_factory=dict)
 
 
 def _has_lungcad_outputs(client: DicomWebClient, study_uid: str) -> bool:
@@ -251,7 +297,8 @@ def watch_round(client: DicomWebClient, predictor: PredictorSource, ledger: Stud
                 work_root: str | Path, *, study_uids: Sequence[str] | None = None,
                 since: _dt.date | str | None = None, force: bool = False,
                 on_result: Callable[[str, PacsStudyResult | None, str | None], None]
-                | None = None, should_stop: Callable[[], bool] | None = None) -> RoundReport:
+                | None = None, should_stop: Callable[[], bool] | None = None,
+                settle_s: float = DEFAULT_SETTLE_S) -> RoundReport:
     """One pass: find CT studies not yet processed, run each round trip, record the outcome.
 
     Args:
@@ -267,6 +314,9 @@ def watch_round(client: DicomWebClient, predictor: PredictorSource, ledger: Stud
         on_result: called after each study as ``(uid, result or None, error or None)``.
         should_stop: checked before each study; True ends the round there (the rest stay
             pending for the next round).
+        settle_s: a searched study is processed only when its instance count has not
+            changed for at least this many seconds (see the module docstring); 0 disables
+            the wait. Studies named in ``study_uids`` are not waited for.
 
     Returns:
         The :class:`RoundReport`. A PACS outage does not raise: the study in hand goes back
@@ -275,12 +325,20 @@ def watch_round(client: DicomWebClient, predictor: PredictorSource, ledger: Stud
     """
     report = RoundReport()
     explicit = study_uids is not None
+    if settle_s < 0:
+        raise InputError(f"settle time must be >= 0 seconds; got {settle_s}",
+                         "--settle-seconds")
     if explicit:
         uids = [check_uid(u) for u in study_uids]
     else:
-        uids = candidate_studies(client.search_studies(modality="CT", date_from=since))
+        studies = client.search_studies(modality="CT", date_from=since)
+        uids = candidate_studies(studies)
+        counts = {str(s.StudyInstanceUID): instance_count(s) for s in studies
+                  if "StudyInstanceUID" in s}
     report.found = len(uids)
     ledger.discover(uids)
+    if not explicit:
+        ledger.observe({uid: counts[uid] for uid in uids})
     loaded: list[Any] = []
 
     def get_predictor() -> Any:
@@ -297,6 +355,11 @@ def watch_round(client: DicomWebClient, predictor: PredictorSource, ledger: Stud
                 continue
         elif not ledger.is_due(uid):
             continue
+        else:
+            wait = ledger.settle_remaining(uid, settle_s)
+            if wait > 0:  # images may still be arriving: a partial series must not be read
+                report.settling[uid] = wait
+                continue
         try:
             if not force and _has_lungcad_outputs(client, uid):
                 # Already analysed (the ledger was lost, or a crash came after the results
