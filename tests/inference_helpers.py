@@ -17,11 +17,10 @@ from lungcad.checkpoint import (
     model_from_config,
     save_checkpoint,
     software_versions,
-    write_json,
 )
 from lungcad.config import config_to_dict, config_to_yaml, load_config
 from lungcad.datasets import SliceRecord, write_manifest
-from lungcad.io.atomic import write_text_atomic
+from lungcad.io.atomic import write_json_atomic, write_text_atomic
 
 SIZE = 64
 
@@ -40,7 +39,7 @@ def make_run_folder(folder: Path, *, name: str = "resnet18", image_size: int = S
         "model": model.state_dict(), "epoch": 1, "config": config_to_dict(config),
         "metrics": {}, "versions": software_versions(), "threshold": threshold, "stage": "cls",
     })
-    write_json(folder / THRESHOLD_FILE, {"threshold": threshold, "method": "mcc"})
+    write_json_atomic(folder / THRESHOLD_FILE, {"threshold": threshold, "method": "mcc"})
     return folder
 
 

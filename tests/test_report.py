@@ -14,12 +14,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from lungcad.checkpoint import model_from_config, save_checkpoint, software_versions, write_json
+from lungcad.checkpoint import model_from_config, save_checkpoint, software_versions
 from lungcad.cli import main as cli_main
 from lungcad.config import config_hash, config_to_dict, config_to_yaml, load_config
 from lungcad.errors import InputError, MissingInputError
 from lungcad.evaluation import evaluate_run
-from lungcad.io.atomic import write_text_atomic
+from lungcad.io.atomic import write_json_atomic, write_text_atomic
 from lungcad.report import (
     build_report,
     folder_kind,
@@ -46,9 +46,9 @@ def folders(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
                                       "epoch": 2, "threshold": 0.5, "stage": "cls",
                                       "versions": software_versions()})
     write_text_atomic(run / "config.yaml", config_to_yaml(cfg))
-    write_json(run / "threshold.json", {"threshold": 0.5, "method": "mcc", "epoch": 2,
+    write_json_atomic(run / "threshold.json", {"threshold": 0.5, "method": "mcc", "epoch": 2,
                                         "chosen_on": "validation split"})
-    write_json(run / "run.json", {"stage": "cls", "status": "finished", "best_epoch": 2,
+    write_json_atomic(run / "run.json", {"stage": "cls", "status": "finished", "best_epoch": 2,
                                   "config_hash": config_hash(cfg), "init_from": "seg/best.pt",
                                   "versions": software_versions(),
                                   "manifests": [{"path": "train.csv", "sha256": "ab" * 32}]})

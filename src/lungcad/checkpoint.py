@@ -27,7 +27,6 @@ import hashlib
 import io
 import json
 import logging
-import math
 import platform
 import random
 from pathlib import Path
@@ -39,7 +38,7 @@ import torch
 from lungcad import __version__
 from lungcad.config import Config, config_from_dict
 from lungcad.errors import InputError, MissingInputError
-from lungcad.io.atomic import atomic_path, write_text_atomic
+from lungcad.io.atomic import atomic_path, write_json_atomic, write_text_atomic
 from lungcad.models import LungCADNet, create_model
 
 log = logging.getLogger(__name__)
@@ -70,7 +69,6 @@ __all__ = [
     "save_checkpoint",
     "set_rng_state",
     "software_versions",
-    "write_json",
     "write_metrics",
 ]
 
@@ -99,22 +97,6 @@ def file_sha256(path: str | Path) -> str:
     return digest.hexdigest()
 
 
-def _json_safe(value: Any) -> Any:
-    """Replace NaN/inf by None so the JSON is standard (other tools reject NaN)."""
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    if isinstance(value, dict):
-        return {k: _json_safe(v) for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        return [_json_safe(v) for v in value]
-    return value
-
-
-def write_json(path: str | Path, value: Any) -> Path:
-    """Write ``value`` as indented standard JSON (NaN/inf as null), atomically."""
-    return write_text_atomic(path, json.dumps(_json_safe(value), indent=2) + "\n")
-
-
 def write_metrics(run_dir: str | Path, history: list[dict[str, Any]]) -> None:
     """Write the per-epoch metrics as ``metrics.csv`` and ``metrics.json`` (atomically).
 
@@ -130,7 +112,7 @@ def write_metrics(run_dir: str | Path, history: list[dict[str, Any]]) -> None:
     writer.writeheader()
     writer.writerows(history)
     write_text_atomic(Path(run_dir) / METRICS_CSV, text.getvalue())
-    write_json(Path(run_dir) / METRICS_JSON, history)
+    write_json_atomic(Path(run_dir) / METRICS_JSON, history)
 
 
 # --------------------------------------------------------------------------- RNG state

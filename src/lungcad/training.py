@@ -69,7 +69,6 @@ from lungcad.checkpoint import (
     save_checkpoint,
     set_rng_state,
     software_versions,
-    write_json,
     write_metrics,
 )
 from lungcad.config import Config, config_hash, config_to_dict, config_to_yaml, diff_configs
@@ -90,7 +89,7 @@ from lungcad.distributed import (
     init_distributed,
 )
 from lungcad.errors import InputError, MissingInputError
-from lungcad.io.atomic import write_text_atomic
+from lungcad.io.atomic import write_json_atomic, write_text_atomic
 from lungcad.losses import BCEDiceLoss, classification_loss
 from lungcad.metrics import choose_threshold, classification_metrics, dice_from_counts
 from lungcad.models import LungCADNet, load_pretrained_encoder
@@ -443,7 +442,7 @@ def _save_epoch(run_dir: Path, cfg: Config, row: dict[str, float], history: list
     if improved:
         save_checkpoint(run_dir / BEST, common)
         if cfg.train.stage == "cls":
-            write_json(run_dir / THRESHOLD_FILE, {
+            write_json_atomic(run_dir / THRESHOLD_FILE, {
                 "threshold": early["threshold"], "method": cfg.train.threshold_method,
                 "rule": "cancer if probability >= threshold", "chosen_on": "validation split",
                 "epoch": row["epoch"], "val_mcc_at_threshold": row["val_mcc_at_threshold"],
@@ -566,7 +565,7 @@ def _train(cfg: Config, resume: str | Path | None, stop_after_epoch: int | None,
     if ddp.main:
         run_dir.mkdir(parents=True, exist_ok=True)
         write_text_atomic(run_dir / CONFIG_FILE, config_to_yaml(cfg))
-        write_json(run_dir / RUN_FILE, run_info)
+        write_json_atomic(run_dir / RUN_FILE, run_info)
     writer = _tensorboard(run_dir, cfg, ddp)
     if ddp.main:
         log.info("stage %s: %d train / %d val slices, %d steps per epoch, %s, %d process(es)",
@@ -664,7 +663,7 @@ def _train(cfg: Config, resume: str | Path | None, stop_after_epoch: int | None,
         run_info.update({"status": status, "finished_at": _now(), "epochs_completed":
                          epochs_done, "best_epoch": early["best_epoch"],
                          "best_metric": early["best"]})
-        write_json(run_dir / RUN_FILE, run_info)
+        write_json_atomic(run_dir / RUN_FILE, run_info)
     if ddp.world > 1:
         torch.distributed.barrier()  # the run folder is complete before any rank returns
     return RunResult(run_dir=run_dir, status=status, epochs_completed=epochs_done,

@@ -297,24 +297,12 @@ def _lesion_group(
                 name=_ATTENUATION, value=lesion.mean_hu, unit=_UNIT_HU, derivation=codes.SCT.Mean
             )
         )
-    if lesion.max_probability is not None:
-        measurements.append(
-            hd.sr.Measurement(
-                name=codes.DCM.Probability,
-                value=lesion.max_probability,
-                unit=_UNIT_NONE,
-                derivation=codes.SCT.Maximum,
-            )
-        )
-    if lesion.mean_probability is not None:
-        measurements.append(
-            hd.sr.Measurement(
-                name=codes.DCM.Probability,
-                value=lesion.mean_probability,
-                unit=_UNIT_NONE,
-                derivation=codes.SCT.Mean,
-            )
-        )
+    for value, derivation in ((lesion.max_probability, codes.SCT.Maximum),
+                              (lesion.mean_probability, codes.SCT.Mean)):
+        if value is not None:
+            measurements.append(hd.sr.Measurement(
+                name=codes.DCM.Probability, value=value, unit=_UNIT_NONE,
+                derivation=derivation))
     centroid = hd.sr.VolumeSurface(
         graphic_type=hd.sr.GraphicTypeValues3D.POINT,
         graphic_data=np.asarray([lesion.centroid_lps_mm], dtype=np.float64),
