@@ -27,15 +27,18 @@ system-deps:
 demo: $(STAMP)
 	$(VENV)/bin/lungcad demo --out demo_output
 
-test: $(STAMP) system-deps
-	$(VENV)/bin/ruff check src tests benchmarks
+test: lint system-deps
 	$(VENV)/bin/pytest -q
 
 test-slow: $(STAMP) system-deps
 	$(VENV)/bin/pytest -q -m slow
 
+# Style, spelling and types: the same checks as .pre-commit-config.yaml.
 lint: $(STAMP)
 	$(VENV)/bin/ruff check src tests benchmarks
+	$(VENV)/bin/ruff format --check -q src tests benchmarks
+	$(VENV)/bin/codespell src tests benchmarks docs README.md CONTRIBUTING.md CHANGELOG.md configs scripts
+	$(VENV)/bin/mypy
 
 clean:
 	rm -rf $(VENV) demo_output .pytest_cache .ruff_cache

@@ -24,7 +24,7 @@ its masks and probabilities mean nothing; only the speed and the engines' agreem
 make the agreement check non-trivial, and the masks tumour-sized rather than whole-volume
 (which would make the lesion step measure a 50-million-voxel "lesion"), the segmentation
 head's bias is shifted so that about 0.5% of a lung slice's pixels score above 0.5. The study
-is a synthetic phantom (``lungcad.synthetic.make_phantom``, 60 slices of 2.5 mm at 512x512)
+is a synthetic phantom (``lungcad.data.synthetic.make_phantom``, 60 slices of 2.5 mm at 512x512)
 resampled along z to ``--slices`` thinner slices (0.5 mm for 300), which is faster than
 rendering 300 slices; nearly all of its slices show lung, as in a chest CT cropped to the
 chest (real scans have some more slices without lung, which lungcad skips).
@@ -56,16 +56,26 @@ def _make_run(folder: Path, model_name: str, image_size: int, seed: int) -> Path
     """A run folder with a randomly initialised network (head bias shifted, see docstring)."""
     import torch
 
-    from lungcad.checkpoint import model_from_config, save_checkpoint, software_versions
-    from lungcad.config import config_to_dict, load_config
+    from lungcad.training.checkpoint import model_from_config, save_checkpoint, software_versions
+    from lungcad.training.config import config_to_dict, load_config
 
     torch.manual_seed(seed)
-    config = load_config(None, [f"model.name={model_name}", f"model.image_size={image_size}",
-                                "train.stage=cls"])
+    config = load_config(
+        None, [f"model.name={model_name}", f"model.image_size={image_size}", "train.stage=cls"]
+    )
     model = model_from_config(config).eval()
-    save_checkpoint(folder / "best.pt", {
-        "model": model.state_dict(), "epoch": 0, "config": config_to_dict(config),
-        "metrics": {}, "versions": software_versions(), "threshold": 0.5, "stage": "cls"})
+    save_checkpoint(
+        folder / "best.pt",
+        {
+            "model": model.state_dict(),
+            "epoch": 0,
+            "config": config_to_dict(config),
+            "metrics": {},
+            "versions": software_versions(),
+            "threshold": 0.5,
+            "stage": "cls",
+        },
+    )
     return folder
 
 
@@ -73,13 +83,13 @@ def _shift_head_bias(run: Path, study, z: int) -> None:
     """Shift the seg head's bias so ~0.5% of the pixels of slice z are above 0.5 at 512."""
     import torch
 
-    from lungcad.checkpoint import load_checkpoint, read_checkpoint, save_checkpoint
-    from lungcad.datasets import slice_to_model_input
-    from lungcad.preprocessing import to_unit_range
+    from lungcad.data.dataset import slice_to_model_input
+    from lungcad.data.preprocessing import to_unit_range
+    from lungcad.training.checkpoint import load_checkpoint, read_checkpoint, save_checkpoint
     from lungcad.volume import Volume
 
     model, _, _ = load_checkpoint(run)
-    unit = to_unit_range(Volume(array=study.array[z:z + 1], intensity="hu"))[0]
+    unit = to_unit_range(Volume(array=study.array[z : z + 1], intensity="hu"))[0]
     with torch.inference_mode():
         logits = model(torch.from_numpy(slice_to_model_input(unit, unit.shape[0]))[None, None])
     cut = float(np.quantile(logits["seg_logits"].numpy(), 0.995))
@@ -90,8 +100,8 @@ def _shift_head_bias(run: Path, study, z: int) -> None:
 
 def _study(n_slices: int, matrix: int):
     """A synthetic chest CT of ``n_slices`` slices: a 60-slice phantom resampled along z."""
-    from lungcad.preprocessing import resample
-    from lungcad.synthetic import make_phantom
+    from lungcad.data.preprocessing import resample
+    from lungcad.data.synthetic.phantom import make_phantom
 
     base = make_phantom(0, matrix=matrix).volume
     extent = base.shape[0] * base.spacing[0]
@@ -109,8 +119,8 @@ def _naive(run: Path, study, slices: list[int], threads: int) -> dict:
     """Eager fp32, batch 1, whole 512x512 slices at 512x512; returns rate and masks."""
     import torch
 
-    from lungcad.checkpoint import load_checkpoint
-    from lungcad.preprocessing import window_hu
+    from lungcad.data.preprocessing import window_hu
+    from lungcad.training.checkpoint import load_checkpoint
 
     torch.set_num_threads(threads)
     model, _, _ = load_checkpoint(run)
@@ -130,7 +140,7 @@ def _engine_rates(run: Path, study, slices: list[int], threads: int, batch: int)
     """Slices/s of the lungcad engines on the same lung slices (model step only)."""
     import torch
 
-    from lungcad.inference import Predictor
+    from lungcad.inference.predictor import Predictor
 
     torch.set_num_threads(threads)
     rates = {}
@@ -140,41 +150,44 @@ def _engine_rates(run: Path, study, slices: list[int], threads: int, batch: int)
         predictor.run_model(inputs[:batch])  # warm-up
         start = time.perf_counter()
         for i in range(0, len(slices), batch):
-            predictor.run_model(inputs[i:i + batch])
+            predictor.run_model(inputs[i : i + batch])
         rates[backend] = len(slices) / (time.perf_counter() - start)
     return rates
 
 
-def _same_size_masks(run: Path, study, slices: list[int], threads: int, backend: str,
-                     batch: int) -> dict[int, np.ndarray]:
+def _same_size_masks(
+    run: Path, study, slices: list[int], threads: int, backend: str, batch: int
+) -> dict[int, np.ndarray]:
     """lungcad's engine at the study's own 512 input size (engine agreement check)."""
     import torch
 
-    from lungcad.checkpoint import load_checkpoint
-    from lungcad.inference import Predictor
+    from lungcad.inference.predictor import Predictor
+    from lungcad.training.checkpoint import load_checkpoint
 
     torch.set_num_threads(threads)
     model, config, info = load_checkpoint(run)
-    config = dataclasses.replace(config, model=dataclasses.replace(
-        config.model, image_size=study.shape[1]))
+    config = dataclasses.replace(
+        config, model=dataclasses.replace(config.model, image_size=study.shape[1])
+    )
     onnx = None
     if backend == "onnx":
-        from lungcad.export import export_onnx
+        from lungcad.inference.export import export_onnx
 
         onnx = Path(info["run_dir"]) / "model-512.onnx"
         export_onnx(model, onnx, study.shape[1])
-    predictor = Predictor(model, config, info, backend=backend, onnx_path=onnx,
-                          batch_size=batch)
+    predictor = Predictor(model, config, info, backend=backend, onnx_path=onnx, batch_size=batch)
     seg, _ = predictor.run_model(predictor.preprocess(study, slices))
     return {z: s[0] >= 0.0 for z, s in zip(slices, seg, strict=True)}  # logit 0 = prob 0.5
 
 
-def _whole_study(run: str, nifti: str, out: str, threads: int, backend: str, batch: int,
-                 sample: list[int], queue) -> None:
+def _whole_study(
+    run: str, nifti: str, out: str, threads: int, backend: str, batch: int, sample: list[int], queue
+) -> None:
     """In a fresh process: read + predict + write outputs; reports timings and peak RSS."""
     import torch
 
-    from lungcad.inference import Predictor, write_study_outputs
+    from lungcad.inference.outputs import write_study_outputs
+    from lungcad.inference.predictor import Predictor
 
     torch.set_num_threads(threads)
     predictor = Predictor.from_checkpoint(run, backend=backend, batch_size=batch)
@@ -184,9 +197,16 @@ def _whole_study(run: str, nifti: str, out: str, threads: int, backend: str, bat
     write_study_outputs(volume, result, out)
     total = time.perf_counter() - start
     probs = result.probability.array
-    queue.put({"total_s": total, "predict_s": predicted, "timings": result.timings,
-               "evaluated": len(result.lung_slices), "rss_gb": _rss_gb(),
-               "masks": {z: probs[z] >= 0.5 for z in sample}})
+    queue.put(
+        {
+            "total_s": total,
+            "predict_s": predicted,
+            "timings": result.timings,
+            "evaluated": len(result.lung_slices),
+            "rss_gb": _rss_gb(),
+            "masks": {z: probs[z] >= 0.5 for z in sample},
+        }
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -195,23 +215,29 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--matrix", type=int, default=512, help="in-plane size (512)")
     parser.add_argument("--threads", type=int, default=2, help="CPU threads (2)")
     parser.add_argument("--model", default="resnet50", help="network (resnet50)")
-    parser.add_argument("--image-size", type=int, default=256,
-                        help="the checkpoint's model input size (256)")
+    parser.add_argument(
+        "--image-size", type=int, default=256, help="the checkpoint's model input size (256)"
+    )
     parser.add_argument("--batch-size", type=int, default=8, help="lungcad batch size (8)")
-    parser.add_argument("--naive-slices", type=int, default=6,
-                        help="slices the naive path is timed on (6)")
+    parser.add_argument(
+        "--naive-slices", type=int, default=6, help="slices the naive path is timed on (6)"
+    )
     args = parser.parse_args(argv)
 
     import torch
 
     torch.set_num_threads(args.threads)
-    from lungcad.io import write_image
+    from lungcad.io.writers import write_image
 
-    print(f"lungcad inference benchmark: {args.model} (random init, no trained weights), "
-          f"{args.slices} slices of {args.matrix}x{args.matrix}, {args.threads} threads, "
-          f"torch {torch.__version__}")
-    print(f"machine: {os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f} at start "
-          "(other processes share the cores: figures are for this load)")
+    print(
+        f"lungcad inference benchmark: {args.model} (random init, no trained weights), "
+        f"{args.slices} slices of {args.matrix}x{args.matrix}, {args.threads} threads, "
+        f"torch {torch.__version__}"
+    )
+    print(
+        f"machine: {os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f} at start "
+        "(other processes share the cores: figures are for this load)"
+    )
     with tempfile.TemporaryDirectory(prefix="lungcad-bench-") as tmp:
         tmp = Path(tmp)
         clock = time.perf_counter()
@@ -219,7 +245,7 @@ def main(argv: list[str] | None = None) -> int:
         nifti = write_image(study, tmp / "study.nii.gz")
         print(f"study: phantom made and written as NIfTI in {time.perf_counter() - clock:.1f} s")
         run = _make_run(tmp / "run", args.model, args.image_size, seed=0)
-        from lungcad.inference import Predictor
+        from lungcad.inference.predictor import Predictor
 
         lung = Predictor.from_checkpoint(run).select_slices(study)[0]
         sample = [lung[int(i)] for i in np.linspace(0, len(lung) - 1, args.naive_slices)]
@@ -228,22 +254,36 @@ def main(argv: list[str] | None = None) -> int:
         naive = _naive(run, study, sample, args.threads)
         rates = _engine_rates(run, study, sample, args.threads, args.batch_size)
         backend = max(rates, key=rates.get)
-        print(f"naive (eager fp32, batch 1, {args.matrix}x{args.matrix}): "
-              f"{naive['slices_per_s']:.3f} slices/s; whole study would take "
-              f"{args.slices / naive['slices_per_s']:.0f} s")
+        print(
+            f"naive (eager fp32, batch 1, {args.matrix}x{args.matrix}): "
+            f"{naive['slices_per_s']:.3f} slices/s; whole study would take "
+            f"{args.slices / naive['slices_per_s']:.0f} s"
+        )
         for name, rate in rates.items():
-            print(f"lungcad engine {name} (batch {args.batch_size}, {args.image_size}x"
-                  f"{args.image_size}): {rate:.3f} slices/s "
-                  f"({rate / naive['slices_per_s']:.1f}x naive)")
+            print(
+                f"lungcad engine {name} (batch {args.batch_size}, {args.image_size}x"
+                f"{args.image_size}): {rate:.3f} slices/s "
+                f"({rate / naive['slices_per_s']:.1f}x naive)"
+            )
 
         same = _same_size_masks(run, study, sample, args.threads, backend, args.batch_size)
         dice_same = [_dice(same[z], naive["masks"][z]) for z in sample]
 
         ctx = mp.get_context("spawn")
         queue = ctx.Queue()
-        worker = ctx.Process(target=_whole_study, args=(str(run), str(nifti), str(tmp / "out"),
-                                                        args.threads, backend,
-                                                        args.batch_size, sample, queue))
+        worker = ctx.Process(
+            target=_whole_study,
+            args=(
+                str(run),
+                str(nifti),
+                str(tmp / "out"),
+                args.threads,
+                backend,
+                args.batch_size,
+                sample,
+                queue,
+            ),
+        )
         worker.start()
         whole = queue.get()
         worker.join()
@@ -251,25 +291,34 @@ def main(argv: list[str] | None = None) -> int:
         # The naive path only makes masks; compare it with the same work in lungcad's path
         # (lung mask, preprocessing, inference, resizing back), not with reading, lesions or
         # Grad-CAM, which the naive script does not do at all.
-        mask_s = sum(steps[k] for k in ("lung_mask_s", "preprocess_s", "inference_s",
-                                        "postprocess_s"))
+        mask_s = sum(
+            steps[k] for k in ("lung_mask_s", "preprocess_s", "inference_s", "postprocess_s")
+        )
         speedup = args.slices / mask_s / naive["slices_per_s"]
-        print(f"whole study ({backend}): {whole['total_s']:.1f} s end to end "
-              f"(read + predict {whole['predict_s']:.1f} s, then outputs); "
-              f"{whole['evaluated']} of {args.slices} slices had lung; peak RSS "
-              f"{whole['rss_gb']:.2f} GB")
+        print(
+            f"whole study ({backend}): {whole['total_s']:.1f} s end to end "
+            f"(read + predict {whole['predict_s']:.1f} s, then outputs); "
+            f"{whole['evaluated']} of {args.slices} slices had lung; peak RSS "
+            f"{whole['rss_gb']:.2f} GB"
+        )
         print("  steps (s): " + ", ".join(f"{k} {v:.2f}" for k, v in whole["timings"].items()))
-        print(f"  masks for the whole study (lung mask + preprocess + inference + resize back): "
-              f"{mask_s:.1f} s = {args.slices / mask_s:.2f} slices/s = {speedup:.1f}x naive; "
-              f"end to end (read, predict, lesions, Grad-CAM, outputs) "
-              f"{args.slices / whole['total_s']:.2f} slices/s = "
-              f"{args.slices / whole['total_s'] / naive['slices_per_s']:.1f}x naive masks alone")
-        print(f"Dice lungcad vs naive masks at {args.matrix}x{args.matrix} input, per slice: "
-              + ", ".join(f"{d:.4f}" for d in dice_same))
+        print(
+            f"  masks for the whole study (lung mask + preprocess + inference + resize back): "
+            f"{mask_s:.1f} s = {args.slices / mask_s:.2f} slices/s = {speedup:.1f}x naive; "
+            f"end to end (read, predict, lesions, Grad-CAM, outputs) "
+            f"{args.slices / whole['total_s']:.2f} slices/s = "
+            f"{args.slices / whole['total_s'] / naive['slices_per_s']:.1f}x naive masks alone"
+        )
+        print(
+            f"Dice lungcad vs naive masks at {args.matrix}x{args.matrix} input, per slice: "
+            + ", ".join(f"{d:.4f}" for d in dice_same)
+        )
         dice_small = [_dice(whole["masks"][z], naive["masks"][z]) for z in sample]
-        print(f"Dice lungcad at {args.image_size}x{args.image_size} (resized back) vs naive: "
-              + ", ".join(f"{d:.3f}" for d in dice_small)
-              + " (random weights: not indicative of a trained model)")
+        print(
+            f"Dice lungcad at {args.image_size}x{args.image_size} (resized back) vs naive: "
+            + ", ".join(f"{d:.3f}" for d in dice_small)
+            + " (random weights: not indicative of a trained model)"
+        )
     print(f"load average {os.getloadavg()[0]:.1f} at the end")
     minimum = min(dice_same)
     checks = {

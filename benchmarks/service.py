@@ -51,15 +51,24 @@ def _tiny_run(folder: Path) -> Path:
     """A run folder with a randomly initialised ResNet18 U-Net at 64x64 (no training)."""
     import torch
 
-    from lungcad.checkpoint import model_from_config, save_checkpoint, software_versions
-    from lungcad.config import config_to_dict, load_config
+    from lungcad.training.checkpoint import model_from_config, save_checkpoint, software_versions
+    from lungcad.training.config import config_to_dict, load_config
 
     torch.manual_seed(0)
     config = load_config(None, ["model.name=resnet18", "model.image_size=64", "train.stage=cls"])
     model = model_from_config(config).eval()
-    save_checkpoint(folder / "best.pt", {
-        "model": model.state_dict(), "epoch": 0, "config": config_to_dict(config),
-        "metrics": {}, "versions": software_versions(), "threshold": 0.5, "stage": "cls"})
+    save_checkpoint(
+        folder / "best.pt",
+        {
+            "model": model.state_dict(),
+            "epoch": 0,
+            "config": config_to_dict(config),
+            "metrics": {},
+            "versions": software_versions(),
+            "threshold": 0.5,
+            "stage": "cls",
+        },
+    )
     return folder
 
 
@@ -67,12 +76,13 @@ def _studies(folder: Path, n: int, slices: int, matrix: int) -> list[bytes]:
     """``n`` synthetic chest CTs as .nii.gz bytes."""
     import SimpleITK as sitk
 
-    from lungcad.synthetic import make_phantom
+    from lungcad.data.synthetic.phantom import make_phantom
 
     out = []
     for seed in range(n):
-        phantom = make_phantom(seed, shape_zyx=(slices, matrix, matrix), matrix=matrix,
-                               n_nodules=1, size_mm=20.0)
+        phantom = make_phantom(
+            seed, shape_zyx=(slices, matrix, matrix), matrix=matrix, n_nodules=1, size_mm=20.0
+        )
         path = folder / f"study{seed}.nii.gz"
         sitk.WriteImage(phantom.volume.to_sitk(), str(path))
         out.append(path.read_bytes())
@@ -107,8 +117,15 @@ class Recorder:
         return response
 
 
-def _client(base: str, token: str, studies: list[bytes], args: argparse.Namespace,
-            rec: Recorder, deadline: float, seed: int) -> None:
+def _client(
+    base: str,
+    token: str,
+    studies: list[bytes],
+    args: argparse.Namespace,
+    rec: Recorder,
+    deadline: float,
+    seed: int,
+) -> None:
     import httpx
 
     rng = np.random.default_rng(seed)
@@ -120,16 +137,22 @@ def _client(base: str, token: str, studies: list[bytes], args: argparse.Namespac
         while time.monotonic() < deadline:
             if submitted < args.studies and not pending:
                 data = studies[int(rng.integers(len(studies)))]
-                response = rec.call("POST /api/v1/studies", lambda d=data: http.post(
-                    "/api/v1/studies", files={"file": ("study.nii.gz", d)}), expected=202)
+                response = rec.call(
+                    "POST /api/v1/studies",
+                    lambda d=data: http.post(
+                        "/api/v1/studies", files={"file": ("study.nii.gz", d)}
+                    ),
+                    expected=202,
+                )
                 if response is not None and response.status_code == 202:
                     pending[response.json()["job_id"]] = time.monotonic()
                     submitted += 1
             if pending and time.monotonic() >= next_poll:
                 next_poll = time.monotonic() + 0.2
                 for job_id, since in list(pending.items()):
-                    response = rec.call("GET /api/v1/jobs/{id}",
-                                        lambda j=job_id: http.get(f"/api/v1/jobs/{j}"))
+                    response = rec.call(
+                        "GET /api/v1/jobs/{id}", lambda j=job_id: http.get(f"/api/v1/jobs/{j}")
+                    )
                     if response is None or response.status_code != 200:
                         continue
                     status = response.json()["status"]
@@ -142,15 +165,19 @@ def _client(base: str, token: str, studies: list[bytes], args: argparse.Namespac
                         else:
                             with rec.lock:
                                 rec.errors["job failed"] += 1
-            label, path = [("GET /health", "/health"), ("GET /api/v1/model", "/api/v1/model"),
-                           ("GET /api/v1/jobs", "/api/v1/jobs")][int(rng.integers(3))]
+            label, path = [
+                ("GET /health", "/health"),
+                ("GET /api/v1/model", "/api/v1/model"),
+                ("GET /api/v1/jobs", "/api/v1/jobs"),
+            ][int(rng.integers(3))]
             rec.call(label, lambda p=path: http.get(p))
             time.sleep(args.think)
         drain = time.monotonic() + args.drain
         while pending and time.monotonic() < drain:  # let submitted jobs finish
             for job_id, since in list(pending.items()):
-                response = rec.call("GET /api/v1/jobs/{id}",
-                                    lambda j=job_id: http.get(f"/api/v1/jobs/{j}"))
+                response = rec.call(
+                    "GET /api/v1/jobs/{id}", lambda j=job_id: http.get(f"/api/v1/jobs/{j}")
+                )
                 if response is not None and response.json().get("status") in ("done", "failed"):
                     del pending[job_id]
                     with rec.lock:
@@ -162,13 +189,18 @@ def _client(base: str, token: str, studies: list[bytes], args: argparse.Namespac
 
 def _view(http, job_id: str, rec: Recorder) -> None:
     """What the viewer does when a job is done: the result, then scroll the slices."""
-    response = rec.call("GET /api/v1/jobs/{id}/result",
-                        lambda: http.get(f"/api/v1/jobs/{job_id}/result"))
+    response = rec.call(
+        "GET /api/v1/jobs/{id}/result", lambda: http.get(f"/api/v1/jobs/{job_id}/result")
+    )
     if response is None or response.status_code != 200:
         return
     for z in range(response.json()["n_slices"]):
-        rec.call("GET /api/v1/jobs/{id}/slices/{z}.png", lambda z=z: http.get(
-            f"/api/v1/jobs/{job_id}/slices/{z}.png?window=lung&overlay=1&cam=1"))
+        rec.call(
+            "GET /api/v1/jobs/{id}/slices/{z}.png",
+            lambda z=z: http.get(
+                f"/api/v1/jobs/{job_id}/slices/{z}.png?window=lung&overlay=1&cam=1"
+            ),
+        )
 
 
 def _wait_ready(base: str, server: subprocess.Popen, timeout: float) -> None:
@@ -188,26 +220,36 @@ def _wait_ready(base: str, server: subprocess.Popen, timeout: float) -> None:
 
 
 def _report(rec: Recorder, wall: float, args: argparse.Namespace) -> None:
-    print(f"\nservice benchmark: {args.clients} clients, {args.duration:g} s, studies "
-          f"{args.slices}x{args.matrix}x{args.matrix} NIfTI, up to {args.studies} per client")
-    print(f"{'endpoint':40s} {'n':>6s} {'p50 ms':>8s} {'p95 ms':>8s} {'p99 ms':>8s} "
-          f"{'max ms':>8s} {'errors':>6s} {'503':>5s}")
+    print(
+        f"\nservice benchmark: {args.clients} clients, {args.duration:g} s, studies "
+        f"{args.slices}x{args.matrix}x{args.matrix} NIfTI, up to {args.studies} per client"
+    )
+    print(
+        f"{'endpoint':40s} {'n':>6s} {'p50 ms':>8s} {'p95 ms':>8s} {'p99 ms':>8s} "
+        f"{'max ms':>8s} {'errors':>6s} {'503':>5s}"
+    )
     total = 0
     for label in sorted(rec.latency):
         ms = np.asarray(rec.latency[label]) * 1000.0
         total += ms.size
         p50, p95, p99 = np.percentile(ms, [50, 95, 99])
-        print(f"{label:40s} {ms.size:6d} {p50:8.1f} {p95:8.1f} {p99:8.1f} {ms.max():8.1f} "
-              f"{rec.errors.get(label, 0):6d} {rec.busy.get(label, 0):5d}")
+        print(
+            f"{label:40s} {ms.size:6d} {p50:8.1f} {p95:8.1f} {p99:8.1f} {ms.max():8.1f} "
+            f"{rec.errors.get(label, 0):6d} {rec.busy.get(label, 0):5d}"
+        )
     other = {k: v for k, v in rec.errors.items() if k not in rec.latency and v}
     errors = sum(rec.errors.values())
-    print(f"requests: {total} in {wall:.1f} s = {total / wall:.1f} req/s; errors: {errors}"
-          + (f" ({other})" if other else ""))
+    print(
+        f"requests: {total} in {wall:.1f} s = {total / wall:.1f} req/s; errors: {errors}"
+        + (f" ({other})" if other else "")
+    )
     if rec.turnaround:
         t = np.asarray(rec.turnaround)
-        print(f"jobs finished: {t.size}; turnaround p50 {np.median(t):.2f} s, p95 "
-              f"{np.percentile(t, 95):.2f} s, max {t.max():.2f} s; "
-              f"{60.0 * t.size / wall:.1f} jobs/min")
+        print(
+            f"jobs finished: {t.size}; turnaround p50 {np.median(t):.2f} s, p95 "
+            f"{np.percentile(t, 95):.2f} s, max {t.max():.2f} s; "
+            f"{60.0 * t.size / wall:.1f} jobs/min"
+        )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -218,12 +260,21 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--studies", type=int, default=2, help="studies per client (at most)")
     parser.add_argument("--slices", type=int, default=8, help="slices per study")
     parser.add_argument("--matrix", type=int, default=128, help="in-plane size of a study")
-    parser.add_argument("--think", type=float, default=0.05,
-                        help="seconds each client waits between requests")
-    parser.add_argument("--drain", type=float, default=120.0,
-                        help="seconds to wait for submitted jobs after the load")
-    parser.add_argument("--server-threads", type=int, default=None,
-                        help="torch threads in the server (lungcad serve --threads)")
+    parser.add_argument(
+        "--think", type=float, default=0.05, help="seconds each client waits between requests"
+    )
+    parser.add_argument(
+        "--drain",
+        type=float,
+        default=120.0,
+        help="seconds to wait for submitted jobs after the load",
+    )
+    parser.add_argument(
+        "--server-threads",
+        type=int,
+        default=None,
+        help="torch threads in the server (lungcad serve --threads)",
+    )
     args = parser.parse_args(argv)
 
     with tempfile.TemporaryDirectory(prefix="lungcad-service-bench-") as tmp_name:
@@ -235,9 +286,23 @@ def main(argv: list[str] | None = None) -> int:
         (tmp / "tokens.txt").chmod(0o600)
         port = _free_port()
         base = f"http://127.0.0.1:{port}"
-        command = [sys.executable, "-m", "lungcad.cli.serve", "--checkpoint", str(run),
-                   "--host", "127.0.0.1", "--port", str(port), "--data-dir", str(tmp / "data"),
-                   "--token-file", str(tmp / "tokens.txt"), "--queue-size", "64"]
+        command = [
+            sys.executable,
+            "-m",
+            "lungcad.cli.serve",
+            "--checkpoint",
+            str(run),
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--data-dir",
+            str(tmp / "data"),
+            "--token-file",
+            str(tmp / "tokens.txt"),
+            "--queue-size",
+            "64",
+        ]
         if args.server_threads:
             command += ["--threads", str(args.server_threads)]
         log = (tmp / "server.log").open("w")
@@ -247,9 +312,12 @@ def main(argv: list[str] | None = None) -> int:
             rec = Recorder()
             start = time.monotonic()
             deadline = start + args.duration
-            threads = [threading.Thread(target=_client, args=(base, token, studies, args, rec,
-                                                              deadline, i))
-                       for i in range(args.clients)]
+            threads = [
+                threading.Thread(
+                    target=_client, args=(base, token, studies, args, rec, deadline, i)
+                )
+                for i in range(args.clients)
+            ]
             for thread in threads:
                 thread.start()
             for thread in threads:

@@ -18,8 +18,8 @@ from typing import Any
 import numpy as np
 import SimpleITK as sitk
 
-from lungcad.inference import StudyResult
-from lungcad.lesions import find_lesions
+from lungcad.inference.lesions import find_lesions
+from lungcad.inference.predictor import StudyResult
 from lungcad.volume import Volume, reorient
 
 TOKEN = "test-token-0123456789abcdef"
@@ -28,7 +28,8 @@ AUTH = {"Authorization": f"Bearer {TOKEN}"}
 
 
 class FakePredictor:
-    """Stands in for ``lungcad.inference.Predictor`` where inference itself is not under test.
+    """Stands in for ``lungcad.inference.predictor.Predictor`` where inference itself is not under
+    test.
 
     Args:
         probability: the study probability it reports.
@@ -37,8 +38,9 @@ class FakePredictor:
             "running").
     """
 
-    def __init__(self, probability: float = 0.8, fail_times: int = 0,
-                 block: threading.Event | None = None) -> None:
+    def __init__(
+        self, probability: float = 0.8, fail_times: int = 0, block: threading.Event | None = None
+    ) -> None:
         self.probability = probability
         self.fail_times = fail_times
         self.block = block
@@ -47,9 +49,15 @@ class FakePredictor:
 
     @property
     def info(self) -> dict[str, Any]:
-        return {"model_name": "fake", "lungcad_version": "0.1.0", "config_hash": "c0ffee",
-                "checkpoint_sha256": "ab" * 32, "checkpoint_path": "/secret/run/best.pt",
-                "threshold": 0.5, "intended_use": "Research use only (test)."}
+        return {
+            "model_name": "fake",
+            "lungcad_version": "0.1.0",
+            "config_hash": "c0ffee",
+            "checkpoint_sha256": "ab" * 32,
+            "checkpoint_path": "/secret/run/best.pt",
+            "threshold": 0.5,
+            "intended_use": "Research use only (test).",
+        }
 
     def predict_volume(self, volume: Volume) -> StudyResult:
         self.calls += 1
@@ -60,7 +68,7 @@ class FakePredictor:
             raise RuntimeError("model exploded")
         z, h, w = volume.shape
         mask = np.zeros(volume.shape, np.uint8)
-        mask[z // 2, h // 4:h // 2, w // 4:w // 2] = 1
+        mask[z // 2, h // 4 : h // 2, w // 4 : w // 2] = 1
         prob = mask.astype(np.float32) * 0.9
         cam = np.zeros(volume.shape, np.float32)
         cam[z // 2, : h // 2, : w // 2] = 1.0
@@ -69,11 +77,19 @@ class FakePredictor:
         slice_probs = np.full(z, 0.1)
         slice_probs[z // 2] = self.probability
         return StudyResult(
-            mask=mask_v, probability=prob_v, slice_probabilities=slice_probs,
-            study_probability=self.probability, is_cancer=self.probability >= 0.5,
-            threshold=0.5, lesions=find_lesions(mask_v, volume, prob_v),
-            lung_slices=np.arange(z), cam=volume.with_array(cam, intensity="windowed"),
-            cam_slices=[z // 2], model_info=self.info, timings={"total_s": 0.0})
+            mask=mask_v,
+            probability=prob_v,
+            slice_probabilities=slice_probs,
+            study_probability=self.probability,
+            is_cancer=self.probability >= 0.5,
+            threshold=0.5,
+            lesions=find_lesions(mask_v, volume, prob_v),
+            lung_slices=np.arange(z),
+            cam=volume.with_array(cam, intensity="windowed"),
+            cam_slices=[z // 2],
+            model_info=self.info,
+            timings={"total_s": 0.0},
+        )
 
 
 def hu_volume(shape: tuple[int, int, int] = (4, 32, 32), seed: int = 0) -> Volume:
@@ -83,8 +99,12 @@ def hu_volume(shape: tuple[int, int, int] = (4, 32, 32), seed: int = 0) -> Volum
     yy, xx = np.mgrid[:h, :w]
     body = (yy - h / 2) ** 2 + (xx - w / 2) ** 2 <= (0.4 * min(h, w)) ** 2
     array = np.where(body, 40.0, -1000.0)[None].repeat(z, 0) + rng.normal(0, 10, shape)
-    return Volume(array=array.astype(np.float32), spacing=(2.0, 1.5, 1.5),
-                  origin=(-24.0, -24.0, 0.0), meta={"source_orientation": "LPS"})
+    return Volume(
+        array=array.astype(np.float32),
+        spacing=(2.0, 1.5, 1.5),
+        origin=(-24.0, -24.0, 0.0),
+        meta={"source_orientation": "LPS"},
+    )
 
 
 def nifti_bytes(volume: Volume, folder: Path, orientation: str = "RAS") -> bytes:
@@ -105,18 +125,27 @@ def zip_bytes(files: dict[str, bytes]) -> bytes:
 
 def zip_folder(folder: Path, prefix: str = "series") -> bytes:
     """A zip of every file under ``folder`` (paths below ``prefix/``)."""
-    return zip_bytes({f"{prefix}/{p.relative_to(folder).as_posix()}": p.read_bytes()
-                      for p in sorted(folder.rglob("*")) if p.is_file()})
+    return zip_bytes(
+        {
+            f"{prefix}/{p.relative_to(folder).as_posix()}": p.read_bytes()
+            for p in sorted(folder.rglob("*"))
+            if p.is_file()
+        }
+    )
 
 
 def submit(client: Any, data: bytes, filename: str, headers: dict[str, str] | None = None):
     """POST a study; returns the response."""
-    return client.post("/api/v1/studies", files={"file": (filename, data)},
-                       headers=AUTH if headers is None else headers)
+    return client.post(
+        "/api/v1/studies",
+        files={"file": (filename, data)},
+        headers=AUTH if headers is None else headers,
+    )
 
 
-def wait_for(client: Any, job_id: str, statuses: tuple[str, ...] = ("done", "failed"),
-             timeout: float = 60.0) -> dict[str, Any]:
+def wait_for(
+    client: Any, job_id: str, statuses: tuple[str, ...] = ("done", "failed"), timeout: float = 60.0
+) -> dict[str, Any]:
     """Poll a job until its status is one of ``statuses``; returns the job document."""
     deadline = time.monotonic() + timeout
     while True:

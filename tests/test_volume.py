@@ -5,13 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from lungcad.volume import (
-    Volume,
-    orientation_code,
-    reorient,
-    to_canonical,
-    to_source_orientation,
-)
+from lungcad.volume import Volume, orientation_code, reorient, to_canonical, to_source_orientation
 
 
 def _volume(direction: np.ndarray) -> Volume:

@@ -161,8 +161,12 @@ def reorient(volume: Volume, code: str = CANONICAL_ORIENTATION) -> Volume:
     if orientation_code(volume) == code:
         return volume.with_array(volume.array)
     image = sitk.DICOMOrient(volume.to_sitk(), code)
-    out = Volume.from_sitk(image, intensity=volume.intensity, meta=copy.deepcopy(volume.meta),
-                           dtype=volume.array.dtype.type)
+    out = Volume.from_sitk(
+        image,
+        intensity=volume.intensity,
+        meta=copy.deepcopy(volume.meta),
+        dtype=volume.array.dtype.type,
+    )
     return out
 
 

@@ -20,33 +20,65 @@ HELP = "fit temperature or isotonic calibration of the cancer probability on val
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Options of ``lungcad calibrate``."""
-    parser.add_argument("--checkpoint", required=True, metavar="RUN_DIR",
-                        help="run folder written by `lungcad train cls`")
-    parser.add_argument("--manifest", required=True, action="append", metavar="DIR_OR_CSV",
-                        help="prepared data (folder or manifest.csv); repeat to combine sets")
-    parser.add_argument("--method", choices=("temperature", "isotonic"), default="temperature",
-                        help="temperature scaling (1 parameter, default) or isotonic regression")
-    parser.add_argument("--split", default="val", choices=("train", "val", "test"),
-                        help="split to fit on (default val; never the split you report on)")
-    parser.add_argument("--threshold-method", choices=("mcc", "youden"), default=None,
-                        help="rule for the new threshold (default: the run's own)")
+    parser.add_argument(
+        "--checkpoint",
+        required=True,
+        metavar="RUN_DIR",
+        help="run folder written by `lungcad train cls`",
+    )
+    parser.add_argument(
+        "--manifest",
+        required=True,
+        action="append",
+        metavar="DIR_OR_CSV",
+        help="prepared data (folder or manifest.csv); repeat to combine sets",
+    )
+    parser.add_argument(
+        "--method",
+        choices=("temperature", "isotonic"),
+        default="temperature",
+        help="temperature scaling (1 parameter, default) or isotonic regression",
+    )
+    parser.add_argument(
+        "--split",
+        default="val",
+        choices=("train", "val", "test"),
+        help="split to fit on (default val; never the split you report on)",
+    )
+    parser.add_argument(
+        "--threshold-method",
+        choices=("mcc", "youden"),
+        default=None,
+        help="rule for the new threshold (default: the run's own)",
+    )
 
 
 def run(args: argparse.Namespace) -> int:
     """Fit, store and summarise the calibration."""
-    from lungcad.calibration import CALIBRATION_FILE, calibrate_run
+    from lungcad.evaluation.calibration import CALIBRATION_FILE, calibrate_run
 
-    cal = calibrate_run(args.checkpoint, args.manifest, args.method, split=args.split,
-                        threshold_method=args.threshold_method)
+    cal = calibrate_run(
+        args.checkpoint,
+        args.manifest,
+        args.method,
+        split=args.split,
+        threshold_method=args.threshold_method,
+    )
     info = cal.info
-    print(f"{args.method} calibration on {info['n']} {args.split} slices "
-          f"({info['n_positive']} cancerous)"
-          + (f": temperature {cal.temperature:.3f}" if cal.temperature else ""))
+    print(
+        f"{args.method} calibration on {info['n']} {args.split} slices "
+        f"({info['n_positive']} cancerous)"
+        + (f": temperature {cal.temperature:.3f}" if cal.temperature else "")
+    )
     for key in ("nll", "ece", "brier"):
-        print(f"  {key.upper():<6}{info[f'{key}_before']:.4f} -> {info[f'{key}_after']:.4f} "
-              "(in-sample)")
-    print(f"  threshold {info['threshold_uncalibrated']:.4f} (uncalibrated) -> "
-          f"{cal.threshold:.4f} (calibrated, {info['threshold_method']})")
+        print(
+            f"  {key.upper():<6}{info[f'{key}_before']:.4f} -> {info[f'{key}_after']:.4f} "
+            "(in-sample)"
+        )
+    print(
+        f"  threshold {info['threshold_uncalibrated']:.4f} (uncalibrated) -> "
+        f"{cal.threshold:.4f} (calibrated, {info['threshold_method']})"
+    )
     run_dir = Path(args.checkpoint)
     print(f"wrote {(run_dir if run_dir.is_dir() else run_dir.parent) / CALIBRATION_FILE}")
     return 0

@@ -29,8 +29,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--external-cases", type=int, default=6, help="external cohort size")
     parser.add_argument("--epochs", type=int, default=4, help="epochs per training stage")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--data-only", action="store_true",
-                        help="stop after the cohorts, previews and summary (no training)")
+    parser.add_argument(
+        "--data-only",
+        action="store_true",
+        help="stop after the cohorts, previews and summary (no training)",
+    )
 
 
 def _step(name: str) -> float:
@@ -40,13 +43,25 @@ def _step(name: str) -> float:
 
 def make_cohorts(out: Path, cases: int, external_cases: int, seed: int) -> dict[str, Path]:
     """Write the internal and the shifted external synthetic cohorts; returns their folders."""
-    from lungcad.synthetic import write_cohort
+    from lungcad.data.synthetic.cohort import write_cohort
 
     folders = {"internal": out / "cohort_internal", "external": out / "cohort_external"}
-    write_cohort(folders["internal"], cases, site="internal", seed=seed, tumour_fraction=0.5,
-                 formats=("dicom", "msd"))
-    write_cohort(folders["external"], external_cases, site="external", seed=seed,
-                 tumour_fraction=0.5, formats=("dicom", "msd"))
+    write_cohort(
+        folders["internal"],
+        cases,
+        site="internal",
+        seed=seed,
+        tumour_fraction=0.5,
+        formats=("dicom", "msd"),
+    )
+    write_cohort(
+        folders["external"],
+        external_cases,
+        site="external",
+        seed=seed,
+        tumour_fraction=0.5,
+        formats=("dicom", "msd"),
+    )
     return folders
 
 
@@ -59,9 +74,10 @@ def summarise_cohort(name: str, cohort_dir: Path, preview_dir: Path) -> dict[str
     """
     import numpy as np
 
+    from lungcad.data.lung_mask import lung_mask
+    from lungcad.data.preprocessing import to_unit_range
     from lungcad.io import read_image
-    from lungcad.preprocessing import lung_mask, to_unit_range
-    from lungcad.visualize import overlay_montage
+    from lungcad.reports.figures import overlay_montage
 
     cohort = json.loads((cohort_dir / "cohort.json").read_text())
     rows = []
@@ -80,62 +96,82 @@ def summarise_cohort(name: str, cohort_dir: Path, preview_dir: Path) -> dict[str
             [window[z] for z in z_slices],
             preview_dir / f"{name}_{case_id}.png",
             masks=[lungs[z] for z in z_slices],
-            titles=[f"{case_id} z={z}" + (" tumour" if tumour[z].any() else "")
-                    for z in z_slices],
+            titles=[f"{case_id} z={z}" + (" tumour" if tumour[z].any() else "") for z in z_slices],
             mask_colour="lime",
         )
         if tumour.any():  # tumour outline in red on top of the lung outline, last tile
-            overlay_montage([window[z_slices[-1]]], preview_dir / f"{name}_{case_id}_tumour.png",
-                            masks=[tumour[z_slices[-1]]], titles=[f"{case_id} tumour"])
-        rows.append({
-            "cohort": name,
-            "case_id": case_id,
-            "shape_zyx": list(study.shape),
-            "spacing_zyx_mm": [round(s, 3) for s in study.spacing],
-            "lung_volume_ml": round(float(lungs.sum()) * study.voxel_volume_ml, 1),
-            "tumour_volume_ml": round(float(tumour.sum()) * label.voxel_volume_ml, 2),
-            "has_tumour": bool(tumour.any()),
-            "warnings": study.meta.get("warnings", []),
-        })
+            overlay_montage(
+                [window[z_slices[-1]]],
+                preview_dir / f"{name}_{case_id}_tumour.png",
+                masks=[tumour[z_slices[-1]]],
+                titles=[f"{case_id} tumour"],
+            )
+        rows.append(
+            {
+                "cohort": name,
+                "case_id": case_id,
+                "shape_zyx": list(study.shape),
+                "spacing_zyx_mm": [round(s, 3) for s in study.spacing],
+                "lung_volume_ml": round(float(lungs.sum()) * study.voxel_volume_ml, 1),
+                "tumour_volume_ml": round(float(tumour.sum()) * label.voxel_volume_ml, 2),
+                "has_tumour": bool(tumour.any()),
+                "warnings": study.meta.get("warnings", []),
+            }
+        )
     return {"cohort": name, "site": cohort["site"], "cases": rows}
 
 
 def prepare_cohorts(folders: dict[str, Path], out: Path, seed: int) -> dict[str, Path]:
     """Prepare each cohort's MSD layout into a slice manifest (internal: patient-level splits)."""
-    from lungcad.layouts import PrepareSettings, prepare_dataset
+    from lungcad.data.layouts.common import PrepareSettings
+    from lungcad.data.layouts.prepare import prepare_dataset
 
     prepared = {}
     for name, fractions in (("internal", (0.2, 0.2)), ("external", (0.0, 0.0))):
-        settings = PrepareSettings(layout="msd", seed=seed, val_fraction=fractions[0],
-                                   test_fraction=fractions[1])
-        prepared[name] = prepare_dataset(folders[name] / "msd", out / "prepared" / name,
-                                         settings).out
+        settings = PrepareSettings(
+            layout="msd", seed=seed, val_fraction=fractions[0], test_fraction=fractions[1]
+        )
+        prepared[name] = prepare_dataset(
+            folders[name] / "msd", out / "prepared" / name, settings
+        ).out
     return prepared
 
 
 def validate(prepared: dict[str, Path], out: Path, epochs: int, seed: int):
     """Train seg then cls on the internal site, evaluate internally and externally, run the
     traditional-ML baselines on the same splits and write the generalisation-gap table."""
-    from lungcad.config import load_config
-    from lungcad.validation import SYNTHETIC_OVERRIDES, run_validation
+    from lungcad.training.config import load_config
+    from lungcad.validation.protocol import SYNTHETIC_OVERRIDES, run_validation
 
     overrides = [*SYNTHETIC_OVERRIDES, f"optim.epochs={epochs}", f"train.seed={seed}"]
     config = load_config(None, overrides)
-    return run_validation(prepared["internal"], {"external": prepared["external"]}, config,
-                          out / "validation", baselines=("logreg", "rf", "knn"),
-                          n_boot=200, seed=seed)
+    return run_validation(
+        prepared["internal"],
+        {"external": prepared["external"]},
+        config,
+        out / "validation",
+        baselines=("logreg", "rf", "knn"),
+        n_boot=200,
+        seed=seed,
+    )
 
 
 def predict_one(cls_run: Path, study: Path, out: Path) -> dict[str, Path]:
     """Whole-study inference on one DICOM series: mask, SEG, SR, findings, Grad-CAM, report."""
-    from lungcad.inference import Predictor, write_study_outputs
+    from lungcad.inference.outputs import write_study_outputs
+    from lungcad.inference.predictor import Predictor
 
     predictor = Predictor.from_checkpoint(cls_run, device="cpu")
     volume, result = predictor.predict_path(study)
     files = write_study_outputs(volume, result, out)
-    log.info("study %s: probability %.3f (%s at threshold %.3f), %d lesion(s)", study.name,
-             result.study_probability, "cancer" if result.is_cancer else "no cancer",
-             predictor.threshold, len(result.lesions))
+    log.info(
+        "study %s: probability %.3f (%s at threshold %.3f), %d lesion(s)",
+        study.name,
+        result.study_probability,
+        "cancer" if result.is_cancer else "no cancer",
+        predictor.threshold,
+        len(result.lesions),
+    )
     return files
 
 
@@ -151,16 +187,21 @@ def run(args: argparse.Namespace) -> int:
     log.info("cohorts written in %.1f s", time.perf_counter() - t)
 
     t = _step("2/6 read back through the readers, lung masks, previews, summary")
-    summary = {name: summarise_cohort(name, folder, out / "previews")
-               for name, folder in folders.items()}
+    summary = {
+        name: summarise_cohort(name, folder, out / "previews") for name, folder in folders.items()
+    }
     write_text_atomic(out / "dataset_summary.json", json.dumps(summary, indent=2))
-    lines = ["| cohort | case | shape z,y,x | spacing mm | lungs mL | tumour mL |",
-             "|---|---|---|---|---|---|"]
+    lines = [
+        "| cohort | case | shape z,y,x | spacing mm | lungs mL | tumour mL |",
+        "|---|---|---|---|---|---|",
+    ]
     for cohort in summary.values():
         for r in cohort["cases"]:
-            lines.append(f"| {r['cohort']} | {r['case_id']} | {r['shape_zyx']} | "
-                         f"{r['spacing_zyx_mm']} | {r['lung_volume_ml']} | "
-                         f"{r['tumour_volume_ml']} |")
+            lines.append(
+                f"| {r['cohort']} | {r['case_id']} | {r['shape_zyx']} | "
+                f"{r['spacing_zyx_mm']} | {r['lung_volume_ml']} | "
+                f"{r['tumour_volume_ml']} |"
+            )
     write_text_atomic(out / "dataset_summary.md", "\n".join(lines) + "\n")
     print("\n".join(lines))
     log.info("summary and previews in %.1f s", time.perf_counter() - t)
@@ -180,13 +221,16 @@ def run(args: argparse.Namespace) -> int:
     t = _step("5/6 predict one external DICOM study: mask, SEG, SR, Grad-CAM, report")
     external = json.loads((folders["external"] / "cohort.json").read_text())
     case = next((c for c in external["cases"] if c.get("has_tumour")), external["cases"][0])
-    files = predict_one(result.runs["cls"], folders["external"] / case["files"]["dicom"],
-                        out / "prediction" / case["case_id"])
+    files = predict_one(
+        result.runs["cls"],
+        folders["external"] / case["files"]["dicom"],
+        out / "prediction" / case["case_id"],
+    )
     log.info("prediction outputs: %s", ", ".join(sorted(p.name for p in files.values())))
     log.info("predicted in %.1f s", time.perf_counter() - t)
 
     t = _step("6/6 HTML report of the validation")
-    from lungcad.report import write_report
+    from lungcad.validation.report import write_report
 
     report = write_report(result.out_dir, out / "validation_report.html")
     log.info("report: %s (%.1f s)", report, time.perf_counter() - t)

@@ -25,8 +25,19 @@ EPILOG = """examples:
       --positive "Malignant cases" --negative "Normal cases,Bengin cases"
 """
 
-SUMMARY_KEYS = ("accuracy", "sensitivity", "specificity", "f1", "mcc", "kappa", "auc", "dice",
-                "iou", "hd95", "lesion_sensitivity")
+SUMMARY_KEYS = (
+    "accuracy",
+    "sensitivity",
+    "specificity",
+    "f1",
+    "mcc",
+    "kappa",
+    "auc",
+    "dice",
+    "iou",
+    "hd95",
+    "lesion_sensitivity",
+)
 
 
 def _names(text: str) -> tuple[str, ...]:
@@ -37,32 +48,75 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Options of ``lungcad evaluate``."""
     parser.formatter_class = argparse.RawDescriptionHelpFormatter
     parser.epilog = EPILOG
-    parser.add_argument("--checkpoint", required=True, metavar="RUN",
-                        help="run folder written by `lungcad train` (or its best.pt)")
-    parser.add_argument("--data", required=True, metavar="PATH",
-                        help="prepared folder / manifest.csv, or a raw dataset folder")
-    parser.add_argument("--out", required=True, metavar="DIR",
-                        help="evaluation folder to write (new, empty or an earlier evaluation)")
-    parser.add_argument("--split", choices=("train", "val", "test", "all"), default=None,
-                        help="rows to evaluate (default: test for prepared data, all for raw)")
-    parser.add_argument("--layout", default="auto",
-                        choices=["auto", "msd", "luna16", "classfolders", "imagemask"],
-                        help="raw data: dataset layout (default: detect)")
-    parser.add_argument("--positive", type=_names, default=(),
-                        help="raw class folders: comma-separated cancerous folder names")
-    parser.add_argument("--negative", type=_names, default=(),
-                        help="raw class folders: comma-separated non-cancerous folder names")
-    parser.add_argument("--block-size", type=int, default=None,
-                        help="raw 2D sets: files per patient group (see lungcad prepare)")
-    parser.add_argument("--slices", default="tumour", choices=["tumour", "all", "lung"],
-                        help="raw 3D sets: which slices to take (see lungcad prepare)")
-    parser.add_argument("--n-boot", type=int, default=1000,
-                        help="patient-level bootstrap replicates for CIs (0: none)")
+    parser.add_argument(
+        "--checkpoint",
+        required=True,
+        metavar="RUN",
+        help="run folder written by `lungcad train` (or its best.pt)",
+    )
+    parser.add_argument(
+        "--data",
+        required=True,
+        metavar="PATH",
+        help="prepared folder / manifest.csv, or a raw dataset folder",
+    )
+    parser.add_argument(
+        "--out",
+        required=True,
+        metavar="DIR",
+        help="evaluation folder to write (new, empty or an earlier evaluation)",
+    )
+    parser.add_argument(
+        "--split",
+        choices=("train", "val", "test", "all"),
+        default=None,
+        help="rows to evaluate (default: test for prepared data, all for raw)",
+    )
+    parser.add_argument(
+        "--layout",
+        default="auto",
+        choices=["auto", "msd", "luna16", "classfolders", "imagemask"],
+        help="raw data: dataset layout (default: detect)",
+    )
+    parser.add_argument(
+        "--positive",
+        type=_names,
+        default=(),
+        help="raw class folders: comma-separated cancerous folder names",
+    )
+    parser.add_argument(
+        "--negative",
+        type=_names,
+        default=(),
+        help="raw class folders: comma-separated non-cancerous folder names",
+    )
+    parser.add_argument(
+        "--block-size",
+        type=int,
+        default=None,
+        help="raw 2D sets: files per patient group (see lungcad prepare)",
+    )
+    parser.add_argument(
+        "--slices",
+        default="tumour",
+        choices=["tumour", "all", "lung"],
+        help="raw 3D sets: which slices to take (see lungcad prepare)",
+    )
+    parser.add_argument(
+        "--n-boot",
+        type=int,
+        default=1000,
+        help="patient-level bootstrap replicates for CIs (0: none)",
+    )
     parser.add_argument("--seed", type=int, default=0, help="bootstrap (and split) seed")
     parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
     parser.add_argument("--batch-size", type=int, default=32, help="slices per forward pass")
-    parser.add_argument("--examples", type=int, default=2,
-                        help="overlay examples per TP/FP/FN/TN category (0: none)")
+    parser.add_argument(
+        "--examples",
+        type=int,
+        default=2,
+        help="overlay examples per TP/FP/FN/TN category (0: none)",
+    )
 
 
 def _fmt(metrics: dict[str, float], key: str) -> str:
@@ -76,32 +130,53 @@ def _fmt(metrics: dict[str, float], key: str) -> str:
 
 def run(args: argparse.Namespace) -> int:
     """Evaluate and print the main metrics; 0 on success."""
-    from lungcad.evaluation import evaluate_run
-    from lungcad.layouts import PrepareSettings
+    from lungcad.data.layouts.common import PrepareSettings
+    from lungcad.evaluation.evaluate import evaluate_run
 
-    settings = PrepareSettings(layout=args.layout, positive=args.positive,
-                               negative=args.negative, seed=args.seed,
-                               block_size=args.block_size, slices=args.slices)
-    result = evaluate_run(args.checkpoint, args.data, args.out, split=args.split,
-                          prepare_settings=settings, n_boot=args.n_boot, seed=args.seed,
-                          device=args.device, batch_size=args.batch_size,
-                          n_examples=args.examples)
+    settings = PrepareSettings(
+        layout=args.layout,
+        positive=args.positive,
+        negative=args.negative,
+        seed=args.seed,
+        block_size=args.block_size,
+        slices=args.slices,
+    )
+    result = evaluate_run(
+        args.checkpoint,
+        args.data,
+        args.out,
+        split=args.split,
+        prepare_settings=settings,
+        n_boot=args.n_boot,
+        seed=args.seed,
+        device=args.device,
+        batch_size=args.batch_size,
+        n_examples=args.examples,
+    )
     info, metrics = result.info, result.metrics
     data = info["data"]
-    print(f"evaluated {info['checkpoint']['path']} on {data['n_slices']} slices "
-          f"({data['n_groups']} groups, split {data['split']}) of {data['input']}")
+    print(
+        f"evaluated {info['checkpoint']['path']} on {data['n_slices']} slices "
+        f"({data['n_groups']} groups, split {data['split']}) of {data['input']}"
+    )
     if info["threshold"]["value"] is not None:
-        print(f"decision threshold {info['threshold']['value']:.3f} (from "
-              f"{info['threshold']['source']}, chosen on the run's validation split)")
+        print(
+            f"decision threshold {info['threshold']['value']:.3f} (from "
+            f"{info['threshold']['source']}, chosen on the run's validation split)"
+        )
     calibration = info.get("calibration", {})
     if calibration.get("applied"):
-        print(f"probabilities calibrated ({calibration['method']}, {calibration['file']}), "
-              "as `lungcad predict` applies them")
+        print(
+            f"probabilities calibrated ({calibration['method']}, {calibration['file']}), "
+            "as `lungcad predict` applies them"
+        )
     for key in SUMMARY_KEYS:
         if key in metrics:
             print(f"  {key:<20}{_fmt(metrics, key)}")
     for note in info["notes"]:
         print(f"note: {note}")
-    print(f"wrote {result.out_dir} (metrics.json, predictions.csv, plots); "
-          f"render it with `lungcad report {result.out_dir} --out report.html`")
+    print(
+        f"wrote {result.out_dir} (metrics.json, predictions.csv, plots); "
+        f"render it with `lungcad report {result.out_dir} --out report.html`"
+    )
     return 0

@@ -23,10 +23,18 @@ TOLERANCE = 1e-4
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Options of ``lungcad export``."""
-    parser.add_argument("--checkpoint", required=True, metavar="RUN_DIR",
-                        help="run folder written by `lungcad train` (or its best.pt)")
-    parser.add_argument("--format", required=True, choices=("onnx", "torchscript"),
-                        help="onnx (ONNX Runtime, dynamic batch) or torchscript (torch.jit)")
+    parser.add_argument(
+        "--checkpoint",
+        required=True,
+        metavar="RUN_DIR",
+        help="run folder written by `lungcad train` (or its best.pt)",
+    )
+    parser.add_argument(
+        "--format",
+        required=True,
+        choices=("onnx", "torchscript"),
+        help="onnx (ONNX Runtime, dynamic batch) or torchscript (torch.jit)",
+    )
     parser.add_argument("--out", required=True, metavar="FILE", help="file to write")
     parser.add_argument("--opset", type=int, default=17, help="ONNX opset (>= 17)")
 
@@ -36,8 +44,8 @@ def run(args: argparse.Namespace) -> int:
     import numpy as np
     import torch
 
-    from lungcad.checkpoint import load_checkpoint
-    from lungcad.export import export_checkpoint, onnx_session, run_onnx
+    from lungcad.inference.export import export_checkpoint, onnx_session, run_onnx
+    from lungcad.training.checkpoint import load_checkpoint
 
     path = export_checkpoint(args.checkpoint, args.format, args.out, opset=args.opset)
     print(f"wrote {path} ({path.stat().st_size / 1e6:.1f} MB, {args.format})")
@@ -49,8 +57,12 @@ def run(args: argparse.Namespace) -> int:
     with torch.inference_mode():
         ref = model(x)
     seg, cls = run_onnx(onnx_session(path), x.numpy())
-    diff = max(float(np.abs(seg - ref["seg_logits"].numpy()).max()),
-               float(np.abs(cls - ref["cls_logits"].numpy()).max()))
-    print(f"ONNX Runtime vs PyTorch on 3 random {size}x{size} slices: max |difference| of "
-          f"logits {diff:.2e} (tolerance {TOLERANCE:g})")
+    diff = max(
+        float(np.abs(seg - ref["seg_logits"].numpy()).max()),
+        float(np.abs(cls - ref["cls_logits"].numpy()).max()),
+    )
+    print(
+        f"ONNX Runtime vs PyTorch on 3 random {size}x{size} slices: max |difference| of "
+        f"logits {diff:.2e} (tolerance {TOLERANCE:g})"
+    )
     return 0 if diff <= TOLERANCE else 1

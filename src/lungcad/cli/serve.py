@@ -29,33 +29,61 @@ log = logging.getLogger(__name__)
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Options of ``lungcad serve``."""
-    parser.add_argument("--checkpoint", required=True, metavar="RUN",
-                        help="run folder written by `lungcad train` (or its best.pt)")
+    parser.add_argument(
+        "--checkpoint",
+        required=True,
+        metavar="RUN",
+        help="run folder written by `lungcad train` (or its best.pt)",
+    )
     parser.add_argument("--host", default="127.0.0.1", help="address to listen on")
     parser.add_argument("--port", type=int, default=8000, help="TCP port")
-    parser.add_argument("--data-dir", default="lungcad-service", metavar="DIR",
-                        help="jobs, results and the audit log (default ./lungcad-service)")
-    parser.add_argument("--token-file", metavar="FILE",
-                        help="API tokens, one per line (also read: $LUNGCAD_API_TOKENS)")
-    parser.add_argument("--insecure-no-auth", action="store_true",
-                        help="start without any token: authentication OFF (local tests only)")
-    parser.add_argument("--workers", type=int, default=1,
-                        help="job worker threads (1: inference is CPU-bound)")
-    parser.add_argument("--max-upload-mb", type=float, default=512.0,
-                        help="largest upload accepted (MB)")
-    parser.add_argument("--max-unpacked-mb", type=float, default=2048.0,
-                        help="most data an upload may unpack to (MB)")
+    parser.add_argument(
+        "--data-dir",
+        default="lungcad-service",
+        metavar="DIR",
+        help="jobs, results and the audit log (default ./lungcad-service)",
+    )
+    parser.add_argument(
+        "--token-file",
+        metavar="FILE",
+        help="API tokens, one per line (also read: $LUNGCAD_API_TOKENS)",
+    )
+    parser.add_argument(
+        "--insecure-no-auth",
+        action="store_true",
+        help="start without any token: authentication OFF (local tests only)",
+    )
+    parser.add_argument(
+        "--workers", type=int, default=1, help="job worker threads (1: inference is CPU-bound)"
+    )
+    parser.add_argument(
+        "--max-upload-mb", type=float, default=512.0, help="largest upload accepted (MB)"
+    )
+    parser.add_argument(
+        "--max-unpacked-mb",
+        type=float,
+        default=2048.0,
+        help="most data an upload may unpack to (MB)",
+    )
     parser.add_argument("--max-files", type=int, default=2000, help="most files in a zip")
-    parser.add_argument("--queue-size", type=int, default=16,
-                        help="most jobs waiting at once (more get 503)")
-    parser.add_argument("--backend", choices=("torch", "onnx"), default="torch",
-                        help="inference engine")
-    parser.add_argument("--threads", type=int, default=None,
-                        help="CPU threads for inference (default: torch's)")
+    parser.add_argument(
+        "--queue-size", type=int, default=16, help="most jobs waiting at once (more get 503)"
+    )
+    parser.add_argument(
+        "--backend", choices=("torch", "onnx"), default="torch", help="inference engine"
+    )
+    parser.add_argument(
+        "--threads", type=int, default=None, help="CPU threads for inference (default: torch's)"
+    )
     parser.add_argument("--device", default="cpu", help="torch device (cpu, cuda)")
-    parser.add_argument("--retention-days", type=float, default=None, metavar="N",
-                        help="delete done/failed jobs (results hold patient data) N days after "
-                             "they finished, checked at start and hourly (default: keep)")
+    parser.add_argument(
+        "--retention-days",
+        type=float,
+        default=None,
+        metavar="N",
+        help="delete done/failed jobs (results hold patient data) N days after "
+        "they finished, checked at start and hourly (default: keep)",
+    )
 
 
 def _is_loopback(host: str) -> bool:
@@ -71,26 +99,42 @@ def run(args: argparse.Namespace) -> int:
     """Load the model, build the app and serve it until interrupted."""
     import uvicorn
 
-    from lungcad.inference import Predictor
+    from lungcad.inference.predictor import Predictor
     from lungcad.service.app import ServiceSettings, create_app
 
     settings = ServiceSettings.from_sources(
-        args.data_dir, token_file=args.token_file, insecure_no_auth=args.insecure_no_auth,
-        max_upload_mb=args.max_upload_mb, max_unpacked_mb=args.max_unpacked_mb,
-        max_files=args.max_files, queue_size=args.queue_size, workers=args.workers,
-        retention_days=args.retention_days)
+        args.data_dir,
+        token_file=args.token_file,
+        insecure_no_auth=args.insecure_no_auth,
+        max_upload_mb=args.max_upload_mb,
+        max_unpacked_mb=args.max_unpacked_mb,
+        max_files=args.max_files,
+        queue_size=args.queue_size,
+        workers=args.workers,
+        retention_days=args.retention_days,
+    )
     settings.validate()  # before the model loads: a missing token fails in a second
     if not _is_loopback(args.host):
         log.warning("listening on %s, not loopback: serve it only behind TLS", args.host)
-    predictor = Predictor.from_checkpoint(args.checkpoint, device=args.device,
-                                          backend=args.backend, num_threads=args.threads)
+    predictor = Predictor.from_checkpoint(
+        args.checkpoint, device=args.device, backend=args.backend, num_threads=args.threads
+    )
     app = create_app(predictor, settings)
     host = f"[{args.host}]" if ":" in args.host else args.host
-    print(f"lungcad service: http://{host}:{args.port}/ (API docs: /docs; data: "
-          f"{settings.data_dir}; {len(settings.tokens)} token(s))", flush=True)
+    print(
+        f"lungcad service: http://{host}:{args.port}/ (API docs: /docs; data: "
+        f"{settings.data_dir}; {len(settings.tokens)} token(s))",
+        flush=True,
+    )
     # log_config=None: uvicorn logs through the root logger that the CLI set up (stderr).
-    uvicorn.run(app, host=args.host, port=args.port, log_config=None,
-                access_log=True, timeout_graceful_shutdown=10)
+    uvicorn.run(
+        app,
+        host=args.host,
+        port=args.port,
+        log_config=None,
+        access_log=True,
+        timeout_graceful_shutdown=10,
+    )
     return 0
 
 

@@ -29,27 +29,52 @@ def _fraction(text: str) -> float:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Options of ``lungcad synth``."""
-    parser.add_argument("--out", required=True, help="output cohort folder (replaced atomically "
-                        "if it holds an earlier cohort)")
+    parser.add_argument(
+        "--out",
+        required=True,
+        help="output cohort folder (replaced atomically if it holds an earlier cohort)",
+    )
     parser.add_argument("--cases", type=int, default=20, help="number of patients (default 20)")
-    parser.add_argument("--site", default="internal", choices=("internal", "external"),
-                        help="scanner site: noise, blur, calibration, slice thickness, spacing")
+    parser.add_argument(
+        "--site",
+        default="internal",
+        choices=("internal", "external"),
+        help="scanner site: noise, blur, calibration, slice thickness, spacing",
+    )
     parser.add_argument("--seed", type=int, default=0, help="cohort seed (default 0)")
-    parser.add_argument("--tumour-fraction", type=_fraction, default=0.5,
-                        help="share of cases with tumours (default 0.5)")
-    parser.add_argument("--formats", type=_formats, default=list(_FORMATS),
-                        help=f"comma-separated subset of {','.join(_FORMATS)} (default: all)")
-    parser.add_argument("--size", type=int, default=None,
-                        help="in-plane matrix in pixels (default: the site's, 128)")
+    parser.add_argument(
+        "--tumour-fraction",
+        type=_fraction,
+        default=0.5,
+        help="share of cases with tumours (default 0.5)",
+    )
+    parser.add_argument(
+        "--formats",
+        type=_formats,
+        default=list(_FORMATS),
+        help=f"comma-separated subset of {','.join(_FORMATS)} (default: all)",
+    )
+    parser.add_argument(
+        "--size",
+        type=int,
+        default=None,
+        help="in-plane matrix in pixels (default: the site's, 128)",
+    )
 
 
 def run(args: argparse.Namespace) -> int:
     """Generate the cohort and print a one-line summary."""
-    from lungcad.synthetic import write_cohort
+    from lungcad.data.synthetic.cohort import write_cohort
 
-    cohort = write_cohort(args.out, args.cases, site=args.site, seed=args.seed,
-                          tumour_fraction=args.tumour_fraction, formats=args.formats,
-                          matrix=args.size)
+    cohort = write_cohort(
+        args.out,
+        args.cases,
+        site=args.site,
+        seed=args.seed,
+        tumour_fraction=args.tumour_fraction,
+        formats=args.formats,
+        matrix=args.size,
+    )
     cases = cohort["cases"]
     n_tumour = sum(c["has_tumour"] for c in cases)
     n_nodules = sum(len(c["nodules"]) for c in cases)

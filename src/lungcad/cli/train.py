@@ -29,41 +29,71 @@ log = logging.getLogger(__name__)
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Options of ``lungcad train``."""
-    parser.add_argument("stage", choices=("seg", "cls"),
-                        help="seg: U-Net on slices with tumour masks; cls: cancer classifier")
-    parser.add_argument("--config", metavar="YAML",
-                        help="YAML file of config overrides (see configs/)")
-    parser.add_argument("--manifest", metavar="DIR_OR_CSV", action="append",
-                        help="prepared data (folder or manifest.csv); repeat to combine sets")
+    parser.add_argument(
+        "stage",
+        choices=("seg", "cls"),
+        help="seg: U-Net on slices with tumour masks; cls: cancer classifier",
+    )
+    parser.add_argument(
+        "--config", metavar="YAML", help="YAML file of config overrides (see configs/)"
+    )
+    parser.add_argument(
+        "--manifest",
+        metavar="DIR_OR_CSV",
+        action="append",
+        help="prepared data (folder or manifest.csv); repeat to combine sets",
+    )
     parser.add_argument("--out", metavar="RUN_DIR", help="run folder to create")
-    parser.add_argument("--set", dest="overrides", metavar="KEY=VALUE", action="append",
-                        default=[], help="override one setting, e.g. --set optim.lr=1e-3")
-    parser.add_argument("--resume", metavar="RUN_DIR",
-                        help="continue an interrupted run from its last.pt")
-    parser.add_argument("--pretrained", metavar="PATH",
-                        help="local torchvision-layout ResNet weights for the encoder")
-    parser.add_argument("--init-from", metavar="SEG_RUN",
-                        help="stage cls: start from this seg run's best.pt")
-    parser.add_argument("--stop-after-epoch", type=int, metavar="N",
-                        help="stop after epoch N (resume later with --resume)")
+    parser.add_argument(
+        "--set",
+        dest="overrides",
+        metavar="KEY=VALUE",
+        action="append",
+        default=[],
+        help="override one setting, e.g. --set optim.lr=1e-3",
+    )
+    parser.add_argument(
+        "--resume", metavar="RUN_DIR", help="continue an interrupted run from its last.pt"
+    )
+    parser.add_argument(
+        "--pretrained",
+        metavar="PATH",
+        help="local torchvision-layout ResNet weights for the encoder",
+    )
+    parser.add_argument(
+        "--init-from", metavar="SEG_RUN", help="stage cls: start from this seg run's best.pt"
+    )
+    parser.add_argument(
+        "--stop-after-epoch",
+        type=int,
+        metavar="N",
+        help="stop after epoch N (resume later with --resume)",
+    )
 
 
 def run(args: argparse.Namespace) -> int:
     """Build the configuration, train, and print where the run folder is."""
     from pathlib import Path
 
-    from lungcad.config import apply_overrides, load_config
     from lungcad.errors import InputError
-    from lungcad.training import train
+    from lungcad.training.config import apply_overrides, load_config
+    from lungcad.training.loop import train
 
     if int(os.environ.get("RANK", "0")) != 0:  # under torchrun only rank 0 reports
         logging.getLogger("lungcad").setLevel(logging.WARNING)
 
     if args.resume:
-        clashing = [flag for flag, value in (("--config", args.config),
-                                             ("--manifest", args.manifest), ("--out", args.out),
-                                             ("--pretrained", args.pretrained),
-                                             ("--init-from", args.init_from)) if value]
+        clashing = [
+            flag
+            for flag, value in (
+                ("--config", args.config),
+                ("--manifest", args.manifest),
+                ("--out", args.out),
+                ("--pretrained", args.pretrained),
+                ("--init-from", args.init_from),
+            )
+            if value
+        ]
         if clashing:
             raise InputError(
                 f"{', '.join(clashing)} cannot be combined with --resume: a resumed run keeps "
@@ -92,8 +122,10 @@ def run(args: argparse.Namespace) -> int:
 
     result = train(config, resume=args.resume, stop_after_epoch=args.stop_after_epoch)
     if int(os.environ.get("RANK", "0")) == 0:
-        line = (f"{result.status}: {result.epochs_completed} epoch(s); best "
-                f"{result.monitor}={result.best_metric:.4f} at epoch {result.best_epoch}")
+        line = (
+            f"{result.status}: {result.epochs_completed} epoch(s); best "
+            f"{result.monitor}={result.best_metric:.4f} at epoch {result.best_epoch}"
+        )
         if result.threshold is not None:
             line += f"; decision threshold {result.threshold:.3f}"
         print(line)

@@ -4,11 +4,12 @@ Trains the deep model on prepared dataset A (stage seg, then cls from it, as the
 allows; model selection and threshold on A's val split), evaluates it on A's train split,
 A's held-out test split (internal) and each external dataset in full, trains and scores the
 traditional-ML baselines on the same data, and writes the gap table (gap.md, gap.json,
-gap.png) with every part's folder and validation.json (see lungcad.validation).
+gap.png) with every part's folder and validation.json (see lungcad.validation.protocol).
 
 ``--synthetic`` first makes the synthetic site-shift experiment: an internal and a shifted
-external cohort (lungcad.synthetic), prepared to manifests, then runs the same protocol with
-a small CPU configuration (lungcad.validation.SYNTHETIC_OVERRIDES, unless --config is given;
+external cohort (lungcad.data.synthetic), prepared to manifests, then runs the same protocol with
+a small CPU configuration (lungcad.validation.protocol.SYNTHETIC_OVERRIDES, unless --config is
+given;
 --set applies on top).
 """
 
@@ -33,85 +34,155 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Options of ``lungcad validate``."""
     parser.formatter_class = argparse.RawDescriptionHelpFormatter
     parser.epilog = EPILOG
-    parser.add_argument("--train", metavar="MANIFEST_A",
-                        help="prepared dataset with train/val/test splits (training site)")
-    parser.add_argument("--external", action="append", default=[],
-                        metavar="[NAME=]MANIFEST",
-                        help="prepared external dataset, evaluated in full; repeatable")
+    parser.add_argument(
+        "--train",
+        metavar="MANIFEST_A",
+        help="prepared dataset with train/val/test splits (training site)",
+    )
+    parser.add_argument(
+        "--external",
+        action="append",
+        default=[],
+        metavar="[NAME=]MANIFEST",
+        help="prepared external dataset, evaluated in full; repeatable",
+    )
     parser.add_argument("--out", required=True, metavar="DIR", help="new or empty folder")
     parser.add_argument("--config", metavar="YAML", help="training config (both stages)")
-    parser.add_argument("--cls-config", metavar="YAML",
-                        help="another training config for the cls stage")
-    parser.add_argument("--set", dest="overrides", action="append", default=[],
-                        metavar="KEY=VALUE", help="config override for both stages")
-    parser.add_argument("--baselines", default="logreg,svm,rf,gb,knn",
-                        help="comma-separated baselines among logreg,svm,rf,gb,knn, or none")
-    parser.add_argument("--features", default="handcrafted",
-                        choices=("handcrafted", "radiomics", "both"), help="baseline features")
-    parser.add_argument("--roi", default="lung", choices=("lung", "whole"),
-                        help="baseline feature region")
-    parser.add_argument("--n-boot", type=int, default=1000,
-                        help="patient-level bootstrap replicates for CIs (0: none)")
+    parser.add_argument(
+        "--cls-config", metavar="YAML", help="another training config for the cls stage"
+    )
+    parser.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="config override for both stages",
+    )
+    parser.add_argument(
+        "--baselines",
+        default="logreg,svm,rf,gb,knn",
+        help="comma-separated baselines among logreg,svm,rf,gb,knn, or none",
+    )
+    parser.add_argument(
+        "--features",
+        default="handcrafted",
+        choices=("handcrafted", "radiomics", "both"),
+        help="baseline features",
+    )
+    parser.add_argument(
+        "--roi", default="lung", choices=("lung", "whole"), help="baseline feature region"
+    )
+    parser.add_argument(
+        "--n-boot",
+        type=int,
+        default=1000,
+        help="patient-level bootstrap replicates for CIs (0: none)",
+    )
     parser.add_argument("--seed", type=int, default=0, help="bootstrap/baseline/cohort seed")
-    parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default=None,
-                        help="evaluation device (default: the config's train.device)")
+    parser.add_argument(
+        "--device",
+        choices=("auto", "cpu", "cuda"),
+        default=None,
+        help="evaluation device (default: the config's train.device)",
+    )
     parser.add_argument("--batch-size", type=int, default=32, help="evaluation batch size")
     parser.add_argument("--jobs", type=int, default=1, help="processes for the baselines")
     synthetic = parser.add_argument_group("synthetic site-shift experiment")
-    synthetic.add_argument("--synthetic", action="store_true",
-                           help="make internal + external synthetic cohorts and validate")
+    synthetic.add_argument(
+        "--synthetic",
+        action="store_true",
+        help="make internal + external synthetic cohorts and validate",
+    )
     synthetic.add_argument("--cases", type=int, default=16, help="internal patients")
-    synthetic.add_argument("--external-cases", type=int, default=None,
-                           help="external patients (default: --cases)")
-    synthetic.add_argument("--matrix", type=int, default=None,
-                           help="in-plane matrix of the synthetic scans (default 128)")
+    synthetic.add_argument(
+        "--external-cases", type=int, default=None, help="external patients (default: --cases)"
+    )
+    synthetic.add_argument(
+        "--matrix",
+        type=int,
+        default=None,
+        help="in-plane matrix of the synthetic scans (default 128)",
+    )
 
 
 def run(args: argparse.Namespace) -> int:
     """Run the protocol and print the gap table; 0 on success."""
-    from lungcad.baselines import MODEL_NAMES
-    from lungcad.config import load_config
     from lungcad.errors import InputError
-    from lungcad.validation import (
+    from lungcad.training.config import load_config
+    from lungcad.validation.baselines.pipelines import MODEL_NAMES
+    from lungcad.validation.protocol import (
         SYNTHETIC_OVERRIDES,
         parse_externals,
         run_synthetic_validation,
         run_validation,
     )
 
-    models = [] if args.baselines.strip().lower() == "none" else [
-        m.strip() for m in args.baselines.split(",") if m.strip()]
+    models = (
+        []
+        if args.baselines.strip().lower() == "none"
+        else [m.strip() for m in args.baselines.split(",") if m.strip()]
+    )
     unknown = [m for m in models if m not in MODEL_NAMES]
     if unknown:
-        raise InputError(f"unknown baseline(s) {unknown}; choose among {','.join(MODEL_NAMES)} "
-                         "or none", "--baselines")
+        raise InputError(
+            f"unknown baseline(s) {unknown}; choose among {','.join(MODEL_NAMES)} or none",
+            "--baselines",
+        )
     if args.n_boot < 0:
         raise InputError(f"--n-boot must be >= 0; got {args.n_boot}", "--n-boot")
-    options = {"baselines": models, "features": args.features, "roi": args.roi,
-               "n_boot": args.n_boot, "seed": args.seed, "device": args.device,
-               "batch_size": args.batch_size, "jobs": args.jobs}
+    options = {
+        "baselines": models,
+        "features": args.features,
+        "roi": args.roi,
+        "n_boot": args.n_boot,
+        "seed": args.seed,
+        "device": args.device,
+        "batch_size": args.batch_size,
+        "jobs": args.jobs,
+    }
     # The synthetic experiment's small CPU settings stand in for a config file, so they apply
     # only when none is given (load_config applies overrides after the file).
     base = list(SYNTHETIC_OVERRIDES) if args.synthetic and not args.config else []
     config = load_config(args.config, base + args.overrides)
-    cls_config = (load_config(args.cls_config, args.overrides) if args.cls_config else None)
+    cls_config = load_config(args.cls_config, args.overrides) if args.cls_config else None
     if args.synthetic:
         if args.train or args.external:
-            raise InputError("--synthetic makes its own data; drop --train/--external",
-                             "--synthetic")
-        result = run_synthetic_validation(args.out, config=config, n_cases=args.cases,
-                                          n_external=args.external_cases, matrix=args.matrix,
-                                          cls_config=cls_config, **options)
+            raise InputError(
+                "--synthetic makes its own data; drop --train/--external", "--synthetic"
+            )
+        result = run_synthetic_validation(
+            args.out,
+            config=config,
+            n_cases=args.cases,
+            n_external=args.external_cases,
+            matrix=args.matrix,
+            cls_config=cls_config,
+            **options,
+        )
     else:
         if not args.train:
-            raise InputError("pass --train MANIFEST_A (and --external MANIFEST for external "
-                             "validation), or --synthetic", "--train")
+            raise InputError(
+                "pass --train MANIFEST_A (and --external MANIFEST for external "
+                "validation), or --synthetic",
+                "--train",
+            )
         if not args.external:
-            log.warning("no --external set: the table compares train and internal (held-out "
-                        "patients of the same site) only; that is not external validation")
-        result = run_validation(args.train, parse_externals(args.external), config, args.out,
-                                cls_config=cls_config, **options)
+            log.warning(
+                "no --external set: the table compares train and internal (held-out "
+                "patients of the same site) only; that is not external validation"
+            )
+        result = run_validation(
+            args.train,
+            parse_externals(args.external),
+            config,
+            args.out,
+            cls_config=cls_config,
+            **options,
+        )
     print(result.gap.to_markdown())
-    print(f"wrote {result.out_dir} (gap.md, gap.json, gap.png, validation.json); render it "
-          f"with `lungcad report {result.out_dir} --out report.html`")
+    print(
+        f"wrote {result.out_dir} (gap.md, gap.json, gap.png, validation.json); render it "
+        f"with `lungcad report {result.out_dir} --out report.html`"
+    )
     return 0

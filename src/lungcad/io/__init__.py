@@ -8,26 +8,17 @@ use so that ``import lungcad.io`` (e.g. for :mod:`lungcad.io.atomic`) stays chea
 
 from __future__ import annotations
 
-import importlib
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from lungcad.errors import InputError, MissingInputError
 
 if TYPE_CHECKING:
-    from lungcad.io.dicom import list_dicom_series, read_dicom_series
-    from lungcad.io.images import read_slice_image
-    from lungcad.io.writers import write_image, write_mask
     from lungcad.volume import Volume
 
 __all__ = [
     "SUPPORTED_SUFFIXES",
-    "list_dicom_series",
-    "read_dicom_series",
     "read_image",
-    "read_slice_image",
-    "write_image",
-    "write_mask",
 ]
 
 _DICOM = (".dcm", ".dicom", ".ima")
@@ -35,23 +26,6 @@ _NIFTI = (".nii", ".nii.gz")
 _METAIMAGE = (".mhd", ".mha")
 _IMAGES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
 SUPPORTED_SUFFIXES = _DICOM + _NIFTI + _METAIMAGE + _IMAGES
-
-_LAZY = {
-    "list_dicom_series": "lungcad.io.dicom",
-    "read_dicom_series": "lungcad.io.dicom",
-    "read_slice_image": "lungcad.io.images",
-    "write_image": "lungcad.io.writers",
-    "write_mask": "lungcad.io.writers",
-}
-
-
-def __getattr__(name: str) -> Any:
-    """Import public functions from their format module on first access (PEP 562)."""
-    if name in _LAZY:
-        value = getattr(importlib.import_module(_LAZY[name]), name)
-        globals()[name] = value
-        return value
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def _suffix(path: Path) -> str:

@@ -82,8 +82,9 @@ def read_sitk_volume(path: Path, format_name: str, kind: str) -> Volume:
     warnings: list[str] = []
     low, high = float(volume.array.min()), float(volume.array.max())
     if not (np.isfinite(low) and np.isfinite(high)):  # min/max propagate NaN and show inf
-        raise nonfinite_error(int(np.count_nonzero(~np.isfinite(volume.array))),
-                              volume.array.size, path)
+        raise nonfinite_error(
+            int(np.count_nonzero(~np.isfinite(volume.array))), volume.array.size, path
+        )
     if low >= 0.0 and high <= 1.0:
         warnings.append(
             f"values lie in [{low:g}, {high:g}]: this looks like a windowed image or a mask, "

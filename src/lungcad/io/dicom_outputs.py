@@ -34,7 +34,7 @@ from pydicom.sr.codedict import codes
 from lungcad import __version__
 from lungcad.errors import InputError, MissingInputError
 from lungcad.io.atomic import atomic_path
-from lungcad.lesions import Lesion
+from lungcad.lesion import Lesion
 from lungcad.volume import Volume, reorient
 
 __all__ = ["DISCLAIMER", "write_dicom_seg", "write_dicom_sr"]
@@ -199,7 +199,7 @@ def write_dicom_sr(
     observer is the algorithm (a device); the document is complete but not final or verified.
 
     Args:
-        lesions: lesions from :func:`lungcad.lesions.find_lesions` on the source's grid.
+        lesions: lesions from :func:`lungcad.inference.lesions.find_lesions` on the source's grid.
         study_probability: the model's probability (0..1) that the study shows cancer.
         source: the CT Volume read from a DICOM series (``meta["slice_files"]``).
         path: output file (e.g. ``sr.dcm``); its folder is created.
@@ -297,12 +297,16 @@ def _lesion_group(
                 name=_ATTENUATION, value=lesion.mean_hu, unit=_UNIT_HU, derivation=codes.SCT.Mean
             )
         )
-    for value, derivation in ((lesion.max_probability, codes.SCT.Maximum),
-                              (lesion.mean_probability, codes.SCT.Mean)):
+    for value, derivation in (
+        (lesion.max_probability, codes.SCT.Maximum),
+        (lesion.mean_probability, codes.SCT.Mean),
+    ):
         if value is not None:
-            measurements.append(hd.sr.Measurement(
-                name=codes.DCM.Probability, value=value, unit=_UNIT_NONE,
-                derivation=derivation))
+            measurements.append(
+                hd.sr.Measurement(
+                    name=codes.DCM.Probability, value=value, unit=_UNIT_NONE, derivation=derivation
+                )
+            )
     centroid = hd.sr.VolumeSurface(
         graphic_type=hd.sr.GraphicTypeValues3D.POINT,
         graphic_data=np.asarray([lesion.centroid_lps_mm], dtype=np.float64),

@@ -134,7 +134,7 @@ def load_slice_array(path: str | Path, sample_id: str, what: str) -> np.ndarray:
 
     The one reader of the slice files ``lungcad prepare`` writes, shared by training
     (``datasets.SliceDataset``), evaluation and the baselines' feature extraction. It lives
-    here, not in :mod:`lungcad.datasets`, so feature-extraction workers need not import torch.
+    here, not in :mod:`lungcad.data.dataset`, so feature-extraction workers need not import torch.
 
     Args:
         path: the ``.npy`` file (manifest folder / the record's ``image_path`` or

@@ -50,7 +50,13 @@ from lungcad import __version__
 from lungcad.errors import InputError
 from lungcad.service.audit import AuditLog
 from lungcad.service.auth import bearer_dependency, load_tokens
-from lungcad.service.jobs import JOB_ID_PATTERN, RESULT_FILE, JobBusy, JobManager, QueueFull
+from lungcad.service.jobs.manager import (
+    JOB_ID_PATTERN,
+    RESULT_FILE,
+    JobBusy,
+    JobManager,
+    QueueFull,
+)
 from lungcad.service.rendering import SliceRenderer
 from lungcad.service.uploads import UploadRejected, prepare_study, receive_upload
 
@@ -60,9 +66,13 @@ __all__ = ["STATIC_DIR", "ServiceSettings", "create_app"]
 
 STATIC_DIR = Path(__file__).parent / "static"
 _FILE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
-_MEDIA_TYPES = {".dcm": "application/dicom", ".gz": "application/gzip",
-                ".json": "application/json", ".html": "text/html; charset=utf-8",
-                ".png": "image/png"}
+_MEDIA_TYPES = {
+    ".dcm": "application/dicom",
+    ".gz": "application/gzip",
+    ".json": "application/json",
+    ".html": "text/html; charset=utf-8",
+    ".png": "image/png",
+}
 _HIDDEN_INFO = ("checkpoint_path", "onnx_path")  # server file paths are nobody's business
 
 
@@ -104,8 +114,14 @@ class ServiceSettings:
         self.tokens = frozenset(self.tokens)
 
     @classmethod
-    def from_sources(cls, data_dir: str | Path, *, token_file: str | Path | None = None,
-                     env: Mapping[str, str] | None = None, **options: Any) -> ServiceSettings:
+    def from_sources(
+        cls,
+        data_dir: str | Path,
+        *,
+        token_file: str | Path | None = None,
+        env: Mapping[str, str] | None = None,
+        **options: Any,
+    ) -> ServiceSettings:
         """Settings with tokens read from ``token_file`` and ``LUNGCAD_API_TOKENS``.
 
         Args:
@@ -127,16 +143,20 @@ class ServiceSettings:
                 "no API token configured; the service refuses to expose patient data without "
                 "authentication. Pass --token-file FILE (one token per line) or set "
                 "LUNGCAD_API_TOKENS; for a local single-user test only, --insecure-no-auth",
-                "tokens")
+                "tokens",
+            )
         for name in ("max_upload_mb", "max_unpacked_mb", "max_files", "queue_size", "workers"):
             if not getattr(self, name) > 0:
                 raise InputError(f"must be > 0; got {getattr(self, name)}", name)
         if self.retention_days is not None and not self.retention_days > 0:
-            raise InputError(f"must be > 0 days (or unset to keep results); got "
-                             f"{self.retention_days}", "retention_days")
+            raise InputError(
+                f"must be > 0 days (or unset to keep results); got {self.retention_days}",
+                "retention_days",
+            )
         if not self.retention_check_s > 0:
-            raise InputError(f"must be > 0 seconds; got {self.retention_check_s}",
-                             "retention_check_s")
+            raise InputError(
+                f"must be > 0 seconds; got {self.retention_check_s}", "retention_check_s"
+            )
 
     @property
     def auth_enabled(self) -> bool:
@@ -179,12 +199,21 @@ class _SecurityHeaders:
 
 _UPLOAD_BODY = {
     "required": True,
-    "content": {"multipart/form-data": {"schema": {
-        "type": "object", "required": ["file"],
-        "properties": {"file": {"type": "string", "format": "binary",
-                                "description": "a .zip of one DICOM CT series, or a .nii/.nii.gz "
-                                               "CT volume"}},
-    }}},
+    "content": {
+        "multipart/form-data": {
+            "schema": {
+                "type": "object",
+                "required": ["file"],
+                "properties": {
+                    "file": {
+                        "type": "string",
+                        "format": "binary",
+                        "description": "a .zip of one DICOM CT series, or a .nii/.nii.gz CT volume",
+                    }
+                },
+            }
+        }
+    },
 }
 
 
@@ -192,7 +221,8 @@ def create_app(predictor: Any, settings: ServiceSettings) -> FastAPI:
     """The service app for a predictor (see the module notes for the endpoints).
 
     Args:
-        predictor: a :class:`lungcad.inference.Predictor`, or anything with its ``info`` and
+        predictor: a :class:`lungcad.inference.predictor.Predictor`, or anything with its ``info``
+        and
             ``predict_volume(volume) -> StudyResult``.
         settings: limits, tokens and the data folder.
 
@@ -202,7 +232,7 @@ def create_app(predictor: Any, settings: ServiceSettings) -> FastAPI:
     Raises:
         InputError: invalid settings (e.g. no token and no ``insecure_no_auth``).
     """
-    from lungcad.inference import INTENDED_USE
+    from lungcad.inference.predictor import INTENDED_USE
 
     settings.validate()
     settings.data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
@@ -212,14 +242,22 @@ def create_app(predictor: Any, settings: ServiceSettings) -> FastAPI:
     model_doc["model_version"] = model_version
     model_doc.setdefault("intended_use", INTENDED_USE)
     audit = AuditLog.open(settings.data_dir)
-    jobs = JobManager(settings.data_dir, predictor, audit, model_version=model_version,
-                      workers=settings.workers, queue_size=settings.queue_size,
-                      retention_days=settings.retention_days,
-                      sweep_interval_s=settings.retention_check_s)
+    jobs = JobManager(
+        settings.data_dir,
+        predictor,
+        audit,
+        model_version=model_version,
+        workers=settings.workers,
+        queue_size=settings.queue_size,
+        retention_days=settings.retention_days,
+        sweep_interval_s=settings.retention_check_s,
+    )
     require_token = bearer_dependency(settings.tokens, enabled=settings.auth_enabled)
     if not settings.auth_enabled:
-        log.warning("authentication is OFF (--insecure-no-auth): anyone who can reach this "
-                    "port can read patient data")
+        log.warning(
+            "authentication is OFF (--insecure-no-auth): anyone who can reach this "
+            "port can read patient data"
+        )
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -231,8 +269,12 @@ def create_app(predictor: Any, settings: ServiceSettings) -> FastAPI:
             jobs.stop()
             audit.record("service_stopped", user="system", model_version=model_version)
 
-    app = FastAPI(title="lungcad", version=__version__, lifespan=lifespan,
-                  description="Lung-cancer CAD for chest CT. " + INTENDED_USE)
+    app = FastAPI(
+        title="lungcad",
+        version=__version__,
+        lifespan=lifespan,
+        description="Lung-cancer CAD for chest CT. " + INTENDED_USE,
+    )
     app.add_middleware(_SecurityHeaders)
     app.state.settings, app.state.jobs, app.state.audit = settings, jobs, audit
     app.state.predictor = predictor
@@ -251,8 +293,10 @@ def create_app(predictor: Any, settings: ServiceSettings) -> FastAPI:
         if jobs.accepting():
             return JSONResponse({"ready": True, "model_version": model_version, **counts})
         reason = "queue full" if jobs.running else "job workers not running"
-        return JSONResponse({"ready": False, "reason": reason, **counts},
-                            status_code=status.HTTP_503_SERVICE_UNAVAILABLE)
+        return JSONResponse(
+            {"ready": False, "reason": reason, **counts},
+            status_code=status.HTTP_503_SERVICE_UNAVAILABLE,
+        )
 
     @app.get("/", include_in_schema=False)
     def index() -> FileResponse:
@@ -280,8 +324,10 @@ def create_app(predictor: Any, settings: ServiceSettings) -> FastAPI:
         if job["status"] == "failed":
             raise HTTPException(409, f"job failed: {job['error']}")
         if job["status"] != "done":
-            raise HTTPException(409, f"job is {job['status']}; poll GET /api/v1/jobs/{job_id} "
-                                "until its status is done")
+            raise HTTPException(
+                409,
+                f"job is {job['status']}; poll GET /api/v1/jobs/{job_id} until its status is done",
+            )
         return jobs.job_dir(job_id)
 
     @api.get("/model", tags=["model"], responses=unauthorized)
@@ -289,28 +335,42 @@ def create_app(predictor: Any, settings: ServiceSettings) -> FastAPI:
         """The model: name, versions, config hash, checkpoint SHA-256, threshold, intended use."""
         return model_doc
 
-    @api.post("/studies", tags=["jobs"], status_code=202, openapi_extra={
-        "requestBody": _UPLOAD_BODY}, responses={
-            **unauthorized, 400: {"description": "corrupt upload or not a CT series"},
+    @api.post(
+        "/studies",
+        tags=["jobs"],
+        status_code=202,
+        openapi_extra={"requestBody": _UPLOAD_BODY},
+        responses={
+            **unauthorized,
+            400: {"description": "corrupt upload or not a CT series"},
             413: {"description": "upload too large or too many files"},
-            503: {"description": "queue full; retry later"}})
+            503: {"description": "queue full; retry later"},
+        },
+    )
     async def submit_study(request: Request, user: str = Depends(require_token)) -> JSONResponse:
         """Queue a study: multipart field ``file`` = .zip of one DICOM series or .nii/.nii.gz."""
         if not jobs.accepting():
             audit.record("upload_rejected", user=user, reason="queue_full", status=503)
-            raise HTTPException(503, "the queue is full; retry later",
-                                headers={"Retry-After": "30"})
+            raise HTTPException(
+                503, "the queue is full; retry later", headers={"Retry-After": "30"}
+            )
         staging = jobs.new_staging_dir()
         try:
-            upload = await receive_upload(dict(request.headers), request.stream(), staging,
-                                          int(settings.max_upload_mb * 2**20))
+            upload = await receive_upload(
+                dict(request.headers),
+                request.stream(),
+                staging,
+                int(settings.max_upload_mb * 2**20),
+            )
             input_info = await run_in_threadpool(
-                prepare_study, upload, max_files=settings.max_files,
-                max_unpacked_bytes=int(settings.max_unpacked_mb * 2**20))
+                prepare_study,
+                upload,
+                max_files=settings.max_files,
+                max_unpacked_bytes=int(settings.max_unpacked_mb * 2**20),
+            )
             job = jobs.submit(staging, input_info, user)
         except UploadRejected as exc:
-            audit.record("upload_rejected", user=user, reason=exc.reason,
-                         status=exc.status_code)
+            audit.record("upload_rejected", user=user, reason=exc.reason, status=exc.status_code)
             raise HTTPException(exc.status_code, exc.message) from None
         except QueueFull as exc:
             audit.record("upload_rejected", user=user, reason="queue_full", status=503)
@@ -318,8 +378,11 @@ def create_app(predictor: Any, settings: ServiceSettings) -> FastAPI:
         finally:
             if staging.exists():  # moved into jobs/ on success
                 shutil.rmtree(staging, ignore_errors=True)
-        return JSONResponse({"job_id": job["job_id"], "status": job["status"]}, status_code=202,
-                            headers={"Location": f"/api/v1/jobs/{job['job_id']}"})
+        return JSONResponse(
+            {"job_id": job["job_id"], "status": job["status"]},
+            status_code=202,
+            headers={"Location": f"/api/v1/jobs/{job['job_id']}"},
+        )
 
     @api.get("/jobs", tags=["jobs"], responses=unauthorized)
     def list_jobs() -> list[dict[str, Any]]:
@@ -331,9 +394,17 @@ def create_app(predictor: Any, settings: ServiceSettings) -> FastAPI:
         """One job's status: queued, running, done or failed (with the error)."""
         return known_job(job_id)
 
-    @api.delete("/jobs/{job_id}", tags=["jobs"], status_code=204, response_class=Response,
-                responses={**unauthorized, 404: {"description": "unknown job"},
-                           409: {"description": "job is queued or running"}})
+    @api.delete(
+        "/jobs/{job_id}",
+        tags=["jobs"],
+        status_code=204,
+        response_class=Response,
+        responses={
+            **unauthorized,
+            404: {"description": "unknown job"},
+            409: {"description": "job is queued or running"},
+        },
+    )
     def delete_job(job_id: str, user: str = Depends(require_token)) -> Response:
         """Delete a done or failed job with its results (SEG, SR, findings: patient data)."""
         known_job(job_id)
@@ -345,17 +416,26 @@ def create_app(predictor: Any, settings: ServiceSettings) -> FastAPI:
             raise HTTPException(409, str(exc)) from None
         return Response(status_code=204)
 
-    @api.get("/jobs/{job_id}/result", tags=["results"], responses={**unauthorized, 404: {},
-                                                                   409: {}})
+    @api.get(
+        "/jobs/{job_id}/result", tags=["results"], responses={**unauthorized, 404: {}, 409: {}}
+    )
     def job_result(job_id: str, user: str = Depends(require_token)) -> FileResponse:
         """Probability, decision, threshold, per-slice probabilities, lesions, file links."""
         folder = done_job(job_id)
-        audit.record("result_viewed", user=user, job_id=job_id,
-                     study=jobs.state(job_id).get("study"), model_version=model_version)
+        audit.record(
+            "result_viewed",
+            user=user,
+            job_id=job_id,
+            study=jobs.state(job_id).get("study"),
+            model_version=model_version,
+        )
         return FileResponse(folder / RESULT_FILE, media_type="application/json")
 
-    @api.get("/jobs/{job_id}/files/{name}", tags=["results"],
-             responses={**unauthorized, 404: {}, 409: {}})
+    @api.get(
+        "/jobs/{job_id}/files/{name}",
+        tags=["results"],
+        responses={**unauthorized, 404: {}, 409: {}},
+    )
     def job_file(job_id: str, name: str, user: str = Depends(require_token)) -> FileResponse:
         """Download an output (mask.nii.gz, probability.nii.gz, seg.dcm, sr.dcm, ...)."""
         folder = done_job(job_id) / "outputs"
@@ -363,25 +443,41 @@ def create_app(predictor: Any, settings: ServiceSettings) -> FastAPI:
         if not _FILE_NAME.fullmatch(name) or not path.is_file():
             names = sorted(p.name for p in folder.iterdir() if not p.name.startswith("."))
             raise HTTPException(404, f"no output {name!r}; this job has {', '.join(names)}")
-        audit.record("file_downloaded", user=user, job_id=job_id, file=name,
-                     study=jobs.state(job_id).get("study"), model_version=model_version)
+        audit.record(
+            "file_downloaded",
+            user=user,
+            job_id=job_id,
+            file=name,
+            study=jobs.state(job_id).get("study"),
+            model_version=model_version,
+        )
         suffix = path.suffix.lower()
-        return FileResponse(path, filename=name,
-                            media_type=_MEDIA_TYPES.get(suffix, "application/octet-stream"))
+        return FileResponse(
+            path, filename=name, media_type=_MEDIA_TYPES.get(suffix, "application/octet-stream")
+        )
 
-    @api.get("/jobs/{job_id}/slices/{z}.png", tags=["results"], response_class=Response,
-             responses={**unauthorized, 200: {"content": {"image/png": {}}}, 404: {}, 409: {}})
-    def job_slice(job_id: str, z: int,
-                  window: Literal["lung", "mediastinal", "bone"] = "lung",
-                  overlay: bool = True, cam: bool = False) -> Response:
+    @api.get(
+        "/jobs/{job_id}/slices/{z}.png",
+        tags=["results"],
+        response_class=Response,
+        responses={**unauthorized, 200: {"content": {"image/png": {}}}, 404: {}, 409: {}},
+    )
+    def job_slice(
+        job_id: str,
+        z: int,
+        window: Literal["lung", "mediastinal", "bone"] = "lung",
+        overlay: bool = True,
+        cam: bool = False,
+    ) -> Response:
         """Axial slice ``z`` as PNG (radiological view), mask in red, optional Grad-CAM."""
         renderer = SliceRenderer(done_job(job_id) / "render")
         try:
             png = renderer.png(z, window=window, overlay=overlay, cam=cam)
         except IndexError as exc:
             raise HTTPException(404, str(exc)) from None
-        return Response(png, media_type="image/png",
-                        headers={"Cache-Control": "private, max-age=86400"})
+        return Response(
+            png, media_type="image/png", headers={"Cache-Control": "private, max-age=86400"}
+        )
 
     app.include_router(api)
     return app

@@ -32,8 +32,17 @@ AUDIT_FILE = "audit.log"
 SALT_FILE = "audit_salt"
 
 #: Reasons an upload or job may be refused or fail, as categories (never the message itself).
-REASONS = ("too_large", "too_many_files", "corrupt", "not_ct", "bad_request", "queue_full",
-           "input_error", "internal_error", "abandoned")
+REASONS = (
+    "too_large",
+    "too_many_files",
+    "corrupt",
+    "not_ct",
+    "bad_request",
+    "queue_full",
+    "input_error",
+    "internal_error",
+    "abandoned",
+)
 
 
 def _now() -> str:
@@ -42,9 +51,11 @@ def _now() -> str:
 
 def result_summary(probability: float, is_cancer: bool, n_lesions: int) -> dict[str, Any]:
     """The result part of an audit record: probability, decision and lesion count only."""
-    return {"probability": round(float(probability), 4),
-            "decision": "cancer suspected" if is_cancer else "no cancer suspected",
-            "n_lesions": int(n_lesions)}
+    return {
+        "probability": round(float(probability), 4),
+        "decision": "cancer suspected" if is_cancer else "no cancer suspected",
+        "n_lesions": int(n_lesions),
+    }
 
 
 def _load_salt(path: Path) -> bytes:
@@ -54,9 +65,11 @@ def _load_salt(path: Path) -> bytes:
     except FileExistsError:
         text = path.read_text(encoding="ascii").strip()
         if len(text) < 32:
-            raise ValueError(f"{path}: audit salt is damaged (expected 64 hex digits); restore "
-                             "it from a backup, or delete it to start a new one (earlier study "
-                             "hashes will then no longer match)") from None
+            raise ValueError(
+                f"{path}: audit salt is damaged (expected 64 hex digits); restore "
+                "it from a backup, or delete it to start a new one (earlier study "
+                "hashes will then no longer match)"
+            ) from None
         return bytes.fromhex(text)
     salt = secrets.token_bytes(32)
     with os.fdopen(fd, "w", encoding="ascii") as fh:
@@ -93,10 +106,19 @@ class AuditLog:
             return None
         return "sha256:" + hashlib.sha256(self._salt + str(uid).encode("utf-8")).hexdigest()
 
-    def record(self, action: str, *, user: str, job_id: str | None = None,
-               study: str | None = None, model_version: str | None = None,
-               result: dict[str, Any] | None = None, reason: str | None = None,
-               file: str | None = None, status: int | None = None) -> dict[str, Any]:
+    def record(
+        self,
+        action: str,
+        *,
+        user: str,
+        job_id: str | None = None,
+        study: str | None = None,
+        model_version: str | None = None,
+        result: dict[str, Any] | None = None,
+        reason: str | None = None,
+        file: str | None = None,
+        status: int | None = None,
+    ) -> dict[str, Any]:
         """Append one record and return it.
 
         Args:
@@ -117,8 +139,15 @@ class AuditLog:
         if study is not None and not study.startswith("sha256:"):
             raise ValueError("audit records take a hashed study UID (AuditLog.hash_uid)")
         entry: dict[str, Any] = {"time": _now(), "user": user, "action": action}
-        optional = {"job_id": job_id, "study": study, "model_version": model_version,
-                    "result": result, "reason": reason, "file": file, "status": status}
+        optional = {
+            "job_id": job_id,
+            "study": study,
+            "model_version": model_version,
+            "result": result,
+            "reason": reason,
+            "file": file,
+            "status": status,
+        }
         entry.update({k: v for k, v in optional.items() if v is not None})
         line = json.dumps(entry, separators=(",", ":"), sort_keys=False) + "\n"
         with self._lock, self.path.open("a", encoding="utf-8") as fh:

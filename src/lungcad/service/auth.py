@@ -27,8 +27,14 @@ from lungcad.errors import InputError, MissingInputError
 
 log = logging.getLogger(__name__)
 
-__all__ = ["ANONYMOUS", "MIN_TOKEN_LENGTH", "TOKEN_ENV", "bearer_dependency", "load_tokens",
-           "token_id"]
+__all__ = [
+    "ANONYMOUS",
+    "MIN_TOKEN_LENGTH",
+    "TOKEN_ENV",
+    "bearer_dependency",
+    "load_tokens",
+    "token_id",
+]
 
 TOKEN_ENV = "LUNGCAD_API_TOKENS"
 #: Shorter tokens are refused: a token is the only thing between the network and patient data.
@@ -47,14 +53,15 @@ def _check_token(token: str, where: str) -> str:
         raise InputError(
             f"an API token has {len(token)} characters; use at least {MIN_TOKEN_LENGTH} "
             "random characters, e.g. from "
-            "`python -c \"import secrets; print(secrets.token_urlsafe(32))\"`",
+            '`python -c "import secrets; print(secrets.token_urlsafe(32))"`',
             where,
         )
     return token
 
 
-def load_tokens(token_file: str | Path | None = None,
-                env: Mapping[str, str] | None = None) -> frozenset[str]:
+def load_tokens(
+    token_file: str | Path | None = None, env: Mapping[str, str] | None = None
+) -> frozenset[str]:
     """The API tokens from a token file and the ``LUNGCAD_API_TOKENS`` environment variable.
 
     Args:
@@ -74,8 +81,9 @@ def load_tokens(token_file: str | Path | None = None,
     if token_file is not None:
         path = Path(token_file)
         if not path.is_file():
-            raise MissingInputError("token file not found; expected a text file with one API "
-                                    "token per line", path)
+            raise MissingInputError(
+                "token file not found; expected a text file with one API token per line", path
+            )
         if path.stat().st_mode & 0o077:
             log.warning("%s is readable by other users; `chmod 600` it", path)
         for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
@@ -107,17 +115,22 @@ def bearer_dependency(tokens: Iterable[str], *, enabled: bool = True) -> Callabl
         if not enabled:
             return ANONYMOUS
         if credentials is None:
-            raise HTTPException(status.HTTP_401_UNAUTHORIZED,
-                                "missing 'Authorization: Bearer <token>' header",
-                                headers={"WWW-Authenticate": "Bearer"})
+            raise HTTPException(
+                status.HTTP_401_UNAUTHORIZED,
+                "missing 'Authorization: Bearer <token>' header",
+                headers={"WWW-Authenticate": "Bearer"},
+            )
         given = hashlib.sha256(credentials.credentials.encode("utf-8")).digest()
         user = None
         for digest, name in digests:  # no early exit: every token is compared
             if hmac.compare_digest(given, digest):
                 user = name
         if user is None:
-            raise HTTPException(status.HTTP_401_UNAUTHORIZED, "invalid API token",
-                                headers={"WWW-Authenticate": 'Bearer error="invalid_token"'})
+            raise HTTPException(
+                status.HTTP_401_UNAUTHORIZED,
+                "invalid API token",
+                headers={"WWW-Authenticate": 'Bearer error="invalid_token"'},
+            )
         return user
 
     return require_token

@@ -30,13 +30,19 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from lungcad.data.preprocessing import LUNG_WINDOW, MEDIASTINAL_WINDOW, window_hu
 from lungcad.errors import InputError
 from lungcad.io.atomic import atomic_dir
-from lungcad.preprocessing import LUNG_WINDOW, MEDIASTINAL_WINDOW, window_hu
 from lungcad.volume import Volume
 
-__all__ = ["BONE_WINDOW", "WINDOWS", "SliceRenderer", "encode_png", "render_slice",
-           "save_render_data"]
+__all__ = [
+    "BONE_WINDOW",
+    "WINDOWS",
+    "SliceRenderer",
+    "encode_png",
+    "render_slice",
+    "save_render_data",
+]
 
 #: (level, width) in HU; bone after the usual W 1800 / L 400 preset.
 BONE_WINDOW: tuple[float, float] = (400.0, 1800.0)
@@ -83,8 +89,14 @@ def _grey(image: np.ndarray, intensity: str, window: str) -> np.ndarray:
     return np.round(window_hu(image, *WINDOWS[window]) * 255.0).astype(np.uint8)
 
 
-def render_slice(image: np.ndarray, *, intensity: str = "hu", window: str = "lung",
-                 mask: np.ndarray | None = None, cam: np.ndarray | None = None) -> np.ndarray:
+def render_slice(
+    image: np.ndarray,
+    *,
+    intensity: str = "hu",
+    window: str = "lung",
+    mask: np.ndarray | None = None,
+    cam: np.ndarray | None = None,
+) -> np.ndarray:
     """One axial slice as RGB, windowed, with optional heat map and tumour mask.
 
     Args:
@@ -103,8 +115,7 @@ def render_slice(image: np.ndarray, *, intensity: str = "hu", window: str = "lun
         InputError: unknown window name.
     """
     if window not in WINDOWS:
-        raise InputError(f"unknown window {window!r}; choose one of {', '.join(WINDOWS)}",
-                         "window")
+        raise InputError(f"unknown window {window!r}; choose one of {', '.join(WINDOWS)}", "window")
     rgb = np.repeat(_grey(image, intensity, window)[..., None], 3, axis=2)
     # Blend only where an overlay is: most of a slice has neither heat nor tumour.
     if cam is not None:
@@ -138,8 +149,13 @@ def encode_png(rgb: np.ndarray) -> bytes:
     return buffer.getvalue()
 
 
-def save_render_data(folder: str | Path, volume: Volume, mask: np.ndarray,
-                     cam: np.ndarray | None = None, cam_slices: list[int] | None = None) -> Path:
+def save_render_data(
+    folder: str | Path,
+    volume: Volume,
+    mask: np.ndarray,
+    cam: np.ndarray | None = None,
+    cam_slices: list[int] | None = None,
+) -> Path:
     """Keep what the slice endpoint needs after a job (see the module notes), atomically.
 
     Args:
@@ -163,9 +179,13 @@ def save_render_data(folder: str | Path, volume: Volume, mask: np.ndarray,
         np.save(tmp / MASK_FILE, (np.asarray(mask) > 0).astype(np.uint8))
         if cam is not None:
             np.save(tmp / CAM_FILE, np.rint(np.clip(cam, 0.0, 1.0) * 255).astype(np.uint8))
-        info = {"intensity": volume.intensity, "shape_zyx": list(volume.shape),
-                "spacing_zyx": list(volume.spacing), "has_cam": cam is not None,
-                "cam_slices": [int(z) for z in (cam_slices or [])]}
+        info = {
+            "intensity": volume.intensity,
+            "shape_zyx": list(volume.shape),
+            "spacing_zyx": list(volume.spacing),
+            "has_cam": cam is not None,
+            "cam_slices": [int(z) for z in (cam_slices or [])],
+        }
         (tmp / INFO_FILE).write_text(json.dumps(info), encoding="utf-8")
     return Path(folder)
 
@@ -193,8 +213,9 @@ class SliceRenderer:
         """Number of axial slices."""
         return int(self.image.shape[0])
 
-    def png(self, z: int, *, window: str = "lung", overlay: bool = True,
-            cam: bool = False) -> bytes:
+    def png(
+        self, z: int, *, window: str = "lung", overlay: bool = True, cam: bool = False
+    ) -> bytes:
         """PNG of axial slice ``z`` (see :func:`render_slice`).
 
         Args:
@@ -211,7 +232,11 @@ class SliceRenderer:
         heat = None
         if cam and self.cam is not None:
             heat = np.asarray(self.cam[z], dtype=np.float32) / 255.0
-        rgb = render_slice(np.asarray(self.image[z]),
-                           intensity=self.info["intensity"], window=window,
-                           mask=np.asarray(self.mask[z]) if overlay else None, cam=heat)
+        rgb = render_slice(
+            np.asarray(self.image[z]),
+            intensity=self.info["intensity"],
+            window=window,
+            mask=np.asarray(self.mask[z]) if overlay else None,
+            cam=heat,
+        )
         return encode_png(rgb)

@@ -35,8 +35,14 @@ from python_multipart import MultipartParser
 from python_multipart.exceptions import MultipartParseError
 from python_multipart.multipart import parse_options_header
 
-__all__ = ["StagedUpload", "UploadRejected", "extract_zip", "prepare_study", "receive_upload",
-           "relative_message"]
+__all__ = [
+    "StagedUpload",
+    "UploadRejected",
+    "extract_zip",
+    "prepare_study",
+    "receive_upload",
+    "relative_message",
+]
 
 UPLOAD_FILE = "upload.bin"
 CHUNK = 1 << 20
@@ -133,8 +139,9 @@ class _FileSink:
             self._fh.close()
 
 
-async def receive_upload(headers: dict[str, str], body: AsyncIterable[bytes], folder: Path,
-                         max_upload_bytes: int) -> StagedUpload:
+async def receive_upload(
+    headers: dict[str, str], body: AsyncIterable[bytes], folder: Path, max_upload_bytes: int
+) -> StagedUpload:
     """Stream a multipart body's ``file`` field to ``folder/upload.bin``, within limits.
 
     Args:
@@ -153,14 +160,22 @@ async def receive_upload(headers: dict[str, str], body: AsyncIterable[bytes], fo
     limit_text = f"the upload limit is {_mb(max_upload_bytes)}"
     declared = headers.get("content-length")
     if declared is not None and declared.isdigit() and int(declared) > max_upload_bytes:
-        raise UploadRejected(413, f"upload of {_mb(int(declared))} is too large; {limit_text}. "
-                             "Send one series at a time, or ask the administrator to raise "
-                             "--max-upload-mb", "too_large")
+        raise UploadRejected(
+            413,
+            f"upload of {_mb(int(declared))} is too large; {limit_text}. "
+            "Send one series at a time, or ask the administrator to raise "
+            "--max-upload-mb",
+            "too_large",
+        )
     ctype, options = parse_options_header(headers.get("content-type", ""))
     boundary = options.get(b"boundary")
     if ctype != b"multipart/form-data" or not boundary:
-        raise UploadRejected(400, "expected a multipart/form-data request with a field named "
-                             "'file' (e.g. `curl -F file=@study.zip ...`)", "bad_request")
+        raise UploadRejected(
+            400,
+            "expected a multipart/form-data request with a field named "
+            "'file' (e.g. `curl -F file=@study.zip ...`)",
+            "bad_request",
+        )
     sink = _FileSink(folder / UPLOAD_FILE)
     parser = MultipartParser(boundary, sink.callbacks())
     received = 0
@@ -168,8 +183,11 @@ async def receive_upload(headers: dict[str, str], body: AsyncIterable[bytes], fo
         async for chunk in body:
             received += len(chunk)
             if received > max_upload_bytes:
-                raise UploadRejected(413, f"upload is too large (over {_mb(max_upload_bytes)}); "
-                                     f"{limit_text}", "too_large")
+                raise UploadRejected(
+                    413,
+                    f"upload is too large (over {_mb(max_upload_bytes)}); {limit_text}",
+                    "too_large",
+                )
             parser.write(chunk)
         parser.finalize()
     except MultipartParseError as exc:
@@ -177,8 +195,11 @@ async def receive_upload(headers: dict[str, str], body: AsyncIterable[bytes], fo
     finally:
         sink.close()
     if sink.filename is None:
-        raise UploadRejected(400, "the request has no field named 'file'; send the study as "
-                             "multipart field 'file'", "bad_request")
+        raise UploadRejected(
+            400,
+            "the request has no field named 'file'; send the study as multipart field 'file'",
+            "bad_request",
+        )
     return StagedUpload(folder, sink.filename, sink.size)
 
 
@@ -186,10 +207,18 @@ def _member_path(name: str) -> PurePosixPath:
     """A zip member name as a safe relative path, or UploadRejected (zip slip)."""
     path = PurePosixPath(name.replace("\\", "/"))
     parts = path.parts
-    if (not parts or path.is_absolute() or ".." in parts or ":" in parts[0]
-            or any("\0" in p for p in parts)):
-        raise UploadRejected(400, f"unsafe path in the zip ({name!r}): members must be relative "
-                             "paths inside the archive", "corrupt")
+    if (
+        not parts
+        or path.is_absolute()
+        or ".." in parts
+        or ":" in parts[0]
+        or any("\0" in p for p in parts)
+    ):
+        raise UploadRejected(
+            400,
+            f"unsafe path in the zip ({name!r}): members must be relative paths inside the archive",
+            "corrupt",
+        )
     return PurePosixPath(*[p for p in parts if p != "."])
 
 
@@ -203,35 +232,52 @@ def extract_zip(archive: Path, dest: Path, *, max_files: int, max_unpacked_bytes
     try:
         zf = zipfile.ZipFile(archive)
     except (zipfile.BadZipFile, OSError, ValueError) as exc:
-        raise UploadRejected(400, f"the upload is not a valid zip archive ({exc}); zip the "
-                             "series folder again (e.g. `zip -r study.zip SERIES/`)",
-                             "corrupt") from exc
+        raise UploadRejected(
+            400,
+            f"the upload is not a valid zip archive ({exc}); zip the "
+            "series folder again (e.g. `zip -r study.zip SERIES/`)",
+            "corrupt",
+        ) from exc
     dest = dest.resolve()
     written = 0
     with zf:
-        members = [m for m in zf.infolist() if not m.is_dir()
-                   and not m.filename.startswith("__MACOSX/")]
+        members = [
+            m for m in zf.infolist() if not m.is_dir() and not m.filename.startswith("__MACOSX/")
+        ]
         if not members:
-            raise UploadRejected(400, "the zip holds no files; expected the DICOM files of one "
-                                 "CT series", "corrupt")
+            raise UploadRejected(
+                400, "the zip holds no files; expected the DICOM files of one CT series", "corrupt"
+            )
         if len(members) > max_files:
-            raise UploadRejected(413, f"the zip holds {len(members)} files; the limit is "
-                                 f"{max_files}. Send one series per upload", "too_many_files")
+            raise UploadRejected(
+                413,
+                f"the zip holds {len(members)} files; the limit is "
+                f"{max_files}. Send one series per upload",
+                "too_many_files",
+            )
         declared = sum(m.file_size for m in members)
         if declared > max_unpacked_bytes:
-            raise UploadRejected(413, f"the zip unpacks to {_mb(declared)}; the limit is "
-                                 f"{_mb(max_unpacked_bytes)}", "too_large")
+            raise UploadRejected(
+                413,
+                f"the zip unpacks to {_mb(declared)}; the limit is {_mb(max_unpacked_bytes)}",
+                "too_large",
+            )
         for member in members:
             if member.flag_bits & 0x1:
-                raise UploadRejected(400, f"{member.filename!r} is encrypted; upload an "
-                                     "unencrypted zip", "corrupt")
+                raise UploadRejected(
+                    400, f"{member.filename!r} is encrypted; upload an unencrypted zip", "corrupt"
+                )
             if stat.S_ISLNK(member.external_attr >> 16):
-                raise UploadRejected(400, f"{member.filename!r} is a symbolic link; links are "
-                                     "not accepted in uploads", "corrupt")
+                raise UploadRejected(
+                    400,
+                    f"{member.filename!r} is a symbolic link; links are not accepted in uploads",
+                    "corrupt",
+                )
             target = dest.joinpath(_member_path(member.filename))
             if not target.resolve().is_relative_to(dest):
-                raise UploadRejected(400, f"unsafe path in the zip ({member.filename!r})",
-                                     "corrupt")
+                raise UploadRejected(
+                    400, f"unsafe path in the zip ({member.filename!r})", "corrupt"
+                )
             target.parent.mkdir(parents=True, exist_ok=True)
             try:
                 with zf.open(member) as src, target.open("xb") as out:
@@ -239,22 +285,28 @@ def extract_zip(archive: Path, dest: Path, *, max_files: int, max_unpacked_bytes
                         written += len(chunk)
                         if written > max_unpacked_bytes:
                             raise UploadRejected(
-                                413, f"the zip unpacks to more than {_mb(max_unpacked_bytes)} "
-                                "(more than its directory declares)", "too_large")
+                                413,
+                                f"the zip unpacks to more than {_mb(max_unpacked_bytes)} "
+                                "(more than its directory declares)",
+                                "too_large",
+                            )
                         out.write(chunk)
             except FileExistsError as exc:
-                raise UploadRejected(400, f"the zip holds {member.filename!r} twice",
-                                     "corrupt") from exc
-            except (zipfile.BadZipFile, zlib.error, EOFError, NotImplementedError,
-                    OSError) as exc:
-                raise UploadRejected(400, f"the zip is corrupt: {member.filename!r} cannot be "
-                                     f"unpacked ({exc}); zip the series again",
-                                     "corrupt") from exc
+                raise UploadRejected(
+                    400, f"the zip holds {member.filename!r} twice", "corrupt"
+                ) from exc
+            except (zipfile.BadZipFile, zlib.error, EOFError, NotImplementedError, OSError) as exc:
+                raise UploadRejected(
+                    400,
+                    f"the zip is corrupt: {member.filename!r} cannot be "
+                    f"unpacked ({exc}); zip the series again",
+                    "corrupt",
+                ) from exc
     return len(members)
 
 
 def _kind(upload: StagedUpload) -> str:
-    """"zip", "nii.gz" or "nii", from the file's first bytes, then its name."""
+    """ "zip", "nii.gz" or "nii", from the file's first bytes, then its name."""
     with upload.path.open("rb") as fh:
         head = fh.read(352)
     name = upload.filename.lower()
@@ -268,8 +320,12 @@ def _kind(upload: StagedUpload) -> str:
         return "zip"  # not a zip inside: extract_zip reports it as corrupt
     if name.endswith(".nii.gz"):
         return "nii.gz"
-    raise UploadRejected(400, f"unsupported upload {upload.filename!r}: expected a .zip of one "
-                         "DICOM series or a .nii/.nii.gz file", "bad_request")
+    raise UploadRejected(
+        400,
+        f"unsupported upload {upload.filename!r}: expected a .zip of one "
+        "DICOM series or a .nii/.nii.gz file",
+        "bad_request",
+    )
 
 
 def _check_dicom(folder: Path) -> None:
@@ -298,17 +354,23 @@ def _check_nifti(path: Path, max_unpacked_bytes: int) -> None:
         shape = tuple(int(s) for s in header.get_data_shape())
         itemsize = header.get_data_dtype().itemsize
     except Exception as exc:  # nibabel raises many types for a damaged file
-        raise UploadRejected(400, f"the upload is not a readable NIfTI file ({exc})",
-                             "corrupt") from exc
+        raise UploadRejected(
+            400, f"the upload is not a readable NIfTI file ({exc})", "corrupt"
+        ) from exc
     if len([s for s in shape if s > 1]) > 3 or len(shape) < 2:
-        raise UploadRejected(400, f"the NIfTI image has shape {shape}; expected one 3D CT "
-                             "volume", "corrupt")
+        raise UploadRejected(
+            400, f"the NIfTI image has shape {shape}; expected one 3D CT volume", "corrupt"
+        )
     n_bytes = itemsize
     for s in shape:
         n_bytes *= s
     if n_bytes > max_unpacked_bytes:
-        raise UploadRejected(413, f"the NIfTI image holds {_mb(n_bytes)} of voxels; the limit "
-                             f"is {_mb(max_unpacked_bytes)}", "too_large")
+        raise UploadRejected(
+            413,
+            f"the NIfTI image holds {_mb(n_bytes)} of voxels; the limit "
+            f"is {_mb(max_unpacked_bytes)}",
+            "too_large",
+        )
 
 
 def relative_message(message: str, folder: Path, name: str = "upload") -> str:
@@ -344,8 +406,9 @@ def prepare_study(upload: StagedUpload, *, max_files: int, max_unpacked_bytes: i
     if kind == "zip":
         series = target / "dicom"
         series.mkdir()
-        n_files = extract_zip(upload.path, series, max_files=max_files,
-                              max_unpacked_bytes=max_unpacked_bytes)
+        n_files = extract_zip(
+            upload.path, series, max_files=max_files, max_unpacked_bytes=max_unpacked_bytes
+        )
         upload.path.unlink()
         _check_dicom(series)
         return {"format": "dicom", "input_path": "upload/dicom", "n_files": n_files}

@@ -1,0 +1,540 @@
+"""Whole-study inference: a CT (or a 2D slice image) in, tumour masks and a decision out.
+
+``Predictor.from_checkpoint(run_dir)`` loads a run folder; ``predict_path(path)`` reads a
+DICOM series, NIfTI, MetaImage or PNG/JPEG slice and returns a :class:`StudyResult`;
+``write_study_outputs`` writes masks, DICOM SEG/SR, findings, pictures and a report.
+
+Pipeline (per study, on the canonical LPS volume):
+
+1. lung mask (``preprocessing.lung_mask``; for CT computed on pixels of about 3 mm, the
+   coarsest it is designed for: it only picks slices, and at full resolution it would cost
+   ~10 s per 300-slice study). A single 2D image is always evaluated, without a lung mask;
+2. slices without lung (beyond a ``lung_margin_mm`` margin) are skipped;
+3. each slice is windowed to [0, 1] (``preprocessing.to_unit_range``) and resized to the
+   model's ``image_size`` by ``lungcad.data.dataset.slice_to_model_input``, the very function
+   training's ``SliceDataset`` applies to a prepared slice. Prepared slices are whole axial
+   slices, not lung crops, so by default inference does not crop either
+   (``crop_to_lungs=True`` crops to the lung box, for models trained on such crops);
+4. batched forward passes (PyTorch under ``inference_mode`` in channels_last, or ONNX Runtime);
+5. tumour probabilities are resized back and pasted into a probability volume on the input's
+   grid; the mask is ``probability >= 0.5`` inside the lung box (with its margin);
+6. per-slice cancer probabilities from ``cls_logits`` (through ``calibration.json`` when the
+   run has one), aggregated to a study probability (:func:`aggregate_study`), compared with
+   the run's threshold; lesions are measured with ``lesions.find_lesions``.
+
+Results stay on the input's canonical grid; writers put them back in the file's own
+orientation, so ``mask.nii.gz`` lies exactly on the input image.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from scipy import ndimage as ndi
+from tqdm.auto import tqdm
+
+from lungcad import __version__
+from lungcad.data.dataset import slice_to_model_input
+from lungcad.data.lung_mask import lung_mask
+from lungcad.data.preprocessing import lung_bbox, resize_slice, to_unit_range
+from lungcad.errors import InputError
+from lungcad.evaluation.calibration import Calibration, decision_threshold, run_decision
+from lungcad.inference.aggregate import aggregate_study
+from lungcad.inference.lesions import find_lesions
+from lungcad.lesion import Lesion
+from lungcad.models.unet import LungCADNet
+from lungcad.training.checkpoint import load_checkpoint
+from lungcad.training.config import Config, config_hash
+from lungcad.volume import Volume
+
+log = logging.getLogger(__name__)
+
+__all__ = [
+    "INTENDED_USE",
+    "MASK_THRESHOLD",
+    "Predictor",
+    "StudyResult",
+]
+
+INTENDED_USE = (
+    "Research use only. lungcad is a computer-aided detection aid that marks possible lung "
+    "tumours on chest CT for review by a qualified radiologist. It is not a medical device, "
+    "has not been clinically validated, and must not be used for standalone diagnosis or "
+    "treatment decisions."
+)
+#: A pixel is tumour when its probability is at least this.
+MASK_THRESHOLD = 0.5
+#: The lung mask only chooses slices (and the crop box); for HU volumes it is computed on
+#: pixels subsampled to at most this size (mm). Windowed images keep their pixels: their
+#: spacing is unknown, and the mask's mm-based settings fail on subsampled ones.
+LUNG_MASK_PIXEL_MM = 3.0
+
+
+@dataclass
+class StudyResult:
+    """What a prediction found in one study (all volumes on the input's canonical grid).
+
+    Attributes:
+        mask: uint8 0/1 tumour mask ``(z, y, x)``.
+        probability: float32 tumour probability ``(z, y, x)`` in [0, 1] (0 on skipped slices).
+        slice_probabilities: ``(z,)`` cancer probability per slice (calibrated when the run
+            has a calibration); NaN for slices without lung, which were not evaluated.
+        study_probability: the aggregate (:func:`aggregate_study`).
+        is_cancer: ``study_probability >= threshold``.
+        threshold: the decision threshold used.
+        lesions: connected components of the mask, largest first.
+        lung_slices: ``(n,)`` indices of the slices evaluated.
+        cam: Grad-CAM heat maps ``(z, y, x)`` in [0, 1] on ``cam_slices`` (0 elsewhere), or None.
+        cam_slices: slices with a heat map (the highest cancer probabilities).
+        crop_box: ``(y, x)`` slices of the in-plane region fed to the model.
+        aggregation: how the study probability was formed (method, k, extent_mm).
+        model_info: :attr:`Predictor.info` of the predictor that made it.
+        timings: seconds per step (``read_s``, ``lung_mask_s``, ``preprocess_s``,
+            ``inference_s``, ``postprocess_s``, ``lesions_s``, ``cam_s``, ``total_s``).
+        warnings: notes for the reader (e.g. "no lung found").
+    """
+
+    mask: Volume
+    probability: Volume
+    slice_probabilities: np.ndarray
+    study_probability: float
+    is_cancer: bool
+    threshold: float
+    lesions: list[Lesion]
+    lung_slices: np.ndarray
+    cam: Volume | None = None
+    cam_slices: list[int] = field(default_factory=list)
+    crop_box: tuple[slice, slice] | None = None
+    aggregation: dict[str, Any] = field(default_factory=dict)
+    model_info: dict[str, Any] = field(default_factory=dict)
+    timings: dict[str, float] = field(default_factory=dict)
+    warnings: list[str] = field(default_factory=list)
+
+
+class Predictor:
+    """Runs a trained LungCADNet over whole studies.
+
+    Build it with :meth:`from_checkpoint`. Arguments after ``info`` are keyword-only.
+
+    Args:
+        model: the network (eval mode).
+        config: the run's configuration (``model.image_size`` is the input size).
+        info: ``load_checkpoint``'s info (path, sha256, threshold, ...).
+        backend: ``"torch"`` or ``"onnx"`` (ONNX Runtime, CPU; needs ``onnx_path``).
+        onnx_path: exported model for the ONNX backend.
+        batch_size: slices per forward pass.
+        calibration: applied to the cancer logits when given.
+        lung_margin_mm: slices within this distance (z) of the lung, and in-plane margin of the
+            crop box, are kept.
+        crop_to_lungs: crop each slice to the study's lung box before resizing. Off by
+            default because training slices are whole slices; cropping changes the scale the
+            model sees.
+        aggregation_extent_mm: see :func:`aggregate_study`.
+        channels_last: NHWC memory layout for the torch backend (faster CPU convolutions).
+        device: torch device for the torch backend.
+    """
+
+    def __init__(
+        self,
+        model: LungCADNet,
+        config: Config,
+        info: dict[str, Any],
+        *,
+        backend: str = "torch",
+        onnx_path: str | Path | None = None,
+        batch_size: int = 8,
+        calibration: Calibration | None = None,
+        lung_margin_mm: float = 10.0,
+        crop_to_lungs: bool = False,
+        aggregation_extent_mm: float = 5.0,
+        channels_last: bool = True,
+        device: str | torch.device = "cpu",
+    ) -> None:
+        if backend not in ("torch", "onnx"):
+            raise InputError(f"backend must be 'torch' or 'onnx'; got {backend!r}", "--backend")
+        if batch_size < 1:
+            raise InputError(f"batch size must be >= 1; got {batch_size}", "--batch-size")
+        self.model = model.eval()
+        self.config = config
+        self.checkpoint_info = dict(info)
+        self.backend = backend
+        self.batch_size = int(batch_size)
+        self.calibration = calibration
+        self.lung_margin_mm = float(lung_margin_mm)
+        self.crop_to_lungs = bool(crop_to_lungs)
+        self.aggregation_extent_mm = float(aggregation_extent_mm)
+        self.channels_last = bool(channels_last)
+        self.device = torch.device(device)
+        self.image_size = int(config.model.image_size)
+        self.onnx_path = None if onnx_path is None else Path(onnx_path)
+        self._session = None
+        self._explainer = None
+        if backend == "onnx":
+            from lungcad.inference.export import onnx_session
+
+            if self.onnx_path is None:
+                raise InputError("the ONNX backend needs onnx_path", "onnx_path")
+            self._session = onnx_session(self.onnx_path, torch.get_num_threads())
+        else:
+            layout = torch.channels_last if self.channels_last else torch.contiguous_format
+            self.model = self.model.to(self.device, memory_format=layout)
+        self.threshold, self.threshold_source = self._threshold()
+
+    # ------------------------------------------------------------------ construction
+
+    @classmethod
+    def from_checkpoint(
+        cls,
+        run_dir: str | Path,
+        device: str = "cpu",
+        backend: str = "torch",
+        batch_size: int = 8,
+        *,
+        num_threads: int | None = None,
+        onnx_path: str | Path | None = None,
+        **options: Any,
+    ) -> Predictor:
+        """Load a run folder (``best.pt``, ``threshold.json``, ``calibration.json``).
+
+        Args:
+            run_dir: run folder written by ``lungcad train`` (or a ``.pt`` file in it).
+            device: torch device (``"cpu"``, ``"cuda"``).
+            backend: ``"torch"`` or ``"onnx"``. For ONNX the model is exported once to
+                ``RUN/model-<sha12>.onnx`` (unless ``onnx_path`` names an existing export).
+            batch_size: slices per forward pass.
+            num_threads: ``torch.set_num_threads`` (also ONNX Runtime's intra-op threads);
+                None keeps the current setting.
+            onnx_path: an exported ONNX file to use (or where to export it).
+            **options: further :class:`Predictor` keyword arguments.
+
+        Raises:
+            MissingInputError, InputError: see ``checkpoint.load_checkpoint``; also when
+                ``calibration.json`` belongs to another checkpoint.
+        """
+        if num_threads is not None:
+            if num_threads < 1:
+                raise InputError(f"threads must be >= 1; got {num_threads}", "--threads")
+            torch.set_num_threads(int(num_threads))
+        model, config, info = load_checkpoint(run_dir, map_location=device)
+        calibration = run_decision(info).calibration  # the threshold: see __init__
+        if backend == "onnx":
+            from lungcad.inference.export import ensure_onnx_export
+
+            onnx_path = ensure_onnx_export(info, onnx_path)
+        return cls(
+            model,
+            config,
+            info,
+            backend=backend,
+            onnx_path=onnx_path,
+            batch_size=batch_size,
+            calibration=calibration,
+            device=device,
+            **options,
+        )
+
+    def _threshold(self) -> tuple[float, str]:
+        # The rule of calibration.run_decision, for the calibration this predictor was given.
+        return decision_threshold(
+            self.calibration, float(self.checkpoint_info.get("threshold", 0.5))
+        )
+
+    @property
+    def info(self) -> dict[str, Any]:
+        """Model and decision-rule description for reports and findings.json."""
+        cfg, ck = self.config, self.checkpoint_info
+        return {
+            "model_name": cfg.model.name,
+            "image_size": self.image_size,
+            "lungcad_version": __version__,
+            "trained_with": ck.get("versions", {}).get("lungcad"),
+            "config_hash": config_hash(cfg),
+            "checkpoint_sha256": ck.get("sha256"),
+            "checkpoint_path": ck.get("path"),
+            "epoch": ck.get("epoch"),
+            "stage": ck.get("stage"),
+            "threshold": self.threshold,
+            "threshold_source": self.threshold_source,
+            "calibration": None
+            if self.calibration is None
+            else {
+                "method": self.calibration.method,
+                "temperature": self.calibration.temperature,
+                "fitted_on": self.calibration.info.get("split"),
+            },
+            "backend": self.backend,
+            "onnx_path": None if self.onnx_path is None else str(self.onnx_path),
+            "preprocessing": (
+                "HU: lung window (level -600, width 1500) to [0, 1]; 2D images: grey values "
+                "as they are; whole axial slice"
+                + (" cropped to the lungs" if self.crop_to_lungs else "")
+                + f" resized to {self.image_size}x{self.image_size} (bilinear)"
+            ),
+            "aggregation": (
+                f"mean of the top-k slice probabilities, k covering "
+                f"{self.aggregation_extent_mm:g} mm along z"
+            ),
+            "intended_use": INTENDED_USE,
+        }
+
+    # ------------------------------------------------------------------ prediction
+
+    def predict_path(
+        self,
+        path: str | Path,
+        *,
+        series_uid: str | None = None,
+        progress: bool = False,
+        cam: bool = True,
+        cam_slices: int = 3,
+    ) -> tuple[Volume, StudyResult]:
+        """Read an image (``lungcad.io.read_image``) and predict on it.
+
+        Args:
+            path: DICOM series folder, NIfTI, MetaImage or 2D image file.
+            series_uid: DICOM only: the series to read when the folder holds several.
+            progress, cam, cam_slices: as for :meth:`predict_volume`.
+
+        Returns:
+            ``(volume, result)``: the canonical input Volume and its :class:`StudyResult`.
+        """
+        from lungcad.io import read_image
+
+        start = time.perf_counter()
+        volume = read_image(path, series_uid=series_uid)
+        read_s = time.perf_counter() - start
+        result = self.predict_volume(volume, progress=progress, cam=cam, cam_slices=cam_slices)
+        result.timings["read_s"] = read_s
+        result.timings["total_s"] += read_s
+        return volume, result
+
+    def predict_volume(
+        self, volume: Volume, progress: bool = False, cam: bool = True, cam_slices: int = 3
+    ) -> StudyResult:
+        """Segment and classify every lung slice of a study.
+
+        Args:
+            volume: a canonical Volume (HU, or windowed [0, 1] for 2D images).
+            progress: show a tqdm bar over batches.
+            cam: compute Grad-CAM heat maps for the ``cam_slices`` most suspicious slices.
+            cam_slices: how many slices get a heat map.
+
+        Returns:
+            The :class:`StudyResult` on the volume's grid.
+        """
+        timings = dict.fromkeys(
+            ("lung_mask_s", "preprocess_s", "inference_s", "postprocess_s", "lesions_s", "cam_s"),
+            0.0,
+        )
+        start = clock = time.perf_counter()
+        warnings = list(volume.meta.get("warnings", []))
+        if not volume.meta.get("spacing_known", True):
+            warnings.append(
+                "pixel spacing unknown (2D image): 1 mm is assumed, so lesion "
+                "sizes and volumes are in pixel units, not mm"
+            )
+        slices, box, lung_field = self.select_slices(volume, warnings)
+        timings["lung_mask_s"] = time.perf_counter() - clock
+
+        z_count = volume.shape[0]
+        probability = np.zeros(volume.shape, dtype=np.float32)  # untouched pages cost no RAM
+        logits = np.full(z_count, np.nan)
+        crop_shape = (box[0].stop - box[0].start, box[1].stop - box[1].start)
+        batches = [slices[i : i + self.batch_size] for i in range(0, len(slices), self.batch_size)]
+        for batch in tqdm(batches, desc="slices", unit="batch", disable=not progress, leave=False):
+            clock = time.perf_counter()
+            inputs = self._inputs(volume, batch, box)
+            timings["preprocess_s"] += time.perf_counter() - clock
+            clock = time.perf_counter()
+            seg_logits, cls_logits = self.run_model(inputs)
+            timings["inference_s"] += time.perf_counter() - clock
+            clock = time.perf_counter()
+            seg = _sigmoid(seg_logits[:, 0])
+            for z, prob in zip(batch, seg, strict=True):
+                if prob.shape != crop_shape:
+                    prob = np.clip(resize_slice(prob, crop_shape, order=1), 0.0, 1.0)
+                probability[z, box[0], box[1]] = prob
+            logits[batch] = cls_logits
+            timings["postprocess_s"] += time.perf_counter() - clock
+
+        clock = time.perf_counter()
+        slice_probs = np.full(z_count, np.nan)
+        done = np.isfinite(logits)
+        slice_probs[done] = (
+            self.calibration.apply(logits[done]) if self.calibration else _sigmoid(logits[done])
+        )
+        study_probability, k = aggregate_study(
+            slice_probs, volume.spacing[0], self.aggregation_extent_mm
+        )
+        tumour = probability >= MASK_THRESHOLD
+        if lung_field is not None:
+            # A lung tumour lies in the lung field: predictions outside the lung box (with
+            # its margin) -- table, outside air, shoulders -- are not reported as lesions.
+            # The probability map is left as the model gave it.
+            outside = np.ones(tumour.shape[1:], dtype=bool)
+            outside[lung_field] = False
+            tumour[:, outside] = False
+        mask = volume.with_array(tumour.astype(np.uint8), intensity="windowed")
+        prob_volume = _share_geometry(volume, probability)
+        timings["postprocess_s"] += time.perf_counter() - clock
+        clock = time.perf_counter()
+        lesions = find_lesions(
+            mask, hu=volume if volume.intensity == "hu" else None, probability=prob_volume
+        )
+        timings["lesions_s"] = time.perf_counter() - clock
+
+        cam_volume, top = None, []
+        if cam and len(slices):
+            clock = time.perf_counter()
+            order = np.argsort(-np.nan_to_num(slice_probs, nan=-1.0), kind="stable")
+            top = sorted(int(z) for z in order[: min(cam_slices, len(slices))])
+            cam_volume = self._cam(volume, top, box)
+            timings["cam_s"] = time.perf_counter() - clock
+        timings["total_s"] = time.perf_counter() - start
+        return StudyResult(
+            mask=mask,
+            probability=prob_volume,
+            slice_probabilities=slice_probs,
+            study_probability=study_probability,
+            is_cancer=bool(study_probability >= self.threshold),
+            threshold=self.threshold,
+            lesions=lesions,
+            lung_slices=np.asarray(slices, dtype=np.int64),
+            cam=cam_volume,
+            cam_slices=top,
+            crop_box=box,
+            aggregation={
+                "method": "mean of top-k slice probabilities",
+                "k": k,
+                "extent_mm": self.aggregation_extent_mm,
+            },
+            model_info=self.info,
+            timings=timings,
+            warnings=warnings,
+        )
+
+    def preprocess(
+        self, volume: Volume, slices: list[int] | np.ndarray, box: tuple[slice, slice] | None = None
+    ) -> np.ndarray:
+        """Model inputs ``(N, 1, S, S)`` float32 for the given slices of a volume.
+
+        Args:
+            volume: canonical Volume (HU or windowed).
+            slices: z indices.
+            box: in-plane ``(y, x)`` crop; None for the whole slice.
+        """
+        if box is None:
+            box = (slice(0, volume.shape[1]), slice(0, volume.shape[2]))
+        return self._inputs(volume, list(slices), box)
+
+    def _inputs(self, volume: Volume, batch: list[int], box: tuple[slice, slice]) -> np.ndarray:
+        slab = Volume(
+            array=volume.array[batch][:, box[0], box[1]],
+            spacing=volume.spacing,
+            intensity=volume.intensity,
+        )
+        unit = to_unit_range(slab)
+        return np.stack([slice_to_model_input(u, self.image_size) for u in unit])[:, None]
+
+    def run_model(self, inputs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """One forward pass on the configured backend.
+
+        Args:
+            inputs: ``(B, 1, S, S)`` float32 model inputs (see :meth:`preprocess`).
+
+        Returns:
+            ``(seg_logits (B, 1, S, S), cls_logits (B,))`` as float32 numpy arrays.
+        """
+        if self._session is not None:
+            from lungcad.inference.export import run_onnx
+
+            return run_onnx(self._session, inputs)
+        x = torch.from_numpy(np.ascontiguousarray(inputs)).to(self.device)
+        if self.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        with torch.inference_mode():
+            out = self.model(x)
+        return (out["seg_logits"].float().cpu().numpy(), out["cls_logits"].float().cpu().numpy())
+
+    def select_slices(
+        self, volume: Volume, warnings: list[str] | None = None
+    ) -> tuple[list[int], tuple[slice, slice], tuple[slice, slice] | None]:
+        """The slices to evaluate, the in-plane box fed to the model, and the lung field.
+
+        Args:
+            volume: canonical Volume.
+            warnings: a list to append a note to when no lung is found.
+
+        Returns:
+            ``(slices, (y, x), field)``: z indices with lung (within ``lung_margin_mm``; all
+            slices when the lung mask is empty; slice 0 of a one-slice image without a mask);
+            the whole slice, or the lung box with its margin when ``crop_to_lungs``; and the
+            in-plane lung box with its margin (None when no lung mask was made or found).
+        """
+        warnings = [] if warnings is None else warnings
+        z_count, height, width = volume.shape
+        full = (slice(0, height), slice(0, width))
+        if z_count == 1 and not self.crop_to_lungs:
+            return [0], full, None  # one slice: nothing to skip
+        factor = 1
+        if volume.intensity == "hu":
+            factor = max(1, int(LUNG_MASK_PIXEL_MM / min(volume.spacing[1:])))
+        small = Volume(
+            array=volume.array[:, ::factor, ::factor],
+            spacing=(volume.spacing[0], volume.spacing[1] * factor, volume.spacing[2] * factor),
+            intensity=volume.intensity,
+        )
+        lungs = lung_mask(small)
+        if not lungs.any():
+            warnings.append("no lung found by the lung mask; every slice was evaluated")
+            return list(range(z_count)), full, None
+        has_lung = lungs.any(axis=(1, 2))
+        margin = int(math.ceil(self.lung_margin_mm / volume.spacing[0] - 1e-9))
+        if margin > 0:
+            has_lung = ndi.binary_dilation(has_lung, iterations=margin)
+        slices = np.flatnonzero(has_lung).tolist()
+        box = lung_bbox(lungs, small.spacing, self.lung_margin_mm)
+        lung_field = (
+            slice(box[1].start * factor, min(box[1].stop * factor, height)),
+            slice(box[2].start * factor, min(box[2].stop * factor, width)),
+        )
+        return slices, (lung_field if self.crop_to_lungs else full), lung_field
+
+    def _cam(self, volume: Volume, slices: list[int], box: tuple[slice, slice]) -> Volume:
+        from lungcad.inference.explain import CamExplainer
+
+        if self._explainer is None:
+            self._explainer = CamExplainer(self.model)
+        heat = self._explainer(self._inputs(volume, slices, box))
+        crop_shape = (box[0].stop - box[0].start, box[1].stop - box[1].start)
+        cam = np.zeros(volume.shape, dtype=np.float32)
+        for z, h in zip(slices, heat, strict=True):
+            if h.shape != crop_shape:
+                h = np.clip(resize_slice(h, crop_shape, order=1), 0.0, 1.0)
+            cam[z, box[0], box[1]] = h
+        return _share_geometry(volume, cam)
+
+
+def _sigmoid(x: np.ndarray) -> np.ndarray:
+    x = np.asarray(x, dtype=np.float32)
+    return (0.5 * (1.0 + np.tanh(0.5 * x))).astype(np.float32)  # overflow-free sigmoid
+
+
+def _share_geometry(volume: Volume, array: np.ndarray) -> Volume:
+    """A float Volume with ``volume``'s geometry and metadata, marked windowed ([0, 1])."""
+    return Volume(
+        array=array,
+        spacing=volume.spacing,
+        origin=volume.origin,
+        direction=volume.direction.copy(),
+        intensity="windowed",
+        meta=copy.deepcopy(volume.meta),
+    )

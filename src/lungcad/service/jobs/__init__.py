@@ -1,0 +1,1 @@
+"""The service's job queue: persistent jobs and their workers (``manager``)."""

@@ -1,0 +1,507 @@
+"""Training configuration: dataclass defaults, YAML overrides, ``--set key=value`` overrides.
+
+The defaults live here, in the dataclasses; a YAML file holds only the keys it changes, and
+``--set section.key=value`` changes one more (nanoGPT's ``configurator.py``, timm's
+``train.py``). Unknown keys and values of the wrong type fail with an :class:`InputError` that
+names the key and lists the valid ones, so a typo never silently trains the wrong model.
+
+Example::
+
+    cfg = load_config("configs/seg_cpu_small.yaml", ["optim.lr=1e-3", "train.seed=7"])
+    cfg.optim.lr        # 0.001
+    config_hash(cfg)    # sha256 of the canonical JSON, recorded in run.json
+
+The resolved configuration is written into the run folder (``config.yaml``) and into every
+checkpoint, so a run can be reproduced or reloaded from its folder alone.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from lungcad.data.augmentation import AugmentationConfig, build_augmentation
+from lungcad.errors import InputError, MissingInputError
+
+log = logging.getLogger(__name__)
+
+__all__ = [
+    "Config",
+    "DataConfig",
+    "ModelConfig",
+    "OptimConfig",
+    "TrainConfig",
+    "apply_overrides",
+    "config_from_dict",
+    "config_hash",
+    "config_to_dict",
+    "config_to_yaml",
+    "diff_configs",
+    "load_config",
+]
+
+
+@dataclass
+class ModelConfig:
+    """The network (see ``lungcad.models.registry.create_model``).
+
+    Attributes:
+        name: encoder name: "resnet18", "resnet34" or "resnet50".
+        dropout: dropout probability in the segmentation decoder's blocks (0 disables it).
+        cls_dropout: dropout probability in the classification MLP.
+        pretrained: local file with ImageNet encoder weights in torchvision's layout, loaded
+            before training (ignored when ``train.init_from`` is set). None: random init.
+        image_size: side of the square input in pixels, a multiple of 32 (the encoder
+            downsamples 32x); slices are resized to (image_size, image_size). Inference reads
+            it from the run's config, so it lives with the model rather than the data.
+    """
+
+    name: str = "resnet50"
+    dropout: float = 0.1
+    cls_dropout: float = 0.3
+    pretrained: str | None = None
+    image_size: int = 256
+
+
+@dataclass
+class DataConfig:
+    """Which manifest rows to train on and how to batch them.
+
+    Attributes:
+        manifest: one or more manifests written by ``lungcad prepare`` (the manifest.csv or
+            its folder). Several are concatenated, e.g. a masked set plus a labelled set.
+        train_split: value of the manifest's ``split`` column used for training.
+        val_split: value used for validation (model selection, early stopping, threshold).
+        sources: keep only rows whose ``source`` is listed; empty keeps all.
+        require_mask: keep only rows with a mask. None means "auto": True for stage "seg"
+            (rows without a mask give no segmentation signal), False for stage "cls".
+        batch_size: slices per optimisation step (per process under DDP).
+        num_workers: DataLoader worker processes (0 loads in the main process).
+        balanced_sampling: draw training slices with probability inversely proportional to
+            their class frequency (stage "cls"); the classifier's pos_weight is then 1.
+    """
+
+    manifest: list[str] = field(default_factory=list)
+    train_split: str = "train"
+    val_split: str = "val"
+    sources: list[str] = field(default_factory=list)
+    require_mask: bool | None = None
+    batch_size: int = 16
+    num_workers: int = 2
+    balanced_sampling: bool = False
+
+
+@dataclass
+class OptimConfig:
+    """Optimiser, schedule and stopping.
+
+    Attributes:
+        lr: peak learning rate of AdamW.
+        weight_decay: AdamW weight decay; never applied to norm weights and biases.
+        encoder_lr_scale: the encoder's learning rate is ``lr * encoder_lr_scale`` (fine-tune a
+            pretrained encoder more gently than the freshly initialised decoder/head).
+        schedule: "cosine" (linear warmup then cosine decay to ``min_lr``, per step) or
+            "plateau" (divide the rate by 10 when the monitored metric stalls ``patience // 2``
+            epochs; no warmup).
+        warmup_epochs: linear warmup length for "cosine" (may be fractional).
+        min_lr: floor of the cosine schedule.
+        grad_clip: clip the global gradient norm to this value (0 disables clipping).
+        epochs: maximum number of epochs.
+        patience: stop after this many epochs without improvement of ``monitor`` (0 never
+            stops early).
+        monitor: metric for model selection and early stopping (higher is better). "auto"
+            means "val_dice" for stage "seg" and "val_mcc" for stage "cls".
+        freeze_encoder_epochs: keep the encoder frozen (weights and BatchNorm statistics) for
+            this many epochs, then fine-tune it. -1 keeps it frozen for the whole run.
+        freeze_decoder: in stage "cls", keep the segmentation decoder frozen so stage 2 does
+            not degrade the masks learnt in stage 1.
+    """
+
+    lr: float = 3e-4
+    weight_decay: float = 1e-4
+    encoder_lr_scale: float = 1.0
+    schedule: Literal["cosine", "plateau"] = "cosine"
+    warmup_epochs: float = 1.0
+    min_lr: float = 1e-6
+    grad_clip: float = 1.0
+    epochs: int = 30
+    patience: int = 10
+    monitor: str = "auto"
+    freeze_encoder_epochs: int = 0
+    freeze_decoder: bool = True
+
+
+@dataclass
+class TrainConfig:
+    """What to train and how to run it.
+
+    Attributes:
+        stage: "seg" (U-Net, BCE + Dice on slices with masks) or "cls" (classifier MLP, BCE on
+            labelled slices).
+        seed: seeds Python, NumPy, torch, the data order and the augmentation.
+        device: "auto" (CUDA when available), "cpu" or "cuda".
+        amp: mixed precision (float16 autocast + gradient scaling); used on CUDA only.
+        channels_last: NHWC memory layout (faster convolutions on GPUs); CUDA only.
+        deterministic: ask torch for deterministic kernels (slower on GPUs).
+        out_dir: the run folder to create.
+        init_from: stage "cls": a stage-"seg" run folder (or .pt file) whose weights start
+            the model. None: start from ``model.pretrained`` or random weights.
+        threshold_method: how the classifier's decision threshold is chosen on validation:
+            "mcc" (maximise the Matthews correlation) or "youden" (maximise TPR - FPR).
+        tensorboard: also write TensorBoard logs to ``out_dir/tensorboard`` when the
+            ``tensorboard`` package is installed.
+        max_steps_per_epoch: cap on optimisation steps per epoch (0: no cap); for smoke tests.
+        progress: show a tqdm progress bar (only when stderr is a terminal, on rank 0).
+    """
+
+    stage: Literal["seg", "cls"] = "seg"
+    seed: int = 42
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    amp: bool = True
+    channels_last: bool = True
+    deterministic: bool = False
+    out_dir: str = "runs/run"
+    init_from: str | None = None
+    threshold_method: Literal["mcc", "youden"] = "mcc"
+    tensorboard: bool = False
+    max_steps_per_epoch: int = 0
+    progress: bool = True
+
+
+@dataclass
+class Config:
+    """The whole training configuration; each attribute is one YAML section."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    augmentation: AugmentationConfig = field(default_factory=AugmentationConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+
+# --------------------------------------------------------------------------- type checking
+
+_NONE_WORDS = {"none", "null", "~", ""}
+
+
+def _type_name(tp: Any) -> str:
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        return " | ".join(repr(a) for a in typing.get_args(tp))
+    if origin in (typing.Union, types.UnionType):
+        return " | ".join(_type_name(a) for a in typing.get_args(tp))
+    if origin in (list, tuple):
+        return f"{origin.__name__}[{', '.join(_type_name(a) for a in typing.get_args(tp))}]"
+    if tp is type(None):
+        return "null"
+    return getattr(tp, "__name__", str(tp))
+
+
+def _convert(value: Any, tp: Any, key: str) -> Any:
+    """Return ``value`` converted to the annotated type ``tp`` or raise InputError.
+
+    Conversions are the ones a YAML or command-line user means: an int where a float is
+    expected, "1e-4" (which YAML reads as a string) as a float, a single string where a list
+    is expected, a list where a tuple is expected. Nothing lossy is accepted (1.5 for an int,
+    "yes please" for a bool).
+    """
+
+    def bad() -> InputError:
+        return InputError(
+            f"expected {_type_name(tp)}, got {value!r} ({type(value).__name__}); "
+            f"fix the value in the YAML file or the --set option",
+            path=key,
+        )
+
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if origin in (typing.Union, types.UnionType):
+        if type(None) in args and (
+            value is None or (isinstance(value, str) and value.strip().lower() in _NONE_WORDS)
+        ):
+            return None
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _convert(value, arg, key)
+            except InputError:
+                continue
+        raise bad()
+    if origin is Literal:
+        if value in args:
+            return value
+        raise InputError(
+            f"expected one of {', '.join(repr(a) for a in args)}, got {value!r}", path=key
+        )
+    if origin is list or origin is tuple:
+        items = [value] if isinstance(value, str | int | float) else value
+        if not isinstance(items, list | tuple):
+            raise bad()
+        if origin is tuple:
+            if len(args) == 2 and args[1] is Ellipsis:
+                return tuple(_convert(v, args[0], key) for v in items)
+            if len(items) != len(args):
+                raise bad()
+            return tuple(_convert(v, a, key) for v, a in zip(items, args, strict=True))
+        return [_convert(v, args[0], key) for v in items] if args else list(items)
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise bad()
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        raise bad()
+    if tp is float:
+        if isinstance(value, int | float) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):
+            try:
+                return float(value)
+            except ValueError:
+                raise bad() from None
+        raise bad()
+    if tp is str:
+        if isinstance(value, str):
+            return value
+        if isinstance(value, int | float) and not isinstance(value, bool):
+            return str(value)
+        raise bad()
+    if tp is Any:
+        return value
+    if isinstance(tp, type) and isinstance(value, tp):
+        return value
+    raise bad()
+
+
+def _apply(obj: Any, updates: dict[str, Any], prefix: str, strict: bool = True) -> Any:
+    """Return a copy of dataclass ``obj`` with ``updates`` (a nested dict) applied.
+
+    With ``strict=False`` unknown keys are skipped with a warning instead of failing.
+    """
+    if not isinstance(updates, dict):
+        raise InputError(
+            f"expected a mapping of keys for section '{prefix or 'config'}', got {updates!r}",
+            path=prefix or None,
+        )
+    hints = typing.get_type_hints(type(obj))
+    names = [f.name for f in dataclasses.fields(obj)]
+    changes: dict[str, Any] = {}
+    for raw_key, value in updates.items():
+        key = str(raw_key)
+        full = f"{prefix}.{key}" if prefix else key
+        if key not in names and not strict:
+            log.warning(
+                "ignoring unknown config key %s (written by another lungcad version?)", full
+            )
+            continue
+        if key not in names:
+            where = f"section '{prefix}'" if prefix else "the top level"
+            raise InputError(
+                f"unknown config key; valid keys at {where}: {', '.join(names)}", path=full
+            )
+        current = getattr(obj, key)
+        if dataclasses.is_dataclass(current):
+            changes[key] = _apply(current, value, full, strict)
+        else:
+            changes[key] = _convert(value, hints[key], full)
+    return dataclasses.replace(obj, **changes)
+
+
+def _parse_override(item: str) -> dict[str, Any]:
+    """Turn "a.b=value" into {"a": {"b": parsed value}} (value parsed as YAML)."""
+    if "=" not in item:
+        raise InputError(
+            "expected key=value, e.g. optim.lr=0.001 or train.seed=7", path=f"--set {item}"
+        )
+    key, text = item.split("=", 1)
+    key = key.strip()
+    if not key or any(not part for part in key.split(".")):
+        raise InputError("empty key; expected section.key=value", path=f"--set {item}")
+    try:
+        value = yaml.safe_load(text) if text.strip() else ""
+    except yaml.YAMLError:
+        value = text  # not YAML (e.g. an odd path): keep the text, the type check decides
+    nested: dict[str, Any] = {}
+    node = nested
+    parts = key.split(".")
+    for part in parts[:-1]:
+        node = node.setdefault(part, {})
+    node[parts[-1]] = value
+    return nested
+
+
+def _check_ranges(cfg: Config) -> None:
+    """Reject values that have the right type but cannot work."""
+    positive = {
+        "model.image_size": cfg.model.image_size,
+        "data.batch_size": cfg.data.batch_size,
+        "optim.lr": cfg.optim.lr,
+        "optim.epochs": cfg.optim.epochs,
+    }
+    for key, value in positive.items():
+        if value <= 0:
+            raise InputError(f"must be > 0, got {value}", path=key)
+    non_negative = {
+        "data.num_workers": cfg.data.num_workers,
+        "optim.weight_decay": cfg.optim.weight_decay,
+        "optim.encoder_lr_scale": cfg.optim.encoder_lr_scale,
+        "optim.warmup_epochs": cfg.optim.warmup_epochs,
+        "optim.min_lr": cfg.optim.min_lr,
+        "optim.grad_clip": cfg.optim.grad_clip,
+        "optim.patience": cfg.optim.patience,
+        "train.max_steps_per_epoch": cfg.train.max_steps_per_epoch,
+    }
+    for key, value in non_negative.items():
+        if value < 0:
+            raise InputError(f"must be >= 0, got {value}", path=key)
+    if cfg.model.image_size % 32:
+        raise InputError(
+            f"must be a multiple of 32 (the encoder downsamples 32x), got {cfg.model.image_size}",
+            path="model.image_size",
+        )
+    if cfg.optim.freeze_encoder_epochs < -1:
+        raise InputError(
+            f"must be -1 (always frozen), 0 (never) or a number of epochs, got "
+            f"{cfg.optim.freeze_encoder_epochs}",
+            path="optim.freeze_encoder_epochs",
+        )
+    build_augmentation(cfg.augmentation)  # validates the augmentation section's ranges
+    valid_monitors = {
+        "auto",
+        "val_dice",
+        "val_dice_global",
+        "val_mcc",
+        "val_auc",
+        "val_f1",
+        "val_acc",
+        "val_mcc_at_threshold",
+    }
+    if cfg.optim.monitor not in valid_monitors:
+        raise InputError(
+            f"unknown metric {cfg.optim.monitor!r}; valid: {', '.join(sorted(valid_monitors))}",
+            path="optim.monitor",
+        )
+
+
+def _merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for key, value in extra.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = _merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def load_config(
+    yaml_path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()
+) -> Config:
+    """Build a :class:`Config` from the defaults, a YAML file and ``key=value`` overrides.
+
+    Args:
+        yaml_path: YAML file holding the keys to change, nested by section (``optim: {lr:
+            0.001}``). None: defaults only. A run folder's resolved ``config.yaml`` works too.
+        overrides: "section.key=value" strings applied after the file, in order; values are
+            parsed as YAML ("1e-3", "true", "[a.csv, b.csv]", "null").
+
+    Returns:
+        The resolved configuration.
+
+    Raises:
+        MissingInputError: the YAML file does not exist.
+        InputError: unreadable YAML, an unknown key (the message lists the valid keys at that
+            level), a value of the wrong type or out of range.
+    """
+    updates: dict[str, Any] = {}
+    if yaml_path is not None:
+        path = Path(yaml_path)
+        if not path.is_file():
+            raise MissingInputError(
+                "config file not found; pass an existing YAML file (see configs/)", path=path
+            )
+        try:
+            loaded = yaml.safe_load(path.read_text(encoding="utf-8"))
+        except yaml.YAMLError as exc:
+            raise InputError(f"not valid YAML ({exc}); fix the syntax", path=path) from exc
+        if loaded is None:
+            loaded = {}
+        if not isinstance(loaded, dict):
+            raise InputError(
+                f"expected a mapping of sections (model, data, ...), got {type(loaded).__name__}",
+                path=path,
+            )
+        updates = loaded
+    for item in overrides:
+        updates = _merge(updates, _parse_override(item))
+    return config_from_dict(updates)
+
+
+def config_from_dict(values: dict[str, Any], strict: bool = True) -> Config:
+    """Apply a nested dict (complete or partial) to the defaults, with the same checks as
+    :func:`load_config`.
+
+    Args:
+        values: nested sections, e.g. the ``"config"`` stored in a checkpoint.
+        strict: unknown keys fail (True) or are skipped with a warning (False: for configs
+            written by another lungcad version, where a key may have been added or removed).
+    """
+    cfg = _apply(Config(), values, "", strict)
+    _check_ranges(cfg)
+    return cfg
+
+
+def apply_overrides(cfg: Config, values: dict[str, Any]) -> Config:
+    """A copy of ``cfg`` with a nested dict of values applied (same checks as
+    :func:`load_config`); values are used as given, not parsed as YAML (e.g. file paths)."""
+    cfg = _apply(cfg, values, "")
+    _check_ranges(cfg)
+    return cfg
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_plain(v) for v in value]
+    return value
+
+
+def config_to_dict(cfg: Config) -> dict[str, Any]:
+    """The configuration as nested plain dicts/lists (tuples become lists), JSON/YAML-safe."""
+    return _plain(dataclasses.asdict(cfg))
+
+
+def config_to_yaml(cfg: Config) -> str:
+    """The configuration as YAML text (the run folder's ``config.yaml``)."""
+    return yaml.safe_dump(config_to_dict(cfg), sort_keys=False, default_flow_style=False)
+
+
+def config_hash(cfg: Config | dict[str, Any]) -> str:
+    """SHA-256 (hex) of the canonical JSON of the configuration (sorted keys, no spaces)."""
+    values = config_to_dict(cfg) if isinstance(cfg, Config) else _plain(cfg)
+    text = json.dumps(values, sort_keys=True, separators=(",", ":"), allow_nan=True)
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+def diff_configs(a: Config, b: Config) -> dict[str, tuple[Any, Any]]:
+    """Keys ("section.key") whose values differ between two configurations, with both values."""
+    da, db = config_to_dict(a), config_to_dict(b)
+    out: dict[str, tuple[Any, Any]] = {}
+    for section in da:
+        for key in da[section]:
+            if da[section][key] != db[section][key]:
+                out[f"{section}.{key}"] = (da[section][key], db[section][key])
+    return out

@@ -1,0 +1,1 @@
+"""Traditional-ML baselines: features (``features``) and scikit-learn pipelines (``pipelines``)."""

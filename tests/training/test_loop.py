@@ -1,0 +1,326 @@
+"""Training loop: tiny seg/cls runs, the run folder, exact resume, DDP on CPU (gloo)."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from lungcad.cli import main as cli_main
+from lungcad.errors import InputError
+from lungcad.training.checkpoint import load_checkpoint, read_checkpoint
+from lungcad.training.config import Config, config_to_yaml, load_config
+from lungcad.training.distributed import ShardedWeightedSampler
+from lungcad.training.loop import train
+from tests.inference_helpers import make_manifest  # odd slices hold a disc; first 2/3 train
+
+torch.set_num_threads(1)
+
+SIZE = 64
+
+
+@pytest.fixture(scope="module")
+def manifest(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return make_manifest(tmp_path_factory.mktemp("data"), n=16)
+
+
+def tiny_config(manifest: Path, out: Path, *extra: str) -> Config:
+    return load_config(
+        None,
+        [
+            f"data.manifest={manifest}",
+            f"train.out_dir={out}",
+            "model.name=resnet18",
+            f"model.image_size={SIZE}",
+            "data.batch_size=4",
+            "data.num_workers=0",
+            "optim.epochs=2",
+            "optim.lr=1e-3",
+            "train.max_steps_per_epoch=2",
+            "train.device=cpu",
+            "train.progress=false",
+            *extra,
+        ],
+    )
+
+
+@pytest.fixture(scope="module")
+def seg_run(manifest: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A 2-epoch seg run made through the CLI."""
+    out = tmp_path_factory.mktemp("runs") / "seg"
+    argv = [
+        "train",
+        "seg",
+        "--manifest",
+        str(manifest),
+        "--out",
+        str(out),
+        "--set",
+        "model.name=resnet18",
+        "--set",
+        f"model.image_size={SIZE}",
+        "--set",
+        "data.batch_size=4",
+        "--set",
+        "data.num_workers=0",
+        "--set",
+        "optim.epochs=2",
+        "--set",
+        "train.max_steps_per_epoch=2",
+        "--set",
+        "train.device=cpu",
+        "--set",
+        "train.progress=false",
+    ]
+    assert cli_main(argv) == 0
+    return out
+
+
+def test_seg_run_writes_run_folder(seg_run: Path, capsys: pytest.CaptureFixture) -> None:
+    for name in (
+        "config.yaml",
+        "metrics.csv",
+        "metrics.json",
+        "best.pt",
+        "best.pt.sha256",
+        "last.pt",
+        "last.pt.sha256",
+        "run.json",
+    ):
+        assert (seg_run / name).is_file(), name
+    rows = list(csv.DictReader((seg_run / "metrics.csv").open()))
+    assert [int(r["epoch"]) for r in rows] == [1, 2]
+    for row in rows:
+        assert 0.0 <= float(row["val_dice_global"]) <= 1.0
+        assert float(row["val_slices_with_tumour"]) == 3  # val slices 11, 13, 15
+        assert np.isfinite(float(row["train_loss"]))
+    run = json.loads((seg_run / "run.json").read_text())
+    assert run["status"] == "finished" and run["epochs_completed"] == 2
+    assert run["config_hash"] and run["versions"]["torch"] == torch.__version__
+    assert len(run["manifests"][0]["sha256"]) == 64
+    model, config, info = load_checkpoint(seg_run)
+    assert config.train.stage == "seg" and config.model.name == "resnet18"
+    assert info["epoch"] == run["best_epoch"]
+    out = model.predict(torch.rand(1, 1, SIZE, SIZE))
+    assert out["seg_probs"].shape == (1, 1, SIZE, SIZE)
+
+
+def test_cls_run_from_seg_run_with_frozen_encoder(
+    seg_run: Path, manifest: Path, tmp_path: Path
+) -> None:
+    cfg = tiny_config(
+        manifest,
+        tmp_path / "cls",
+        "train.stage=cls",
+        f"train.init_from={seg_run}",
+        "optim.freeze_encoder_epochs=-1",
+        "data.balanced_sampling=true",
+    )
+    result = train(cfg)
+    assert result.status == "finished" and result.monitor == "val_mcc"
+    threshold = json.loads((tmp_path / "cls" / "threshold.json").read_text())
+    assert 0.0 <= threshold["threshold"] <= 1.0 and threshold["method"] == "mcc"
+    assert threshold["threshold"] == pytest.approx(result.threshold)
+    for key in ("val_acc", "val_f1", "val_mcc", "val_auc", "val_threshold"):
+        assert key in result.history[-1]
+    seg = read_checkpoint(seg_run)["model"]
+    cls = result.model.state_dict()
+    # Frozen encoder (weights and BatchNorm statistics) and decoder: exactly stage 1's.
+    for key, value in seg.items():
+        if key.startswith(("encoder.", "decoder.", "segmentation_head.")):
+            assert torch.equal(cls[key], value), key
+    changed = [k for k in seg if k.startswith("classifier.") and not torch.equal(cls[k], seg[k])]
+    assert changed, "the classifier head did not train"
+    loaded = load_checkpoint(tmp_path / "cls")
+    assert loaded.info["threshold"] == pytest.approx(result.threshold)
+
+
+def _strip_time(history: list[dict]) -> list[dict]:
+    return [{k: v for k, v in row.items() if k != "time_s"} for row in history]
+
+
+def test_resume_equals_uninterrupted(manifest: Path, tmp_path: Path) -> None:
+    """3 epochs straight == 1 epoch, interrupted, then resumed through the CLI for 2 more."""
+    cfg = tiny_config(
+        manifest,
+        tmp_path / "full",
+        "optim.epochs=3",
+        "optim.warmup_epochs=0.5",
+        "model.dropout=0.2",
+    )
+    full = train(cfg)
+    config_file = tmp_path / "tiny.yaml"
+    config_file.write_text(config_to_yaml(cfg))
+    part = tmp_path / "part"
+    assert (
+        cli_main(
+            [
+                "train",
+                "seg",
+                "--config",
+                str(config_file),
+                "--out",
+                str(part),
+                "--stop-after-epoch",
+                "1",
+            ]
+        )
+        == 0
+    )
+    assert json.loads((part / "run.json").read_text())["status"] == "stopped"
+    assert len(json.loads((part / "metrics.json").read_text())) == 1
+    assert cli_main(["train", "seg", "--resume", str(part)]) == 0
+
+    a, b = read_checkpoint(tmp_path / "full" / "last.pt"), read_checkpoint(part / "last.pt")
+    for key, value in full.model.state_dict().items():
+        assert torch.equal(value, b["model"][key]), key
+    assert _strip_time(b["history"]) == _strip_time(full.history) == _strip_time(a["history"])
+    assert a["early_stopping"] == b["early_stopping"]
+    assert a["scheduler"]["last_epoch"] == b["scheduler"]["last_epoch"] == 6
+    for key, value in a["optimizer"]["state"].items():
+        assert torch.equal(value["exp_avg_sq"], b["optimizer"]["state"][key]["exp_avg_sq"])
+    run = json.loads((part / "run.json").read_text())
+    assert run["status"] == "finished" and len(run["resumed_at"]) == 1
+
+
+def test_resume_cli_refuses_a_new_config_or_other_stage(seg_run: Path) -> None:
+    assert cli_main(["train", "seg", "--resume", str(seg_run), "--config", "x.yaml"]) == 2
+    assert cli_main(["train", "cls", "--resume", str(seg_run)]) == 2
+
+
+def test_early_stopping_and_plateau_schedule(manifest: Path, tmp_path: Path) -> None:
+    # Frozen encoder and decoder and a learning rate too small to move the head: the
+    # validation MCC cannot improve, so patience 1 stops the run after its second epoch.
+    cfg = tiny_config(
+        manifest,
+        tmp_path / "r",
+        "train.stage=cls",
+        "optim.epochs=5",
+        "optim.patience=1",
+        "optim.lr=1e-12",
+        "optim.min_lr=0",
+        "optim.schedule=plateau",
+        "optim.freeze_encoder_epochs=-1",
+        "train.deterministic=true",
+    )
+    result = train(cfg)
+    assert not torch.are_deterministic_algorithms_enabled()  # global flag restored
+    assert result.status == "early_stopped" and result.epochs_completed == 2
+    assert result.best_epoch == 1
+    run = json.loads((tmp_path / "r" / "run.json").read_text())
+    assert run["status"] == "early_stopped" and run["pos_weight"] == pytest.approx(1.0)
+
+
+def test_sharded_weighted_sampler() -> None:
+    weights = torch.tensor([1.0, 1.0, 0.0, 2.0, 0.0, 1.0])
+    shards = [ShardedWeightedSampler(weights, world=2, rank=r, seed=3) for r in (0, 1)]
+    for s in shards:
+        s.set_epoch(4)
+    draws = [list(s) for s in shards]
+    assert [len(d) for d in draws] == [3, 3] == [len(s) for s in shards]
+    assert all(i in (0, 1, 3, 5) for d in draws for i in d)  # zero weight is never drawn
+    single = ShardedWeightedSampler(weights, world=1, rank=0, seed=3)
+    single.set_epoch(4)
+    merged = [i for pair in zip(*draws, strict=True) for i in pair]
+    assert merged == list(single)  # the shards interleave into the single-process draws
+    assert list(single) == list(single)  # the same epoch draws the same again
+    single.set_epoch(5)
+    assert list(single) != merged  # another epoch draws differently
+
+
+def test_resume_refuses_changed_config(seg_run: Path, manifest: Path) -> None:
+    cfg = tiny_config(manifest, seg_run, "optim.lr=0.5")
+    with pytest.raises(InputError, match="optim.lr"):
+        train(cfg, resume=seg_run)
+
+
+def test_refuses_to_overwrite_a_run(seg_run: Path, manifest: Path) -> None:
+    with pytest.raises(InputError, match="--resume"):
+        train(tiny_config(manifest, seg_run))
+
+
+def test_cls_needs_both_classes(tmp_path: Path, manifest: Path) -> None:
+    cfg = tiny_config(manifest, tmp_path / "r", "train.stage=cls", "data.sources=[nowhere]")
+    with pytest.raises(InputError, match="no 'train' slices"):
+        train(cfg)
+
+
+DDP_SCRIPT = textwrap.dedent("""
+    import faulthandler, os, sys, torch
+    faulthandler.dump_traceback_later(180, exit=True)  # never hang the test run: stacks, exit
+    torch.set_num_threads(1)
+    from lungcad.training.config import load_config
+    from lungcad.training.loop import train
+    out, manifest = sys.argv[1], sys.argv[2]
+    # train() joins the torchrun group itself; the second run reuses the same group.
+    common = [f"data.manifest={manifest}", "model.name=resnet18", "model.image_size=64",
+              "data.batch_size=2", "data.num_workers=0", "optim.epochs=2",
+              "train.max_steps_per_epoch=2", "train.device=cpu", "train.progress=false"]
+    seg = train(load_config(None, [*common, f"train.out_dir={out}/seg"]))
+    # Stage 2 unfreezes the encoder after epoch 1 (DDP is rebuilt) and samples class-balanced.
+    cls = train(load_config(None, [*common, f"train.out_dir={out}/cls", "train.stage=cls",
+                                   f"train.init_from={out}/seg", "optim.freeze_encoder_epochs=1",
+                                   "data.balanced_sampling=true"]))
+    rank = os.environ["RANK"]
+    torch.save(seg.model.state_dict(), f"{out}/seg_rank{rank}.pt")
+    torch.save(cls.model.state_dict(), f"{out}/cls_rank{rank}.pt")
+""")
+
+
+def test_ddp_two_processes_on_cpu() -> None:
+    # Its own temporary folder: pytest's basetemp may be rotated away by concurrent pytest runs
+    # during this longer test.
+    with tempfile.TemporaryDirectory(prefix="lungcad-ddp-") as tmp:
+        _run_ddp(Path(tmp))
+
+
+def _run_ddp(tmp_path: Path) -> None:
+    manifest = make_manifest(tmp_path / "data", n=16)
+    script = tmp_path / "ddp_train.py"
+    script.write_text(DDP_SCRIPT)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc_per_node=2",
+            str(script),
+            str(tmp_path),
+            str(manifest),
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+    )
+    try:
+        _, stderr = proc.communicate(timeout=240)
+    except subprocess.TimeoutExpired:
+        proc.terminate()  # torchrun's agent stops its workers (they run in their own sessions)
+        _, stderr = proc.communicate(timeout=60)
+        pytest.fail(f"torchrun timed out; stderr:\n{stderr[-4000:]}")
+    assert proc.returncode == 0, stderr[-4000:]
+    for stage in ("seg", "cls"):
+        run = tmp_path / stage
+        assert (run / "best.pt").is_file() and (run / "last.pt").is_file()
+        info = json.loads((run / "run.json").read_text())
+        assert info["world_size"] == 2 and info["status"] == "finished"
+        assert not list(run.glob("*.tmp*"))
+        sd0 = torch.load(tmp_path / f"{stage}_rank0.pt", weights_only=True)
+        sd1 = torch.load(tmp_path / f"{stage}_rank1.pt", weights_only=True)
+        saved = read_checkpoint(run / "last.pt")["model"]
+        for key in sd0:  # parameters and BatchNorm statistics agree on both ranks
+            assert torch.equal(sd0[key], sd1[key]), key
+            assert torch.equal(sd0[key], saved[key]), key
+    assert (tmp_path / "cls" / "threshold.json").is_file()
