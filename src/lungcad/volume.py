@@ -67,7 +67,8 @@ class Volume:
     @property
     def shape(self) -> tuple[int, int, int]:
         """Array shape ``(z, y, x)``."""
-        return tuple(self.array.shape)  # type: ignore[return-value]
+        z, y, x = self.array.shape
+        return int(z), int(y), int(x)
 
     @property
     def voxel_volume_ml(self) -> float:

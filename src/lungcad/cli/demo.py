@@ -88,10 +88,9 @@ def summarise_cohort(name: str, cohort_dir: Path, preview_dir: Path) -> dict[str
         lungs = lung_mask(study)
         tumour = label.array > 0.5
         window = to_unit_range(study)
-        z_slices = np.linspace(0.2, 0.8, 4) * (study.shape[0] - 1)
+        z_slices = [int(round(z)) for z in np.linspace(0.2, 0.8, 4) * (study.shape[0] - 1)]
         if tumour.any():
             z_slices[-1] = int(np.argmax(tumour.sum(axis=(1, 2))))
-        z_slices = [int(round(z)) for z in z_slices]
         overlay_montage(
             [window[z] for z in z_slices],
             preview_dir / f"{name}_{case_id}.png",

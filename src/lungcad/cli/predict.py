@@ -20,6 +20,7 @@ import argparse
 import logging
 import sys
 from pathlib import Path
+from typing import Any
 
 NAME = "predict"
 HELP = "segment and classify CT studies with a trained run (masks, DICOM SEG/SR, report)"
@@ -192,7 +193,8 @@ def run(args: argparse.Namespace) -> int:
         )
         return 0
 
-    rows, failed, used = [], 0, set()
+    rows: list[dict[str, Any]] = []
+    failed, used = 0, set[str]()
     for study in tqdm(studies, desc="studies", unit="study", disable=not sys.stderr.isatty()):
         name = _study_name(study, used)
         row = {"study": name, "input": str(study), "output": str(out / name)}

@@ -53,7 +53,10 @@ def class_balanced_sampler(
     )
     generator = None if seed is None else torch.Generator().manual_seed(int(seed))
     return WeightedRandomSampler(
-        weights, num_samples=num_samples or len(records), replacement=True, generator=generator
+        weights,  # type: ignore[arg-type]  # torch's own docs pass a tensor; the stub says Sequence
+        num_samples=num_samples or len(records),
+        replacement=True,
+        generator=generator,
     )
 
 

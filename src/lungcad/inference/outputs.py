@@ -191,7 +191,7 @@ def cam_pictures(source: Volume, result: StudyResult) -> dict[str, bytes]:
     """``cam_zNNNN.png`` -> PNG bytes: heat map over the slice, beside the plain slice."""
     from lungcad.inference.explain import cam_overlay
 
-    pictures = {}
+    pictures: dict[str, bytes] = {}
     if result.cam is None:
         return pictures
     for z in result.cam_slices:

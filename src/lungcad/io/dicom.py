@@ -256,21 +256,30 @@ def _fmt(v: np.ndarray) -> str:
     return "(" + ", ".join(f"{x:.6g}" for x in v) + ")"
 
 
+def _geometry(h: _Header) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``(position (3,), orientation (6,), pixel_spacing (2,))`` of a slice, or InputError."""
+    position, orientation, spacing = h.position, h.orientation, h.pixel_spacing
+    for name, value in (
+        ("ImagePositionPatient", position),
+        ("ImageOrientationPatient", orientation),
+        ("PixelSpacing", spacing),
+    ):
+        if value is None:
+            raise InputError(
+                f"the slice has no {name}, so it cannot be placed in space; re-export the "
+                "series with its geometry.",
+                h.path,
+            )
+    if position is None or orientation is None or spacing is None:  # narrowed for the checker
+        raise AssertionError("unreachable")
+    return position, orientation, spacing
+
+
 def _sort_and_check(folder: Path, slices: list[_Header]) -> _Stack:
-    for h in slices:
-        for name, value in (
-            ("ImagePositionPatient", h.position),
-            ("ImageOrientationPatient", h.orientation),
-            ("PixelSpacing", h.pixel_spacing),
-        ):
-            if value is None:
-                raise InputError(
-                    f"the slice has no {name}, so it cannot be placed in space; re-export the "
-                    "series with its geometry.",
-                    h.path,
-                )
+    geometry = [_geometry(h) for h in slices]
     ref = slices[0]
-    for h in slices[1:]:
+    _, ref_orientation, ref_spacing = geometry[0]
+    for h, (_, orientation, spacing) in zip(slices[1:], geometry[1:], strict=True):
         if (h.rows, h.columns) != (ref.rows, ref.columns):
             raise InputError(
                 f"inconsistent slice size in series {ref.series_uid}: {ref.path.name} is "
@@ -278,25 +287,25 @@ def _sort_and_check(folder: Path, slices: list[_Header]) -> _Stack:
                 "columns); one series must have one size. Remove the odd files.",
                 folder,
             )
-        if not np.allclose(h.orientation, ref.orientation, atol=_COSINE_ATOL):
+        if not np.allclose(orientation, ref_orientation, atol=_COSINE_ATOL):
             raise InputError(
                 f"inconsistent ImageOrientationPatient in series {ref.series_uid}: "
-                f"{ref.path.name} has {_fmt(ref.orientation)} but {h.path.name} has "
-                f"{_fmt(h.orientation)}; the slices do not form one volume. Remove the odd "
+                f"{ref.path.name} has {_fmt(ref_orientation)} but {h.path.name} has "
+                f"{_fmt(orientation)}; the slices do not form one volume. Remove the odd "
                 "files (e.g. a localizer).",
                 folder,
             )
-        if not np.allclose(h.pixel_spacing, ref.pixel_spacing, rtol=1e-4, atol=1e-5):
+        if not np.allclose(spacing, ref_spacing, rtol=1e-4, atol=1e-5):
             raise InputError(
-                f"inconsistent PixelSpacing: {ref.path.name} has {_fmt(ref.pixel_spacing)} but "
-                f"{h.path.name} has {_fmt(h.pixel_spacing)} mm. Remove the odd files.",
+                f"inconsistent PixelSpacing: {ref.path.name} has {_fmt(ref_spacing)} but "
+                f"{h.path.name} has {_fmt(spacing)} mm. Remove the odd files.",
                 folder,
             )
-    row, col = ref.orientation[:3].copy(), ref.orientation[3:].copy()
+    row, col = ref_orientation[:3].copy(), ref_orientation[3:].copy()
     unit = abs(np.linalg.norm(row) - 1) < 1e-3 and abs(np.linalg.norm(col) - 1) < 1e-3
     if not unit or abs(row @ col) > 1e-3:
         raise InputError(
-            f"ImageOrientationPatient {_fmt(ref.orientation)} is not two orthogonal unit vectors.",
+            f"ImageOrientationPatient {_fmt(ref_orientation)} is not two orthogonal unit vectors.",
             ref.path,
         )
     # Gram-Schmidt removes the rounding of the decimal strings so the direction is orthonormal.
@@ -304,10 +313,10 @@ def _sort_and_check(folder: Path, slices: list[_Header]) -> _Stack:
     col -= (col @ row) * row
     col /= np.linalg.norm(col)
     normal = np.cross(row, col)
-    if np.any(ref.pixel_spacing <= 0):
-        raise InputError(f"PixelSpacing {_fmt(ref.pixel_spacing)} must be positive (mm).", ref.path)
+    if np.any(ref_spacing <= 0):
+        raise InputError(f"PixelSpacing {_fmt(ref_spacing)} must be positive (mm).", ref.path)
 
-    positions = np.array([h.position for h in slices])
+    positions = np.array([g[0] for g in geometry])
     order = np.argsort(positions @ normal, kind="stable")
     headers = [slices[i] for i in order]
     positions = positions[order]
@@ -315,10 +324,11 @@ def _sort_and_check(folder: Path, slices: list[_Header]) -> _Stack:
     steps = np.diff(depth)
     same = np.flatnonzero(steps < _DUPLICATE_MM)
     if same.size:
-        a, b = headers[same[0]], headers[same[0] + 1]
+        i = int(same[0])
+        a, b = headers[i], headers[i + 1]
         raise InputError(
-            f"duplicate slice position: {a.path.name} ({_fmt(a.position)}) and {b.path.name} "
-            f"({_fmt(b.position)}) lie at the same depth {depth[same[0]]:.3f} mm along the "
+            f"duplicate slice position: {a.path.name} ({_fmt(positions[i])}) and {b.path.name} "
+            f"({_fmt(positions[i + 1])}) lie at the same depth {depth[i]:.3f} mm along the "
             "slice normal. The series holds a slice twice or two acquisitions; remove the "
             "duplicates.",
             folder,
@@ -331,13 +341,13 @@ def _sort_and_check(folder: Path, slices: list[_Header]) -> _Stack:
             a, b = headers[i], headers[i + 1]
             raise InputError(
                 f"slices missing: a gap of {steps[i]:.3f} mm between sorted slices {i} and "
-                f"{i + 1} of {len(headers)} ({a.path.name} at {_fmt(a.position)} and "
-                f"{b.path.name} at {_fmt(b.position)}), where the median spacing is "
+                f"{i + 1} of {len(headers)} ({a.path.name} at {_fmt(positions[i])} and "
+                f"{b.path.name} at {_fmt(positions[i + 1])}), where the median spacing is "
                 f"{median:.3f} mm (about {round(steps[i] / median) - 1} slice(s) missing). "
                 "Re-export or re-download the complete series.",
                 folder,
             )
-    return _Stack(headers, positions, row, col, normal, ref.pixel_spacing)
+    return _Stack(headers, positions, row, col, normal, ref_spacing)
 
 
 def _decode(path: Path) -> np.ndarray:

@@ -29,6 +29,7 @@ import highdicom as hd
 import numpy as np
 import pydicom
 import SimpleITK as sitk
+from pydicom.dataset import Dataset
 from pydicom.sr.codedict import codes
 
 from lungcad import __version__
@@ -123,6 +124,8 @@ def write_dicom_seg(
         grid = mask.with_array(prob)
         segmentation_type = hd.seg.SegmentationTypeValues.FRACTIONAL
 
+    # A highdicom Volume (the mask's own grid) or an array of frames in source order.
+    frames: hd.Volume | np.ndarray
     if source.meta.get("resampled"):
         # Uneven spacing or gantry tilt was resampled on reading, so mask slices no longer sit
         # on the CT images: store the mask on its own grid (highdicom writes each frame's
@@ -353,7 +356,7 @@ def _source_datasets(source: Volume, what: str) -> list[pydicom.Dataset]:
             "Write the mask as NIfTI instead (e.g. a .nii.gz output).",
             where,
         )
-    datasets = []
+    datasets: list[Dataset] = []
     for name in files:
         if not Path(name).is_file():
             raise MissingInputError(

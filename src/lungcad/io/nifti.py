@@ -16,7 +16,7 @@ import gzip
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO
+from typing import Protocol
 
 import numpy as np
 
@@ -48,13 +48,19 @@ def _layout(path: Path) -> _Layout | None:
     try:
         # A lazy proxy: only the header is read (also for .nii.gz). Its offset is the one in
         # the file (the image's .header is a copy whose vox_offset is reset to 0).
-        proxy = nib.load(path).dataobj
+        proxy = nib.load(path).dataobj  # type: ignore[attr-defined]
         return _Layout(int(proxy.offset), np.dtype(proxy.dtype), int(np.prod(proxy.shape)))
     except Exception:  # nibabel raises many types; SimpleITK then reports the damaged file
         return None
 
 
-def _count_nonfinite(stream: BinaryIO, layout: _Layout) -> tuple[int, int]:
+class _ByteStream(Protocol):
+    """A binary stream: a plain file or a gzip file."""
+
+    def read(self, size: int = -1, /) -> bytes: ...
+
+
+def _count_nonfinite(stream: _ByteStream, layout: _Layout) -> tuple[int, int]:
     """Read ``stream`` to its end; return (bytes read, NaN/inf voxels among the data)."""
     total, n_bad, pending = 0, 0, b""
     size = layout.dtype.itemsize
@@ -75,13 +81,13 @@ def _scan(path: Path, layout: _Layout | None) -> tuple[int, int]:
         InputError: the gzip stream ends early or is damaged.
     """
     gz = path.name.lower().endswith(".gz")
-    check_values = layout is not None and layout.dtype.kind == "f"
-    if not gz and not check_values:
+    float_layout = layout if layout is not None and layout.dtype.kind == "f" else None
+    if not gz and float_layout is None:
         return path.stat().st_size, 0
     try:
         with gzip.open(path, "rb") if gz else path.open("rb") as stream:
-            if check_values:
-                return _count_nonfinite(stream, layout)
+            if float_layout is not None:
+                return _count_nonfinite(stream, float_layout)
             total = 0
             while chunk := stream.read(_CHUNK):  # to the end: also verifies the gzip CRC
                 total += len(chunk)
@@ -117,7 +123,7 @@ def check_nifti_data(path: str | Path) -> None:
             "interrupted download or copy. Download or export it again.",
             path,
         )
-    if n_bad:
+    if n_bad and layout is not None:  # NaN/inf are only counted when the layout is known
         raise nonfinite_error(n_bad, layout.n_voxels, path)
 
 

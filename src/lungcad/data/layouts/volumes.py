@@ -49,7 +49,7 @@ def world_to_index(volume: Volume, points_xyz: np.ndarray) -> np.ndarray:
 
 
 def nodule_sphere_mask(
-    volume: Volume, centers_xyz: np.ndarray, diameters_mm: Sequence[float]
+    volume: Volume, centers_xyz: np.ndarray, diameters_mm: Sequence[float] | np.ndarray
 ) -> np.ndarray:
     """Mask of spheres (LUNA16 nodules) on the volume's grid.
 
@@ -131,7 +131,7 @@ def _volume_records(
 ) -> list[SliceRecord]:
     """Slices of one canonical LPS volume with its tumour mask (z, y, x) as records."""
     tumour = tumour > 0
-    per_slice = tumour.reshape(tumour.shape[0], -1).any(axis=1)
+    per_slice = np.asarray(tumour.reshape(tumour.shape[0], -1).any(axis=1))
     chosen = _choose_slices(volume, per_slice, settings, case, warnings)
     unit = to_unit_range(volume)
     spacing_yx = (volume.spacing[1], volume.spacing[2])

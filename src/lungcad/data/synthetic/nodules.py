@@ -117,8 +117,8 @@ def place_nodules(
         index_xyz = (world - origin) / spacing
         placed.append(
             Nodule(
-                centre_zyx=tuple(float(v) for v in index_xyz[::-1]),
-                centre_lps=tuple(float(v) for v in world),
+                centre_zyx=(float(index_xyz[2]), float(index_xyz[1]), float(index_xyz[0])),
+                centre_lps=(float(world[0]), float(world[1]), float(world[2])),
                 diameter_mm=float(diameter),
                 shape=shape,
                 density=density,
@@ -135,10 +135,9 @@ def _random_unit(rng: np.random.Generator, n: int) -> np.ndarray:
 
 def _sphere_union(centres: np.ndarray, radii: np.ndarray) -> Callable:
     def sd(x: np.ndarray, y: np.ndarray, z: np.ndarray) -> np.ndarray:
-        out = None
+        out = np.full(np.broadcast(x, y, z).shape, np.inf)
         for (cx, cy, cz), r in zip(centres, radii, strict=True):
-            d = np.sqrt((x - cx) ** 2 + (y - cy) ** 2 + (z - cz) ** 2) - r
-            out = d if out is None else np.minimum(out, d)
+            out = np.minimum(out, np.sqrt((x - cx) ** 2 + (y - cy) ** 2 + (z - cz) ** 2) - r)
         return out
 
     return sd

@@ -258,11 +258,12 @@ def _grid(anat: Anatomy, site: SiteParams, shape_zyx: tuple[int, int, int] | Non
     if shape_zyx is None:
         shape = (site.n_slices, site.matrix, site.matrix)
     else:
-        shape = tuple(int(s) for s in shape_zyx)
-        if len(shape) != 3 or min(shape) < 1:
+        given = tuple(int(s) for s in shape_zyx)
+        if len(given) != 3 or min(given) < 1:
             raise InputError(
                 f"shape_zyx must be three positive ints; got {shape_zyx!r}", "shape_zyx"
             )
+        shape = (given[0], given[1], given[2])
     d, h, w = shape
     sz, sp = site.slice_thickness_mm, site.pixel_spacing_mm
     # The image centre is the scanner's isocentre (0, 0); the patient lies a little off it.
