@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import re
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
+from lungcad.data.grouping import GroupingSettings
 from lungcad.data.manifest import SliceRecord, check_split_fractions
 from lungcad.errors import InputError, MissingInputError
 from lungcad.io import read_image
@@ -17,6 +18,8 @@ from lungcad.volume import Volume
 
 LAYOUTS = ("msd", "luna16", "classfolders", "imagemask")
 SLICE_MODES = ("tumour", "all", "lung")
+#: How 2D sets without patient ids are grouped (see lungcad.data.layouts.images2d).
+GROUPINGS = ("similarity", "blocks")
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
 DEFAULT_BLOCK_SIZE = {"classfolders": 20, "imagemask": 10}
 # Least tumour area (mm^2) on a slice for the slice to be labelled cancerous (3D sets): about
@@ -41,7 +44,13 @@ class PrepareSettings:
         val_fraction: target fraction of slices in the validation split.
         test_fraction: target fraction of slices in the test split.
         seed: seed for the split and for sampling non-tumour slices.
-        block_size: files per group for 2D sets (None: 20 for classfolders, 10 imagemask).
+        grouping: 2D sets: ``"similarity"`` (groups end where neighbouring images stop
+            resembling each other; class folders' default) or ``"blocks"`` (fixed blocks of
+            ``block_size`` file numbers; image/mask patches' default). None: the default.
+        grouping_settings: window, similarity threshold, near-duplicate distance and split
+            gap of the similarity grouping (the distance and gap apply to blocks too).
+        block_size: files per group with block grouping (None: 20 for classfolders, 10
+            imagemask).
         slices: 3D sets: ``"tumour"`` (all tumour slices plus a seeded sample of non-tumour
             lung slices), ``"lung"`` (every slice showing lung) or ``"all"``.
         negative_ratio: ``"tumour"`` mode: non-tumour slices kept per tumour slice.
@@ -62,6 +71,8 @@ class PrepareSettings:
     val_fraction: float = 0.15
     test_fraction: float = 0.15
     seed: int = 0
+    grouping: str | None = None
+    grouping_settings: GroupingSettings = field(default_factory=GroupingSettings)
     block_size: int | None = None
     slices: str = "tumour"
     negative_ratio: float = 1.0
@@ -76,6 +87,10 @@ class PrepareSettings:
         if self.slices not in SLICE_MODES:
             raise InputError(
                 f"slices must be one of {SLICE_MODES}; got {self.slices!r}", "--slices"
+            )
+        if self.grouping is not None and self.grouping not in GROUPINGS:
+            raise InputError(
+                f"grouping must be one of {GROUPINGS}; got {self.grouping!r}", "--grouping"
             )
         if self.block_size is not None and self.block_size < 1:
             raise InputError(f"block size must be >= 1; got {self.block_size}", "--block-size")

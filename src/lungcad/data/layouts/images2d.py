@@ -1,9 +1,19 @@
 """2D layouts: class folders (e.g. IQ-OTH/NCCD) and image/mask folders (e.g. MSD patches).
 
 These sets have no patient ids. Files are numbered in scan order, so neighbouring numbers are
-usually the same patient: groups are contiguous blocks of file numbers (within each class
-folder), and blocks holding byte-identical files are merged so a duplicate can never sit in
-two splits. Splitting by block, never per image, keeps validation scores honest.
+usually the same patient. Groups are found per folder in one of two ways
+(``PrepareSettings.grouping``):
+
+* ``"similarity"`` (class folders' default): a group ends where neighbouring images stop
+  resembling each other or the image size changes (:mod:`lungcad.data.grouping`);
+* ``"blocks"`` (image/mask patches' default, whose neighbouring crops need not look alike):
+  contiguous blocks of ``block_size`` file numbers.
+
+Either way, groups holding byte-identical files or near-duplicates (perceptual hash) are
+merged so a copy can never sit in two splits, and the files are returned in scan order so the
+split can keep groups of different splits apart
+(:func:`lungcad.data.grouping.purge_split_boundaries`).
+Splitting by group, never per image, keeps validation scores honest.
 """
 
 from __future__ import annotations
@@ -12,8 +22,17 @@ import hashlib
 import re
 from collections import defaultdict
 from collections.abc import Iterable
+from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
+
+from lungcad.data.grouping import (
+    near_duplicate_pairs,
+    perceptual_hash,
+    scan_runs,
+    thumbnail,
+)
 from lungcad.data.layouts.common import (
     DEFAULT_BLOCK_SIZE,
     IMAGE_SUFFIXES,
@@ -28,6 +47,28 @@ from lungcad.data.layouts.common import (
 )
 from lungcad.data.manifest import SliceRecord
 from lungcad.errors import InputError
+
+
+@dataclass
+class ScanOrdered:
+    """What a 2D layout reader returns: records, their files, and the scan order.
+
+    Attributes:
+        records: one record per image, with its group.
+        files: the input files read (images and masks), for the input hash.
+        strata: group id -> class folder, to split each folder on its own (None: by label).
+        order: per folder, indices into ``records`` in scan order.
+        method: the grouping used, ``"similarity"`` or ``"blocks"``.
+        boundary_similarity: per folder, the similarity at each cut between consecutive files
+            (empty with block grouping).
+    """
+
+    records: list[SliceRecord]
+    files: list[Path]
+    strata: dict[str, str] | None
+    order: list[list[int]]
+    method: str
+    boundary_similarity: list[list[float]] = field(default_factory=list)
 
 
 def parse_file_number(name: str) -> int | None:
@@ -59,20 +100,26 @@ def _block_ids(numbered: list[tuple[Path, int]], prefix: str, block_size: int) -
     return [f"{prefix}b{(n - start) // block_size:03d}" for _, n in numbered]
 
 
-def _merge_duplicates(files: list[Path], groups: list[str], summary: dict) -> list[str]:
-    """Merge the groups of byte-identical files so duplicates never straddle splits."""
-    by_hash: dict[str, list[int]] = defaultdict(list)
-    for i, f in enumerate(files):
-        by_hash[hashlib.sha256(f.read_bytes()).hexdigest()].append(i)
+def _merge_duplicates(
+    files: list[Path], hashes: list[int], groups: list[str], max_distance: int, summary: dict
+) -> list[str]:
+    """Merge the groups of byte-identical and near-duplicate files (perceptual ``hashes``)."""
     uf = UnionFind()
-    duplicates = []
-    for idx in by_hash.values():
-        for i in idx[1:]:
-            uf.union(groups[idx[0]], groups[i])
-        if len(idx) > 1:
-            duplicates.append([str(files[i].relative_to(files[i].parents[1])) for i in idx])
+    by_bytes: dict[str, list[int]] = defaultdict(list)
+    for i, f in enumerate(files):
+        by_bytes[hashlib.sha256(f.read_bytes()).hexdigest()].append(i)
+    identical = [idx for idx in by_bytes.values() if len(idx) > 1]
+    pairs = [(idx[0], i) for idx in identical for i in idx[1:]]
+    near = [(i, j) for i, j in near_duplicate_pairs(hashes, max_distance) if groups[i] != groups[j]]
+    for i, j in pairs + near:
+        uf.union(groups[i], groups[j])
+
+    def name(i: int) -> str:
+        return str(files[i].relative_to(files[i].parents[1]))
+
     merged = [uf.find(g) for g in groups]
-    summary["duplicate_files"] = sorted(duplicates)
+    summary["duplicate_files"] = sorted([name(i) for i in idx] for idx in identical)
+    summary["near_duplicate_pairs"] = sorted([name(i), name(j)] for i, j in near)
     summary["merged_groups"] = sorted(
         sorted(members) for members in _invert(groups, merged).values() if len(members) > 1
     )
@@ -117,24 +164,72 @@ def class_mapping(data: Path, settings: PrepareSettings) -> dict[str, int]:
     return mapping
 
 
+def _group_folder(
+    images: list[np.ndarray],
+    numbered: list[tuple[Path, int]],
+    prefix: str,
+    settings: PrepareSettings,
+    default_grouping: str,
+    default_block: int,
+) -> tuple[list[str], list[float]]:
+    """Group ids for one folder's images (in scan order) and the similarity at each cut."""
+    grouping = grouping_method(settings, default_grouping)
+    if grouping == "blocks":
+        return _block_ids(numbered, prefix, settings.block_size or default_block), []
+    thumbs = np.stack([thumbnail(image) for image in images])
+    runs, similarity = scan_runs(
+        thumbs, [image.shape for image in images], settings.grouping_settings
+    )
+    return [f"{prefix}g{run:03d}" for run in runs], similarity
+
+
+def grouping_method(settings: PrepareSettings, default: str) -> str:
+    """The 2D grouping: the setting, else blocks when a block size is given, else ``default``."""
+    return settings.grouping or ("blocks" if settings.block_size else default)
+
+
+def _read_folder(
+    numbered: list[tuple[Path, int]],
+) -> tuple[list[np.ndarray], list[int]]:
+    images = [read_slice(path) for path, _ in numbered]
+    return images, [perceptual_hash(image) for image in images]
+
+
 def prepare_classfolders(
     data: Path, writer: SliceWriter, settings: PrepareSettings, warnings: list[str], summary: dict
-) -> tuple[list[SliceRecord], list[Path], dict[str, str]]:
+) -> ScanOrdered:
     mapping = class_mapping(data, settings)
-    block_size = settings.block_size or DEFAULT_BLOCK_SIZE["classfolders"]
     files: list[Path] = []
     numbers: list[int] = []
     groups: list[str] = []
+    hashes: list[int] = []
+    images: list[np.ndarray] = []
+    order: list[list[int]] = []
+    similarity: list[list[float]] = []
     for folder in sorted(mapping):
         numbered = _numbered(image_files(data / folder), warnings)
+        folder_images, folder_hashes = _read_folder(numbered)
+        folder_groups, folder_similarity = _group_folder(
+            folder_images,
+            numbered,
+            f"{slug(folder)}_",
+            settings,
+            "similarity",
+            DEFAULT_BLOCK_SIZE["classfolders"],
+        )
+        order.append(list(range(len(files), len(files) + len(numbered))))
+        similarity.append(folder_similarity)
         files += [f for f, _ in numbered]
         numbers += [n for _, n in numbered]
-        groups += _block_ids(numbered, f"{slug(folder)}_", block_size)
-    groups = _merge_duplicates(files, groups, summary)
+        groups += folder_groups
+        hashes += folder_hashes
+        images += folder_images
+    groups = _merge_duplicates(
+        files, hashes, groups, settings.grouping_settings.max_hash_distance, summary
+    )
     source = f"classfolders:{data.name}"
     records = []
-    for path, number, group in zip(files, numbers, groups, strict=True):
-        image = read_slice(path)
+    for path, number, group, image in zip(files, numbers, groups, images, strict=True):
         label = mapping[path.parent.name]
         records.append(
             writer.add(
@@ -155,7 +250,9 @@ def prepare_classfolders(
     strata: dict[str, str] = {}
     for path, group in zip(files, groups, strict=True):
         strata.setdefault(group, path.parent.name)
-    return records, files, strata
+    return ScanOrdered(
+        records, files, strata, order, grouping_method(settings, "similarity"), similarity
+    )
 
 
 def _labels_per_group(records: Iterable[SliceRecord]) -> dict[str, set[int]]:
@@ -182,7 +279,7 @@ def _mask_for(image: Path, masks: Path) -> Path:
 
 def prepare_imagemask(
     data: Path, writer: SliceWriter, settings: PrepareSettings, warnings: list[str], summary: dict
-) -> tuple[list[SliceRecord], list[Path]]:
+) -> ScanOrdered:
     images = image_files(data / "images")
     if not images:
         raise InputError(
@@ -190,12 +287,21 @@ def prepare_imagemask(
         )
     masks = [_mask_for(image, data / "masks") for image in images]  # all checked before reading
     numbered = _numbered(images, warnings)
-    groups = _block_ids(numbered, "", settings.block_size or DEFAULT_BLOCK_SIZE["imagemask"])
-    groups = _merge_duplicates(images, groups, summary)
+    by_path = dict(zip(images, masks, strict=True))
+    ordered_masks = [by_path[path] for path, _ in numbered]
+    arrays, hashes = _read_folder(numbered)
+    groups, similarity = _group_folder(
+        arrays, numbered, "", settings, "blocks", DEFAULT_BLOCK_SIZE["imagemask"]
+    )
+    files = [path for path, _ in numbered]
+    groups = _merge_duplicates(
+        files, hashes, groups, settings.grouping_settings.max_hash_distance, summary
+    )
     source = f"imagemask:{data.name}"
     records = []
-    for (path, number), mask_path, group in zip(numbered, masks, groups, strict=True):
-        image = read_slice(path)
+    for (path, number), mask_path, group, image in zip(
+        numbered, ordered_masks, groups, arrays, strict=True
+    ):
         mask = read_slice(mask_path) >= 0.5
         if mask.shape != image.shape:
             raise InputError(
@@ -214,4 +320,11 @@ def prepare_imagemask(
                 source,
             )
         )
-    return records, images + masks
+    return ScanOrdered(
+        records,
+        files + ordered_masks,
+        None,
+        [list(range(len(records)))],
+        grouping_method(settings, "blocks"),
+        [similarity],
+    )

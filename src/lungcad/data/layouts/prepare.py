@@ -11,7 +11,10 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
+
 from lungcad import __version__
+from lungcad.data.grouping import purge_split_boundaries
 from lungcad.data.layouts.common import (
     DEFAULT_BLOCK_SIZE,
     LAYOUT_HELP,
@@ -20,7 +23,18 @@ from lungcad.data.layouts.common import (
     image_files,
     visible,
 )
-from lungcad.data.layouts.images2d import class_mapping, prepare_classfolders, prepare_imagemask
+from lungcad.data.layouts.groups_report import (
+    BOUNDARY_SHEET,
+    GROUPS_FILE,
+    write_boundary_sheet,
+    write_group_table,
+)
+from lungcad.data.layouts.images2d import (
+    ScanOrdered,
+    class_mapping,
+    prepare_classfolders,
+    prepare_imagemask,
+)
 from lungcad.data.layouts.volumes import prepare_luna16, prepare_msd
 from lungcad.data.manifest import (
     SPLITS,
@@ -132,6 +146,60 @@ def _summary(
     }
 
 
+def _report_and_purge(
+    out: Path,
+    scan: ScanOrdered,
+    records: list[SliceRecord],
+    settings: PrepareSettings,
+    extra: dict,
+) -> list[SliceRecord]:
+    """Leave out files at split boundaries; write groups.csv and the boundary contact sheet.
+
+    ``records`` are ``scan.records`` with their splits (same order). Returns the kept records;
+    the slice files of the others are deleted from ``out``.
+    """
+    groups = [r.group_id for r in records]
+    splits = {r.group_id: r.split for r in records}
+    gap = settings.grouping_settings.gap if scan.method == "similarity" else 0
+    drop = purge_split_boundaries(scan.order, groups, splits, gap)
+    kept = [r for i, r in enumerate(records) if i not in drop]
+    dropped = [records[i] for i in sorted(drop)]
+    write_group_table(kept, dropped, out / GROUPS_FILE)
+    pairs = []
+    for sequence, similarity in zip(scan.order, scan.boundary_similarity or [], strict=False):
+        for k in range(len(sequence) - 1):
+            a, b = records[sequence[k]], records[sequence[k + 1]]
+            if a.group_id == b.group_id:
+                continue
+            score = f" r={similarity[k]:.2f}" if similarity else ""
+            caption = f"{a.slice_index}|{b.slice_index} {a.split[:2]}|{b.split[:2]}{score}"
+            pairs.append((_load(out, a), _load(out, b), caption))
+    sheet = write_boundary_sheet(pairs, out / BOUNDARY_SHEET)
+    for r in dropped:
+        for rel in (r.image_path, r.mask_path):
+            if rel:
+                (out / rel).unlink()
+    sizes = Counter(r.group_id for r in kept)
+    extra["grouping"] = {
+        "method": scan.method,
+        "n_groups": len(sizes),
+        "group_size": {
+            "min": min(sizes.values(), default=0),
+            "median": float(np.median(list(sizes.values()))) if sizes else 0.0,
+            "max": max(sizes.values(), default=0),
+        },
+        "left_out_at_split_boundaries": len(dropped),
+        "groups_file": GROUPS_FILE,
+        "boundary_sheet": sheet.name if sheet else None,
+    }
+    return kept
+
+
+def _load(out: Path, record: SliceRecord) -> np.ndarray:
+    """The prepared image of ``record`` (``(H, W)`` in [0, 1])."""
+    return np.load(out / record.image_path)
+
+
 def _check_layout(data: Path, layout: str, settings: PrepareSettings) -> None:
     """Raise when ``data`` does not have the structure of ``layout``."""
     if not data.is_dir():
@@ -190,14 +258,15 @@ def prepare_dataset(
     strata: dict[str, str] | None = None
     with atomic_dir(out) as tmp:
         writer = SliceWriter(tmp)
+        scan: ScanOrdered | None = None
         if layout == "msd":
             records, files = prepare_msd(data, writer, settings, warnings)
         elif layout == "luna16":
             records, files = prepare_luna16(data, writer, settings, warnings)
-        elif layout == "imagemask":
-            records, files = prepare_imagemask(data, writer, settings, warnings, extra)
         else:
-            records, files, strata = prepare_classfolders(data, writer, settings, warnings, extra)
+            reader = prepare_imagemask if layout == "imagemask" else prepare_classfolders
+            scan = reader(data, writer, settings, warnings, extra)
+            records, files, strata = scan.records, scan.files, scan.strata
         if not records:
             raise InputError("no slices found to prepare; " + LAYOUT_HELP, data)
         records = assign_splits(
@@ -208,6 +277,8 @@ def prepare_dataset(
             seed=settings.seed,
         )
         check_no_group_leakage(records)
+        if scan is not None:
+            records = _report_and_purge(tmp, scan, records, settings, extra)
         for split in SPLITS:
             if not any(r.split == split for r in records) and (
                 split == "train" or getattr(settings, f"{split}_fraction") > 0
