@@ -232,9 +232,13 @@ def test_slice_dataset_items(slice_folder: tuple[Path, list[SliceRecord]]) -> No
     assert 0.0 <= item["image"].min() and item["image"].max() <= 1.0
     assert item["mask"].shape == (1, 64, 64) and item["mask"].dtype == torch.float32
     assert set(item["mask"].unique().tolist()) == {0.0, 1.0}
-    # The mask follows the resize: rows 10..20 of 40 -> 16..32 of 64.
+    # The mask follows the letterbox: 40x48 scales by 4/3 to 53x64 and sits 5 rows down, so
+    # rows 10..20 -> 18..31 and columns 12..30 -> 16..40.
     rows = torch.nonzero(item["mask"][0].sum(dim=1)).flatten()
-    assert abs(rows.min().item() - 16) <= 1 and abs(rows.max().item() - 31) <= 1
+    assert abs(rows.min().item() - 18) <= 1 and abs(rows.max().item() - 31) <= 1
+    cols = torch.nonzero(item["mask"][0].sum(dim=0)).flatten()
+    assert abs(cols.min().item() - 16) <= 1 and abs(cols.max().item() - 39) <= 1
+    assert item["image"][0, :5].max() == 0  # padding rows, not stretched image
     assert item["has_mask"].dtype == torch.bool and item["has_mask"].shape == ()
     assert item["has_mask"]
     assert item["label"].dtype == torch.float32 and item["label"].item() == 1.0

@@ -350,3 +350,42 @@ def test_iter_and_extract_slices(chest: Chest, chest_mask: np.ndarray) -> None:
     np.testing.assert_array_equal(coronal[1][1], chest.volume.array[:, 50, :])
     with pytest.raises(InputError):
         list(iter_slices(chest.volume, chest_mask[:3]))
+
+
+def test_letterbox_keeps_the_aspect_ratio_and_inverts() -> None:
+    from lungcad.data.preprocessing import Letterbox
+
+    box = Letterbox.fit((512, 623), (64, 64))
+    assert box.scaled_shape == (53, 64) and box.offset == (5, 0)
+    image = np.ones((512, 623), np.float32)
+    fitted = box.apply(image)
+    assert fitted.shape == (64, 64)
+    assert fitted[:5].max() == 0 and fitted[-6:].max() == 0  # padded rows, not stretched
+    np.testing.assert_allclose(fitted[box.region], 1.0)
+    back = box.invert(fitted)
+    assert back.shape == (512, 623)
+    np.testing.assert_allclose(back, 1.0, atol=1e-6)
+    # A disc stays round: its height and width inside the input are equal.
+    yy, xx = np.mgrid[:512, :623]
+    disc = ((yy - 256) ** 2 + (xx - 300) ** 2 <= 100**2).astype(np.uint8)
+    small = box.apply(disc, mask=True)
+    rows, cols = np.flatnonzero(small.any(1)), np.flatnonzero(small.any(0))
+    assert abs((rows[-1] - rows[0]) - (cols[-1] - cols[0])) <= 1
+    assert small.dtype == np.uint8
+    # A square slice of the target size is untouched.
+    same = Letterbox.fit((64, 64), (64, 64))
+    assert same.offset == (0, 0) and same.scaled_shape == (64, 64)
+    with pytest.raises(InputError):
+        Letterbox.fit((0, 5), (64, 64))
+
+
+def test_model_input_pads_instead_of_squashing() -> None:
+    from lungcad.data.dataset import slice_to_model_input
+
+    wide = np.full((512, 801), 0.5, np.float32)
+    square = np.full((512, 512), 0.5, np.float32)
+    # Squashed, both would be all 0.5 and indistinguishable apart from texture; fitted, the
+    # wide image is a band of 0.5 between black bars, at the same scale as the square one.
+    out_wide, out_square = slice_to_model_input(wide, 64), slice_to_model_input(square, 64)
+    assert out_square.min() == pytest.approx(0.5)
+    assert out_wide[0].max() == 0.0 and out_wide[32].min() == pytest.approx(0.5)

@@ -15,7 +15,7 @@ import torch
 from torch.utils.data import Dataset, WeightedRandomSampler
 
 from lungcad.data.manifest import SliceRecord
-from lungcad.data.preprocessing import resize_mask, resize_slice
+from lungcad.data.preprocessing import Letterbox
 from lungcad.errors import InputError
 from lungcad.io.images import load_slice_array
 
@@ -67,10 +67,12 @@ def slice_to_model_input(
 
     Used by :class:`SliceDataset` (training, validation, evaluation, calibration) and by
     whole-study inference (``lungcad.inference.predictor``), so what the network is fed at
-    prediction
-    time is bit-identical to what it was trained on: bilinear resize with anti-aliasing when
-    shrinking (``preprocessing.resize_slice``, order 1), then clip to [0, 1] (the resize and
-    augmentations never leave the range; stored values outside it are clipped).
+    prediction time is bit-identical to what it was trained on: the aspect ratio is kept
+    (:class:`~lungcad.data.preprocessing.Letterbox`: one scale factor, bilinear with
+    anti-aliasing when shrinking, zero padding to the target shape; never squashed, since a
+    shape that differs by class is a shortcut), then values are clipped to [0, 1] (the resize
+    and augmentations never leave the range; stored values outside it are clipped). Map model
+    outputs back with ``Letterbox.fit(slice_shape, input_shape).invert(output)``.
 
     Args:
         unit_slice: ``(H, W)`` lung-windowed slice, nominally in [0, 1] (a prepared slice, or
@@ -88,7 +90,7 @@ def slice_to_model_input(
             else (int(image_size[0]), int(image_size[1]))
         )
         if image.shape != shape:
-            image = resize_slice(image, shape, order=1)
+            image = Letterbox.fit(image.shape, shape).apply(image)
     return np.clip(image, 0.0, 1.0)
 
 
@@ -145,7 +147,7 @@ class SliceDataset(Dataset):
         else:
             mask = np.zeros(image.shape, dtype=np.float32)
         if self.image_size is not None and mask.shape != self.image_size:
-            mask = resize_mask(mask, self.image_size)
+            mask = Letterbox.fit(mask.shape, self.image_size).apply(mask, mask=True)
         return slice_to_model_input(image, self.image_size), mask
 
     def __getitem__(self, index: int) -> dict[str, object]:

@@ -18,6 +18,7 @@ import copy
 import logging
 import math
 from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 
 import numpy as np
 import SimpleITK as sitk
@@ -339,6 +340,64 @@ def resize_mask(mask: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
     if tuple(mask.shape) == tuple(shape):
         return binary.astype(mask.dtype)
     return (resize_slice(binary, shape, order=1) >= 0.5).astype(mask.dtype)
+
+
+@dataclass(frozen=True)
+class Letterbox:
+    """Where a slice sits inside a model input of another shape, its aspect ratio kept.
+
+    The slice is scaled by one factor on both axes so it fits the target, then centred and
+    padded with zeros (air in windowed units). Squashing instead would make a slice's shape
+    part of its appearance, and where image sizes differ by class (IQ-OTH/NCCD: only
+    malignant images are 623x512 or 801x512) that is a label shortcut.
+
+    Attributes:
+        source_shape: the slice's ``(H, W)``.
+        target_shape: the model input's ``(H', W')``.
+        scaled_shape: the slice's size inside the target, ``(h, w)``.
+        offset: ``(top, left)`` of the slice inside the target.
+    """
+
+    source_shape: tuple[int, int]
+    target_shape: tuple[int, int]
+    scaled_shape: tuple[int, int]
+    offset: tuple[int, int]
+
+    @classmethod
+    def fit(cls, source_shape: Sequence[int], target_shape: Sequence[int]) -> Letterbox:
+        """The letterbox of a ``source_shape`` slice in a ``target_shape`` input."""
+        (h, w), (th, tw) = (int(s) for s in source_shape), (int(s) for s in target_shape)
+        if min(h, w, th, tw) < 1:
+            raise InputError(
+                f"shapes must be positive; got {tuple(source_shape)} -> {tuple(target_shape)}"
+            )
+        scale = min(th / h, tw / w)
+        sh, sw = min(th, max(1, round(h * scale))), min(tw, max(1, round(w * scale)))
+        return cls((h, w), (th, tw), (sh, sw), ((th - sh) // 2, (tw - sw) // 2))
+
+    @property
+    def region(self) -> tuple[slice, slice]:
+        """The index of the slice's pixels inside the target (rows, columns)."""
+        (top, left), (h, w) = self.offset, self.scaled_shape
+        return slice(top, top + h), slice(left, left + w)
+
+    def apply(self, image: np.ndarray, *, mask: bool = False) -> np.ndarray:
+        """``(H, W)`` slice -> ``(H', W')`` input: scaled (bilinear, or area-weighted and
+        thresholded for a mask) and zero-padded. float32 (image) or the mask's dtype."""
+        scaled = (
+            resize_mask(image, self.scaled_shape)
+            if mask
+            else resize_slice(image, self.scaled_shape, order=1)
+        )
+        if self.scaled_shape == self.target_shape:
+            return scaled
+        out = np.zeros(self.target_shape, dtype=scaled.dtype)
+        out[self.region] = scaled
+        return out
+
+    def invert(self, model_map: np.ndarray, order: int = 1) -> np.ndarray:
+        """``(H', W')`` model output (probabilities, CAM) -> ``(H, W)`` on the slice's grid."""
+        return resize_slice(np.asarray(model_map)[self.region], self.source_shape, order=order)
 
 
 def _check_2d(array: np.ndarray, shape: Sequence[int]) -> None:

@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 
 from lungcad.data.manifest import SliceRecord
-from lungcad.data.preprocessing import resize_slice
+from lungcad.data.preprocessing import Letterbox
 from lungcad.io.images import load_slice_array
 from lungcad.metrics.classification import (
     bootstrap_ci,
@@ -72,10 +72,11 @@ class SliceOutput:
 def predicted_mask(seg_probability: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
     """Binary tumour mask at ``shape`` from a model-size probability map.
 
-    The probability map (not the binary mask) is resized bilinearly back to the slice's own
-    ``(H, W)`` and then thresholded at :data:`PIXEL_THRESHOLD`, which keeps smooth borders.
+    The probability map (not the binary mask) is taken out of the model input's letterbox,
+    resized bilinearly back to the slice's own ``(H, W)`` and then thresholded at
+    :data:`PIXEL_THRESHOLD`, which keeps smooth borders.
     """
-    return resize_slice(seg_probability, shape, order=1) > PIXEL_THRESHOLD
+    return Letterbox.fit(shape, seg_probability.shape).invert(seg_probability) > PIXEL_THRESHOLD
 
 
 # --------------------------------------------------------------------------- scoring

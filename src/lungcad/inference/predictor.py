@@ -44,7 +44,7 @@ from tqdm.auto import tqdm
 from lungcad import __version__
 from lungcad.data.dataset import slice_to_model_input
 from lungcad.data.lung_mask import lung_mask
-from lungcad.data.preprocessing import lung_bbox, resize_slice, to_unit_range
+from lungcad.data.preprocessing import Letterbox, lung_bbox, to_unit_range
 from lungcad.errors import InputError
 from lungcad.evaluation.calibration import Calibration, decision_threshold, run_decision
 from lungcad.inference.aggregate import aggregate_study
@@ -276,7 +276,7 @@ class Predictor:
                 "HU: lung window (level -600, width 1500) to [0, 1]; 2D images: grey values "
                 "as they are; whole axial slice"
                 + (" cropped to the lungs" if self.crop_to_lungs else "")
-                + f" resized to {self.image_size}x{self.image_size} (bilinear)"
+                + f" fitted into {self.image_size}x{self.image_size} (aspect kept, zero-padded)"
             ),
             "aggregation": (
                 f"mean of the top-k slice probabilities, k covering "
@@ -359,8 +359,8 @@ class Predictor:
             clock = time.perf_counter()
             seg = _sigmoid(seg_logits[:, 0])
             for z, prob in zip(batch, seg, strict=True):
-                if prob.shape != crop_shape:
-                    prob = np.clip(resize_slice(prob, crop_shape, order=1), 0.0, 1.0)
+                if prob.shape != crop_shape:  # undo the model input's letterbox
+                    prob = np.clip(Letterbox.fit(crop_shape, prob.shape).invert(prob), 0.0, 1.0)
                 probability[z, box[0], box[1]] = prob
             logits[batch] = cls_logits
             timings["postprocess_s"] += time.perf_counter() - clock
@@ -518,7 +518,7 @@ class Predictor:
         cam = np.zeros(volume.shape, dtype=np.float32)
         for z, h in zip(slices, heat, strict=True):
             if h.shape != crop_shape:
-                h = np.clip(resize_slice(h, crop_shape, order=1), 0.0, 1.0)
+                h = np.clip(Letterbox.fit(crop_shape, h.shape).invert(h), 0.0, 1.0)
             cam[z, box[0], box[1]] = h
         return _share_geometry(volume, cam)
 
