@@ -28,7 +28,7 @@ from lungcad.evaluation.calibration import Calibration, save_calibration
 from lungcad.evaluation.evaluate import EVALUATION_FILE, evaluate_run, predict_slices, read_metrics
 from lungcad.evaluation.scoring import PREDICTION_COLUMNS, predicted_mask
 from lungcad.inference.predictor import Predictor
-from lungcad.metrics.classification import CI_KEYS
+from lungcad.metrics.bootstrap import CI_KEYS
 from lungcad.training.checkpoint import load_checkpoint
 from lungcad.training.config import load_config
 from lungcad.training.loop import train

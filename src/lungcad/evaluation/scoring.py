@@ -1,7 +1,6 @@
 """Scoring of model outputs: per-slice results and dataset metrics with patient CIs.
 
-Pure NumPy on top of :mod:`lungcad.metrics.classification` (no torch), so it can score outputs from
-any
+Pure NumPy on top of :mod:`lungcad.metrics` (no torch), so it can score outputs from any
 source. A :class:`SliceOutput` is what the network said about one manifest slice; a
 :class:`SliceResult` is one row of ``predictions.csv``. Segmentation is scored at each
 slice's own resolution and pixel spacing: the model-size probability map is resized back
@@ -23,14 +22,9 @@ import numpy as np
 from lungcad.data.manifest import SliceRecord
 from lungcad.data.preprocessing import Letterbox
 from lungcad.io.images import load_slice_array
-from lungcad.metrics.classification import (
-    bootstrap_ci,
-    classification_metrics,
-    classification_metrics_with_ci,
-    dice_from_counts,
-    iou_from_counts,
-    segmentation_metrics,
-)
+from lungcad.metrics.bootstrap import bootstrap_ci, classification_metrics_with_ci
+from lungcad.metrics.classification import classification_metrics
+from lungcad.metrics.segmentation import dice_from_counts, iou_from_counts, segmentation_metrics
 
 #: Probability above which a pixel counts as tumour (the logit > 0 rule of training).
 PIXEL_THRESHOLD = 0.5
@@ -227,7 +221,7 @@ def score_outputs(
 
     Returns:
         ``(rows, metrics)``: metrics hold the keys of
-        :func:`lungcad.metrics.classification.classification_metrics_with_ci` (labelled slices
+        :func:`lungcad.metrics.bootstrap.classification_metrics_with_ci` (labelled slices
         only) and of
         :func:`segmentation_summary` (masked slices only), plus ``n_slices`` and ``n_groups``.
     """

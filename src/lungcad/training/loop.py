@@ -60,11 +60,8 @@ from lungcad.data.dataset import SliceDataset, class_balanced_sampler
 from lungcad.data.manifest import SliceRecord, filter_records, manifest_csv, read_manifest
 from lungcad.errors import InputError, MissingInputError
 from lungcad.io.atomic import write_json_atomic, write_text_atomic
-from lungcad.metrics.classification import (
-    choose_threshold,
-    classification_metrics,
-    dice_from_counts,
-)
+from lungcad.metrics.classification import choose_threshold, classification_metrics
+from lungcad.metrics.segmentation import dice_from_counts
 from lungcad.models.pretrained import load_pretrained_encoder
 from lungcad.models.unet import LungCADNet
 from lungcad.provenance import utc_timestamp

@@ -38,11 +38,8 @@ from threadpoolctl import threadpool_limits
 
 from lungcad.data.manifest import manifest_csv
 from lungcad.errors import InputError
-from lungcad.metrics.classification import (
-    choose_threshold,
-    classification_metrics,
-    classification_metrics_with_ci,
-)
+from lungcad.metrics.bootstrap import classification_metrics_with_ci
+from lungcad.metrics.classification import choose_threshold, classification_metrics
 
 log = logging.getLogger(__name__)
 
