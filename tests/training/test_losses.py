@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from lungcad.training.losses import BCEDiceLoss, TwoStageLoss, classification_loss
+from lungcad.training.losses import BCEDiceLoss, classification_loss
 
 LN2 = math.log(2.0)
 
@@ -118,18 +118,3 @@ def test_classification_loss_all_unknown() -> None:
     with pytest.raises(ValueError, match="3 logits for 4 labels"):
         classification_loss(torch.zeros(3), torch.zeros(4))
 
-
-def test_two_stage_loss_combines_terms() -> None:
-    logits, masks = _tensors()
-    outputs = {"seg_logits": logits, "cls_logits": torch.tensor([0.0, -1.0])}
-    batch = {
-        "mask": masks,
-        "has_mask": torch.tensor([True, False]),
-        "label": torch.tensor([1.0, 0.0]),
-    }
-    got = TwoStageLoss(seg_weight=2.0, cls_weight=0.5)(outputs, batch)
-    seg = BCEDiceLoss()(logits[:1], masks[:1])
-    cls = (LN2 + math.log(1 + math.exp(-1))) / 2
-    assert got["seg"].item() == pytest.approx(seg.item(), abs=1e-6)
-    assert got["cls"].item() == pytest.approx(cls, abs=1e-6)
-    assert got["loss"].item() == pytest.approx(2.0 * seg.item() + 0.5 * cls, abs=1e-6)

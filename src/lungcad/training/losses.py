@@ -9,8 +9,6 @@ optimisers see the graph they expect).
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-
 import torch
 import torch.nn.functional as F
 from monai.losses import DiceLoss
@@ -130,49 +128,3 @@ def classification_loss(
         logits[known], labels[known].to(logits.dtype), pos_weight=weight
     )
 
-
-class TwoStageLoss(nn.Module):
-    """``seg_weight * BCEDiceLoss + cls_weight * classification_loss`` for one batch.
-
-    Args:
-        seg_weight: weight of the segmentation loss.
-        cls_weight: weight of the classification loss.
-        pos_weight: positive-class weight for the classification BCE.
-        bce_weight, dice_weight, smooth, batch_dice: passed to :class:`BCEDiceLoss`.
-    """
-
-    def __init__(
-        self,
-        seg_weight: float = 1.0,
-        cls_weight: float = 1.0,
-        pos_weight: float | None = None,
-        bce_weight: float = 1.0,
-        dice_weight: float = 1.0,
-        smooth: float = 1e-5,
-        batch_dice: bool = True,
-    ) -> None:
-        super().__init__()
-        self.seg_weight = seg_weight
-        self.cls_weight = cls_weight
-        self.pos_weight = pos_weight
-        self.seg_loss = BCEDiceLoss(bce_weight, dice_weight, smooth, batch_dice)
-
-    def forward(
-        self, outputs: Mapping[str, torch.Tensor], batch: Mapping[str, torch.Tensor]
-    ) -> dict[str, torch.Tensor]:
-        """Compute the loss.
-
-        Args:
-            outputs: the model's ``{"seg_logits": (B,1,H,W), "cls_logits": (B,)}``.
-            batch: a collated ``SliceDataset`` batch with ``"mask"`` ``(B,1,H,W)``,
-                ``"has_mask"`` ``(B,)`` bool and ``"label"`` ``(B,)`` (-1 unknown).
-
-        Returns:
-            ``{"loss": total, "seg": ..., "bce": ..., "dice": ..., "cls": ...}`` scalars; only
-            ``"loss"`` is meant for ``backward()``, the rest for logging.
-        """
-        t = self.seg_loss.terms(outputs["seg_logits"], batch["mask"], batch.get("has_mask"))
-        seg = self.seg_loss.bce_weight * t["bce"] + self.seg_loss.dice_weight * t["dice"]
-        cls = classification_loss(outputs["cls_logits"], batch["label"], self.pos_weight)
-        total = self.seg_weight * seg + self.cls_weight * cls
-        return {"loss": total, "seg": seg, "bce": t["bce"], "dice": t["dice"], "cls": cls}
