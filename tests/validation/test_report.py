@@ -1,4 +1,4 @@
-"""lungcad report: HTML helpers, and self-contained pages for run and evaluation folders.
+"""lungcad report: self-contained pages for run and evaluation folders.
 
 The run folder here is written with the checkpoint module's own writers around an untrained
 network (the report only reads files; real training is covered in test_evaluation.py).
@@ -23,9 +23,6 @@ from lungcad.training.config import config_hash, config_to_dict, config_to_yaml,
 from lungcad.validation.report import (
     build_report,
     folder_kind,
-    html_image,
-    html_page,
-    html_table,
     write_report,
 )
 from tests.evaluation.test_evaluate import SIZE, make_manifest
@@ -146,18 +143,3 @@ def test_folder_kinds_and_errors(folders: dict[str, Path], tmp_path: Path) -> No
         build_report(folders["data"])
     with pytest.raises(InputError, match=r"\.html"):
         write_report(folders["eval"], tmp_path / "report.txt")
-
-
-def test_html_helpers_escape_and_embed() -> None:
-    table = html_table(
-        [["<b>", 0.12345, float("nan"), True, 3]], ["a&b", "x", "y", "z", "n"], caption="c<1>"
-    )
-    assert "&lt;b&gt;" in table and "a&amp;b" in table and "c&lt;1&gt;" in table
-    assert '<td class="num">0.123</td>' in table and "<td>n/a</td>" not in table
-    assert '<td class="num">n/a</td>' in table and "<td>yes</td>" in table
-    assert '<td class="num">3</td>' in table
-    png = b"\x89PNG\r\n\x1a\nfake"
-    figure = html_image(png, 'a"b', caption="cap", width=100)
-    assert base64.b64encode(png).decode() in figure and 'alt="a&quot;b"' in figure
-    page = html_page("T<1>", ["<p>x</p>"], subtitle="s")
-    assert page.startswith("<!DOCTYPE html>") and "<title>T&lt;1&gt;</title>" in page

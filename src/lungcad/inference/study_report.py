@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from lungcad.io.atomic import write_text_atomic
-from lungcad.validation.report import (
+from lungcad.reports.html import (
     escape,
     html_image,
     html_kv,
@@ -97,9 +97,8 @@ def _caption(name: str) -> str:
 def render_study_report(findings: Mapping[str, Any], pictures: Mapping[str, bytes]) -> str:
     """The HTML text of a study report.
 
-    Built from the shared helpers of :mod:`lungcad.validation.report` (page, sections, tables,
-    embedded
-    images), so study and evaluation reports look alike.
+    Built from the shared helpers of :mod:`lungcad.reports.html` (page, sections, tables,
+    embedded images), so study and evaluation reports look alike.
 
     Args:
         findings: the findings.json document (``study_outputs.findings``).
