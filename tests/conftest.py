@@ -1,1 +1,22 @@
 """Fixtures shared by every test package (tiny configs, tiny manifests, service settings)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.inference_helpers import DEFAULT_SPLITS, make_manifest
+
+
+@pytest.fixture(scope="session")
+def tiny_manifest(tmp_path_factory: pytest.TempPathFactory) -> Callable[..., Path]:
+    """Builds tiny prepared folders (``tests.inference_helpers.make_manifest``), each in a new
+    temporary folder: ``tiny_manifest({"test": 4}, size=48, spacing=2.0)``."""
+
+    def build(splits: Mapping[str, int] = DEFAULT_SPLITS, **options: Any) -> Path:
+        return make_manifest(tmp_path_factory.mktemp("manifest"), splits, **options)
+
+    return build

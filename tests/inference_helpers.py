@@ -1,12 +1,15 @@
-"""Test helpers shared by the inference tests: tiny run folders and tiny studies.
+"""Test helpers shared by the test packages: tiny prepared manifests and tiny run folders.
 
-Not a test module (no ``test_`` prefix); imported by tests/test_inference.py,
-test_calibration.py, test_export.py and test_explain.py.
+Not a test module (no ``test_`` prefix); imported as ``tests.inference_helpers`` by the
+evaluation, validation, inference, service and training tests. ``make_manifest`` is also the
+``tiny_manifest`` fixture of tests/conftest.py.
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from pathlib import Path
+from types import MappingProxyType
 
 import numpy as np
 import torch
@@ -23,6 +26,8 @@ from lungcad.training.checkpoint import (
 from lungcad.training.config import config_to_dict, config_to_yaml, load_config
 
 SIZE = 64
+#: Patients per split of :func:`make_manifest`'s default: 24 slices, the first 2/3 train.
+DEFAULT_SPLITS: Mapping[str, int] = MappingProxyType({"train": 8, "val": 4})
 
 
 def make_run_folder(
@@ -64,37 +69,68 @@ def make_run_folder(
     return folder
 
 
-def make_manifest(folder: Path, n: int = 24, seed: int = 0, size: int = SIZE) -> Path:
-    """``n`` random slices; odd ones hold a bright disc (mask 1, label 1); the last third val."""
+def make_manifest(
+    folder: Path,
+    splits: Mapping[str, int] = DEFAULT_SPLITS,
+    *,
+    size: int = SIZE,
+    seed: int = 0,
+    spacing: float = 1.0,
+    noise: float = 0.4,
+) -> Path:
+    """A tiny prepared folder: ``folder/manifest.csv`` and ``folder/slices/*.npy``.
+
+    Each patient ``p<k>`` has two slices in a row: ``s<2k>`` tumour-free (empty mask,
+    label 0) and ``s<2k+1>`` with a bright disc (its mask, label 1), on uniform noise in
+    ``[0, noise)``. Patients are assigned to splits in the order of ``splits``; the default
+    (8 train, 4 val) gives 24 slices, the first two thirds train.
+
+    Args:
+        folder: new folder to write.
+        splits: patients per split, e.g. ``{"train": 6, "val": 3, "test": 3}``.
+        size: slice height and width in pixels.
+        seed: seed of the noise and the discs.
+        spacing: pixel spacing in mm (both axes).
+        noise: upper bound of the background intensity, in [0, 1).
+
+    Returns:
+        ``folder`` (a prepared folder; ``manifest_csv(folder)`` is its manifest).
+    """
     rng = np.random.default_rng(seed)
     (folder / "slices").mkdir(parents=True)
     yy, xx = np.mgrid[:size, :size]
     records = []
-    for i in range(n):
-        image = rng.uniform(0.0, 0.4, (size, size)).astype(np.float32)
-        mask = np.zeros((size, size), np.uint8)
-        label = i % 2
-        if label:
-            cy, cx, r = rng.integers(16, 48), rng.integers(16, 48), rng.integers(5, 12)
-            mask[(yy - cy) ** 2 + (xx - cx) ** 2 <= r * r] = 1
-            image[mask > 0] += 0.5
-        np.save(folder / "slices" / f"s{i}.npy", image)
-        np.save(folder / "slices" / f"s{i}_mask.npy", mask)
-        records.append(
-            SliceRecord(
-                sample_id=f"s{i}",
-                group_id=f"p{i // 2}",
-                slice_index=i,
-                image_path=f"slices/s{i}.npy",
-                mask_path=f"slices/s{i}_mask.npy",
-                label=label,
-                spacing_y=1.0,
-                spacing_x=1.0,
-                source="test",
-                split="train" if i < 2 * n // 3 else "val",
-            )
-        )
-    return write_manifest(records, folder / "manifest.csv")
+    i = 0
+    patient = 0
+    for split, n_patients in splits.items():
+        for _ in range(n_patients):
+            for label in (0, 1):
+                image = rng.uniform(0.0, noise, (size, size)).astype(np.float32)
+                mask = np.zeros((size, size), np.uint8)
+                if label:
+                    cy, cx = rng.integers(size // 4, 3 * size // 4, 2)
+                    r = rng.integers(size // 12, size // 5)
+                    mask[(yy - cy) ** 2 + (xx - cx) ** 2 <= r * r] = 1
+                    image[mask > 0] += 0.5
+                np.save(folder / "slices" / f"s{i}.npy", np.clip(image, 0.0, 1.0))
+                np.save(folder / "slices" / f"s{i}_mask.npy", mask)
+                records.append(
+                    SliceRecord(
+                        sample_id=f"s{i}",
+                        group_id=f"p{patient}",
+                        slice_index=i,
+                        image_path=f"slices/s{i}.npy",
+                        mask_path=f"slices/s{i}_mask.npy",
+                        label=label,
+                        spacing_y=spacing,
+                        spacing_x=spacing,
+                        source="test",
+                        split=split,
+                    )
+                )
+                i += 1
+            patient += 1
+    return write_manifest(records, folder / "manifest.csv").parent
 
 
 def shared_trained_run(tmp_path_factory) -> Path:

@@ -97,7 +97,7 @@ def test_bad_input_is_refused(tmp_path: Path) -> None:
 @pytest.fixture(scope="module")
 def run_and_manifest(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     root = tmp_path_factory.mktemp("calib")
-    return make_run_folder(root / "run", threshold=0.3), make_manifest(root / "data").parent
+    return make_run_folder(root / "run", threshold=0.3), make_manifest(root / "data")
 
 
 def test_cli_calibrate_and_predictor_uses_it(run_and_manifest, capsys) -> None:

@@ -7,6 +7,7 @@ import csv
 import json
 import math
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -22,68 +23,22 @@ from sklearn.metrics import (
 )
 
 from lungcad.cli import main as cli_main
-from lungcad.data.manifest import SliceRecord, read_manifest, write_manifest
+from lungcad.data.manifest import read_manifest, write_manifest
 from lungcad.errors import InputError
 from lungcad.evaluation.calibration import Calibration, save_calibration
-from lungcad.evaluation.evaluate import EVALUATION_FILE, evaluate_run, predict_slices, read_metrics
+from lungcad.evaluation.evaluate import evaluate_run, predict_slices
+from lungcad.evaluation.folder import EVALUATION_FILE, read_metrics
 from lungcad.evaluation.scoring import PREDICTION_COLUMNS, predicted_mask
 from lungcad.inference.predictor import Predictor
 from lungcad.metrics.bootstrap import CI_KEYS
 from lungcad.training.checkpoint import load_checkpoint
 from lungcad.training.config import load_config
 from lungcad.training.loop import train
+from tests.inference_helpers import SIZE
 
 torch.set_num_threads(1)
 
-SIZE = 64
 PNG = b"\x89PNG\r\n\x1a\n"
-
-
-def make_manifest(
-    folder: Path,
-    splits: dict[str, int],
-    *,
-    size: int = SIZE,
-    seed: int = 0,
-    spacing: float = 1.0,
-    noise: float = 0.4,
-) -> Path:
-    """Random slices of ``size`` pixels; each patient has a tumour slice (bright disc, mask,
-    label 1) and a tumour-free slice (empty mask, label 0). ``splits``: patients per split."""
-    rng = np.random.default_rng(seed)
-    (folder / "slices").mkdir(parents=True)
-    yy, xx = np.mgrid[:size, :size]
-    records = []
-    patient = 0
-    for split, n_patients in splits.items():
-        for _ in range(n_patients):
-            for label in (0, 1):
-                sid = f"p{patient}_{label}"
-                image = rng.uniform(0.0, noise, (size, size)).astype(np.float32)
-                mask = np.zeros((size, size), np.uint8)
-                if label:
-                    cy, cx = rng.integers(size // 4, 3 * size // 4, 2)
-                    r = rng.integers(size // 10, size // 5)
-                    mask[(yy - cy) ** 2 + (xx - cx) ** 2 <= r * r] = 1
-                    image[mask > 0] += 0.5
-                np.save(folder / "slices" / f"{sid}.npy", np.clip(image, 0, 1))
-                np.save(folder / "slices" / f"{sid}_mask.npy", mask)
-                records.append(
-                    SliceRecord(
-                        sample_id=sid,
-                        group_id=f"p{patient}",
-                        slice_index=label,
-                        image_path=f"slices/{sid}.npy",
-                        mask_path=f"slices/{sid}_mask.npy",
-                        label=label,
-                        spacing_y=spacing,
-                        spacing_x=spacing,
-                        source="test",
-                        split=split,
-                    )
-                )
-            patient += 1
-    return write_manifest(records, folder / "manifest.csv").parent
 
 
 def tiny_config(manifest: Path, out: Path, *extra: str):
@@ -107,14 +62,11 @@ def tiny_config(manifest: Path, out: Path, *extra: str):
 
 
 @pytest.fixture(scope="module")
-def data(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    root = tmp_path_factory.mktemp("eval_data")
+def data(tiny_manifest: Callable[..., Path]) -> dict[str, Path]:
     return {
-        "train": make_manifest(root / "train", {"train": 6, "val": 3, "test": 3}),
+        "train": tiny_manifest({"train": 6, "val": 3, "test": 3}),
         # An "external" set: other patients, 48x48 at 2 mm, noisier.
-        "external": make_manifest(
-            root / "external", {"test": 4}, size=48, seed=1, spacing=2.0, noise=0.6
-        ),
+        "external": tiny_manifest({"test": 4}, size=48, seed=1, spacing=2.0, noise=0.6),
     }
 
 

@@ -21,7 +21,7 @@ from lungcad.training.checkpoint import load_checkpoint, read_checkpoint
 from lungcad.training.config import Config, config_to_yaml, load_config
 from lungcad.training.distributed import ShardedWeightedSampler
 from lungcad.training.loop import train
-from tests.inference_helpers import make_manifest  # odd slices hold a disc; first 2/3 train
+from tests.inference_helpers import make_manifest  # odd slices hold a disc; first 5 patients train
 
 torch.set_num_threads(1)
 
@@ -30,7 +30,7 @@ SIZE = 64
 
 @pytest.fixture(scope="module")
 def manifest(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return make_manifest(tmp_path_factory.mktemp("data"), n=16)
+    return make_manifest(tmp_path_factory.mktemp("data"), {"train": 5, "val": 3})
 
 
 def tiny_config(manifest: Path, out: Path, *extra: str) -> Config:
@@ -284,7 +284,7 @@ def test_ddp_two_processes_on_cpu() -> None:
 
 
 def _run_ddp(tmp_path: Path) -> None:
-    manifest = make_manifest(tmp_path / "data", n=16)
+    manifest = make_manifest(tmp_path / "data", {"train": 5, "val": 3})
     script = tmp_path / "ddp_train.py"
     script.write_text(DDP_SCRIPT)
     env = {**os.environ, "OMP_NUM_THREADS": "1"}

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -10,10 +11,10 @@ import torch
 
 from lungcad.cli import main as cli_main
 from lungcad.errors import InputError
-from lungcad.evaluation.evaluate import read_metrics
+from lungcad.evaluation.folder import read_metrics
 from lungcad.training.config import load_config
 from lungcad.validation.protocol import parse_externals, run_validation
-from tests.evaluation.test_evaluate import SIZE, make_manifest
+from tests.inference_helpers import SIZE
 
 torch.set_num_threads(1)
 
@@ -38,11 +39,10 @@ TINY = [
 
 
 @pytest.fixture(scope="module")
-def validated(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    root = tmp_path_factory.mktemp("validate")
-    a = make_manifest(root / "a", {"train": 6, "val": 3, "test": 3})
-    b = make_manifest(root / "b", {"test": 4}, size=48, seed=1, spacing=2.0, noise=0.6)
-    out = root / "out"
+def validated(tiny_manifest: Callable[..., Path], tmp_path_factory: pytest.TempPathFactory) -> Path:
+    a = tiny_manifest({"train": 6, "val": 3, "test": 3})
+    b = tiny_manifest({"test": 4}, size=48, seed=1, spacing=2.0, noise=0.6)
+    out = tmp_path_factory.mktemp("validate") / "out"
     argv = [
         "validate",
         "--train",
@@ -133,7 +133,7 @@ def test_report_of_the_validation(validated: Path, tmp_path: Path) -> None:
         assert text in page, text
 
 
-def test_bad_arguments(tmp_path: Path) -> None:
+def test_bad_arguments(tiny_manifest: Callable[..., Path], tmp_path: Path) -> None:
     assert parse_externals(["x", "siteC=y"]) == {"external": Path("x"), "siteC": Path("y")}
     with pytest.raises(InputError, match="reserved|NAME=MANIFEST"):
         parse_externals(["internal=x"])
@@ -142,7 +142,7 @@ def test_bad_arguments(tmp_path: Path) -> None:
     cfg = load_config(None, [])
     with pytest.raises(InputError, match="not empty"):
         run_validation(tmp_path / "a", {"b": tmp_path / "b"}, cfg, tmp_path / "out")
-    only_train = make_manifest(tmp_path / "a", {"train": 2, "val": 2})
+    only_train = tiny_manifest({"train": 2, "val": 2})
     with pytest.raises(InputError, match="no 'test' split"):
         run_validation(only_train, {"b": only_train}, cfg, tmp_path / "new")
     assert cli_main(["validate", "--out", str(tmp_path / "x")]) == 2  # no --train/--external

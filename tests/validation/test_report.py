@@ -9,6 +9,7 @@ from __future__ import annotations
 import base64
 import json
 import re
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -25,15 +26,17 @@ from lungcad.validation.report import (
     folder_kind,
     write_report,
 )
-from tests.evaluation.test_evaluate import SIZE, make_manifest
+from tests.inference_helpers import SIZE
 
 torch.set_num_threads(1)
 
 
 @pytest.fixture(scope="module")
-def folders(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+def folders(
+    tiny_manifest: Callable[..., Path], tmp_path_factory: pytest.TempPathFactory
+) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("report")
-    data = make_manifest(root / "data", {"train": 2, "val": 1, "test": 3})
+    data = tiny_manifest({"train": 2, "val": 1, "test": 3})
     run = root / "run"
     cfg = load_config(
         None,

@@ -7,10 +7,9 @@ traditional-ML baselines on the same data, and writes the gap table (gap.md, gap
 gap.png) with every part's folder and validation.json (see lungcad.validation.protocol).
 
 ``--synthetic`` first makes the synthetic site-shift experiment: an internal and a shifted
-external cohort (lungcad.data.synthetic), prepared to manifests, then runs the same protocol with
-a small CPU configuration (lungcad.validation.protocol.SYNTHETIC_OVERRIDES, unless --config is
-given;
---set applies on top).
+external cohort (lungcad.data.synthetic), prepared to manifests, then runs the same protocol
+with a small CPU configuration (lungcad.validation.protocol.SYNTHETIC_OVERRIDES, unless
+--config is given; --set applies on top).
 """
 
 from __future__ import annotations

@@ -1,6 +1,8 @@
 """Evaluation of a trained run on a prepared data set.
 
-Modules: ``evaluate`` (``evaluate_run``), ``data`` (which records to evaluate), ``scoring``
-(metric tables from predictions), ``plots`` (confusion, ROC, calibration, Dice figures),
-``calibration`` (temperature / isotonic calibration and the decision threshold).
+Modules: ``evaluate`` (``evaluate_run``: the forward pass and the run), ``data`` (which records
+to evaluate), ``scoring`` (metric tables from predictions), ``info`` (the provenance in
+``evaluation.json``), ``folder`` (the evaluation folder: its files, writer and reader),
+``plots`` (confusion, ROC, calibration, Dice figures), ``calibration`` (temperature / isotonic
+calibration and the decision threshold).
 """

@@ -395,9 +395,8 @@ def calibrate_run(
 
     The slices are read exactly as in training (``SliceDataset`` at the run's image size), the
     classifier's logits collected, the calibration fitted, and the decision threshold re-chosen
-    on the calibrated probabilities with ``lungcad.metrics.classification.choose_threshold`` (the
-    run's
-    ``train.threshold_method`` unless given).
+    on the calibrated probabilities with ``lungcad.metrics.classification.choose_threshold``
+    (the run's ``train.threshold_method`` unless given).
 
     Args:
         run_dir: a run folder written by ``lungcad train`` (stage "cls" for a useful result).

@@ -1,7 +1,8 @@
 """Which slices to evaluate: a prepared manifest, or a raw dataset prepared on the fly.
 
 A raw dataset folder in any layout ``lungcad prepare`` reads is prepared with
-:func:`lungcad.data.layouts.prepare_dataset` into a temporary folder that is removed afterwards.
+:func:`lungcad.data.layouts.prepare.prepare_dataset` into a temporary folder that is removed
+afterwards.
 """
 
 from __future__ import annotations
@@ -112,7 +113,7 @@ def open_dataset(
     """Yield the slices of ``data``: a prepared manifest, or a raw dataset prepared on the fly.
 
     A raw dataset folder (any layout ``lungcad prepare`` reads) is prepared into a temporary
-    folder with :func:`lungcad.dataset_layouts.prepare_dataset`, removed on exit. With
+    folder with :func:`lungcad.data.layouts.prepare.prepare_dataset`, removed on exit. With
     ``split`` "all" (the default for raw data) it is prepared without val/test fractions so
     every slice is evaluated; another split uses the settings' fractions and seed.
 

@@ -211,7 +211,7 @@ def score_outputs(
     """Per-slice results and the flat metrics dict of a set of model outputs.
 
     Args:
-        outputs: :func:`predict_slices` output.
+        outputs: :func:`lungcad.evaluation.evaluate.predict_slices` output.
         root: the manifest's folder (masks are read from it).
         threshold: decision threshold on the cancer probability (the run's, chosen on
             validation); None skips classification.
@@ -222,8 +222,8 @@ def score_outputs(
     Returns:
         ``(rows, metrics)``: metrics hold the keys of
         :func:`lungcad.metrics.bootstrap.classification_metrics_with_ci` (labelled slices
-        only) and of
-        :func:`segmentation_summary` (masked slices only), plus ``n_slices`` and ``n_groups``.
+        only) and of :func:`segmentation_summary` (masked slices only), plus ``n_slices``
+        and ``n_groups``.
     """
     root = Path(root)
     rows = [_score_slice(o, root, threshold, segment) for o in outputs]

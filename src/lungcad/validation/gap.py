@@ -9,8 +9,7 @@ positive drop means the model is worse at the other site.
 
 Input is plain metric dicts, ``{model: {set: {metric: value}}}`` (as written by
 ``lungcad evaluate`` and ``lungcad.validation.baselines.pipelines.run_baselines``); output is
-Markdown, JSON and a
-grouped bar chart (PNG).
+Markdown, JSON and a grouped bar chart (PNG).
 """
 
 from __future__ import annotations

@@ -6,17 +6,16 @@
    tumour masks in train and val), then stage "cls" started from it (when it has both labels
    in train and val). Model selection, early stopping and the decision threshold use A's
    val split only (:func:`lungcad.training.loop.train`).
-2. **Evaluate** the final run (:func:`lungcad.evaluation.evaluate.evaluate_run`) on A's train split
-   (how well it fits), A's held-out test split (``internal``: unseen patients, same site) and
-   every external dataset in full (other sites), always at the threshold chosen on A's val.
-3. **Baselines**: the traditional-ML models of :mod:`lungcad.validation.baselines.pipelines` on
-handcrafted
-   (or radiomic) features, trained on A's train + val splits (the same data the deep model
-   used: they tune and choose their threshold by patient-grouped cross-validation inside
-   it), scored on the same internal and external sets.
+2. **Evaluate** the final run (:func:`lungcad.evaluation.evaluate.evaluate_run`) on A's train
+   split (how well it fits), A's held-out test split (``internal``: unseen patients, same
+   site) and every external dataset in full (other sites), always at the threshold chosen on
+   A's val.
+3. **Baselines**: the traditional-ML models of :mod:`lungcad.validation.baselines.pipelines`
+   on handcrafted (or radiomic) features, trained on A's train + val splits (the same data
+   the deep model used: they tune and choose their threshold by patient-grouped
+   cross-validation inside it), scored on the same internal and external sets.
 4. **Gap table** (:mod:`lungcad.validation.gap`): every model's metrics on train / internal /
-external
-   and the drop from internal to external.
+   external and the drop from internal to external.
 
 The output folder::
 
@@ -46,7 +45,8 @@ from lungcad.data.layouts.common import PrepareSettings
 from lungcad.data.layouts.prepare import prepare_dataset
 from lungcad.data.manifest import SliceRecord, check_no_group_leakage, manifest_csv, read_manifest
 from lungcad.errors import InputError
-from lungcad.evaluation.evaluate import EvaluationResult, evaluate_run
+from lungcad.evaluation.evaluate import evaluate_run
+from lungcad.evaluation.folder import EvaluationResult
 from lungcad.io.atomic import write_json_atomic, write_text_atomic
 from lungcad.io.folders import check_output_dir
 from lungcad.provenance import utc_timestamp

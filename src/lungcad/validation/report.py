@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from lungcad.errors import InputError, MissingInputError
+from lungcad.evaluation.folder import EVALUATION_FILE, METRICS_FILE, PREDICTIONS_FILE
 from lungcad.io.atomic import write_text_atomic
 from lungcad.io.folders import read_json_or_empty
 from lungcad.reports.html import (
@@ -90,7 +91,7 @@ def folder_kind(folder: str | Path) -> str:
         )
     if (folder / "validation.json").is_file():
         return "validation"
-    if (folder / "evaluation.json").is_file():
+    if (folder / EVALUATION_FILE).is_file():
         return "evaluation"
     if (folder / "run.json").is_file() or (folder / "best.pt").is_file():
         return "run"
@@ -148,7 +149,7 @@ def _counts_table(table: Mapping[str, Mapping[str, int]], caption: str) -> str:
 
 
 def _top_errors(folder: Path, limit: int = 10) -> str:
-    path = folder / "predictions.csv"
+    path = folder / PREDICTIONS_FILE
     if not path.is_file():
         return ""
     with path.open(newline="", encoding="utf-8") as fh:
@@ -176,8 +177,8 @@ def _top_errors(folder: Path, limit: int = 10) -> str:
 def evaluation_sections(folder: str | Path, *, brief: bool = False, level: int = 2) -> list[str]:
     """HTML sections of an evaluation folder (``brief``: metrics, plots and examples only)."""
     folder = Path(folder)
-    info = read_json_or_empty(folder / "evaluation.json")
-    metrics = read_json_or_empty(folder / "metrics.json")
+    info = read_json_or_empty(folder / EVALUATION_FILE)
+    metrics = read_json_or_empty(folder / METRICS_FILE)
     data, ckpt, threshold = (
         info.get("data", {}),
         info.get("checkpoint", {}),
@@ -494,7 +495,7 @@ def validation_sections(folder: str | Path) -> list[str]:
         sections.append(html_section("Generalisation gap", *parts))
     for set_name, sub in info.get("evaluations", {}).items():
         path = folder / sub
-        if (path / "evaluation.json").is_file():
+        if (path / EVALUATION_FILE).is_file():
             sections.append(
                 html_section(
                     f"Deep model on '{set_name}'", *evaluation_sections(path, brief=True, level=3)
@@ -526,7 +527,7 @@ def build_report(folder: str | Path) -> str:
     folder = Path(folder)
     kind = folder_kind(folder)
     if kind == "evaluation":
-        info = read_json_or_empty(folder / "evaluation.json")
+        info = read_json_or_empty(folder / EVALUATION_FILE)
         data = info.get("data", {})
         return html_page(
             "lungcad evaluation",
