@@ -40,6 +40,8 @@ from pathlib import Path
 
 import numpy as np
 
+from lungcad.service.jobs.schema import API_PREFIX, FINISHED, JobStatus
+
 
 def _free_port() -> int:
     with socket.socket() as sock:
@@ -138,9 +140,9 @@ def _client(
             if submitted < args.studies and not pending:
                 data = studies[int(rng.integers(len(studies)))]
                 response = rec.call(
-                    "POST /api/v1/studies",
+                    f"POST {API_PREFIX}/studies",
                     lambda d=data: http.post(
-                        "/api/v1/studies", files={"file": ("study.nii.gz", d)}
+                        f"{API_PREFIX}/studies", files={"file": ("study.nii.gz", d)}
                     ),
                     expected=202,
                 )
@@ -151,24 +153,25 @@ def _client(
                 next_poll = time.monotonic() + 0.2
                 for job_id, since in list(pending.items()):
                     response = rec.call(
-                        "GET /api/v1/jobs/{id}", lambda j=job_id: http.get(f"/api/v1/jobs/{j}")
+                        f"GET {API_PREFIX}/jobs/{{id}}",
+                        lambda j=job_id: http.get(f"{API_PREFIX}/jobs/{j}"),
                     )
                     if response is None or response.status_code != 200:
                         continue
                     status = response.json()["status"]
-                    if status in ("done", "failed"):
+                    if status in FINISHED:
                         del pending[job_id]
                         with rec.lock:
                             rec.turnaround.append(time.monotonic() - since)
-                        if status == "done":
+                        if status == JobStatus.DONE:
                             _view(http, job_id, rec)
                         else:
                             with rec.lock:
                                 rec.errors["job failed"] += 1
             label, path = [
                 ("GET /health", "/health"),
-                ("GET /api/v1/model", "/api/v1/model"),
-                ("GET /api/v1/jobs", "/api/v1/jobs"),
+                (f"GET {API_PREFIX}/model", f"{API_PREFIX}/model"),
+                (f"GET {API_PREFIX}/jobs", f"{API_PREFIX}/jobs"),
             ][int(rng.integers(3))]
             rec.call(label, lambda p=path: http.get(p))
             time.sleep(args.think)
@@ -176,9 +179,10 @@ def _client(
         while pending and time.monotonic() < drain:  # let submitted jobs finish
             for job_id, since in list(pending.items()):
                 response = rec.call(
-                    "GET /api/v1/jobs/{id}", lambda j=job_id: http.get(f"/api/v1/jobs/{j}")
+                    f"GET {API_PREFIX}/jobs/{{id}}",
+                    lambda j=job_id: http.get(f"{API_PREFIX}/jobs/{j}"),
                 )
-                if response is not None and response.json().get("status") in ("done", "failed"):
+                if response is not None and response.json().get("status") in FINISHED:
                     del pending[job_id]
                     with rec.lock:
                         rec.turnaround.append(time.monotonic() - since)
@@ -190,15 +194,16 @@ def _client(
 def _view(http, job_id: str, rec: Recorder) -> None:
     """What the viewer does when a job is done: the result, then scroll the slices."""
     response = rec.call(
-        "GET /api/v1/jobs/{id}/result", lambda: http.get(f"/api/v1/jobs/{job_id}/result")
+        f"GET {API_PREFIX}/jobs/{{id}}/result",
+        lambda: http.get(f"{API_PREFIX}/jobs/{job_id}/result"),
     )
     if response is None or response.status_code != 200:
         return
     for z in range(response.json()["n_slices"]):
         rec.call(
-            "GET /api/v1/jobs/{id}/slices/{z}.png",
+            f"GET {API_PREFIX}/jobs/{{id}}/slices/{{z}}.png",
             lambda z=z: http.get(
-                f"/api/v1/jobs/{job_id}/slices/{z}.png?window=lung&overlay=1&cam=1"
+                f"{API_PREFIX}/jobs/{job_id}/slices/{z}.png?window=lung&overlay=1&cam=1"
             ),
         )
 

@@ -1,6 +1,6 @@
 """Test helpers for the service tests: a fake predictor, tiny studies, uploads, polling.
 
-Not a test module (no ``test_`` prefix); imported by tests/test_service*.py. The viewer and
+Not a test module (no ``test_`` prefix); imported by the tests in tests/service/. The viewer and
 PACS tests may use it too: :class:`FakePredictor` has a real ``Predictor``'s ``info`` and
 ``predict_volume`` API and returns a real ``StudyResult`` (a box-shaped "tumour" in the middle
 of the volume, a Grad-CAM map on the middle slice) in milliseconds.
@@ -12,6 +12,7 @@ import io
 import threading
 import time
 import zipfile
+from collections.abc import Collection
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +21,7 @@ import SimpleITK as sitk
 
 from lungcad.inference.lesions import find_lesions
 from lungcad.inference.predictor import StudyResult
+from lungcad.service.jobs.schema import API_PREFIX, FINISHED
 from lungcad.volume import Volume, reorient
 
 TOKEN = "test-token-0123456789abcdef"
@@ -137,19 +139,19 @@ def zip_folder(folder: Path, prefix: str = "series") -> bytes:
 def submit(client: Any, data: bytes, filename: str, headers: dict[str, str] | None = None):
     """POST a study; returns the response."""
     return client.post(
-        "/api/v1/studies",
+        f"{API_PREFIX}/studies",
         files={"file": (filename, data)},
         headers=AUTH if headers is None else headers,
     )
 
 
 def wait_for(
-    client: Any, job_id: str, statuses: tuple[str, ...] = ("done", "failed"), timeout: float = 60.0
+    client: Any, job_id: str, statuses: Collection[str] = FINISHED, timeout: float = 60.0
 ) -> dict[str, Any]:
     """Poll a job until its status is one of ``statuses``; returns the job document."""
     deadline = time.monotonic() + timeout
     while True:
-        job = client.get(f"/api/v1/jobs/{job_id}", headers=AUTH).json()
+        job = client.get(f"{API_PREFIX}/jobs/{job_id}", headers=AUTH).json()
         if job["status"] in statuses:
             return job
         if time.monotonic() > deadline:

@@ -6,6 +6,7 @@ import gzip
 import hashlib
 import io
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -20,8 +21,9 @@ from lungcad.data.synthetic.phantom import make_phantom
 from lungcad.errors import InputError
 from lungcad.inference.predictor import Predictor
 from lungcad.io.dicom_writer import write_dicom_series
-from lungcad.service.app import ServiceSettings, create_app
-from lungcad.service.auth import TOKEN_ENV, load_tokens, token_id
+from lungcad.service.app import STATIC_DIR, create_app
+from lungcad.service.auth import token_id
+from lungcad.service.jobs.schema import API_PREFIX
 from tests.inference_helpers import SIZE, shared_trained_run
 from tests.service_helpers import (
     AUTH,
@@ -53,10 +55,10 @@ def phantom():
 
 
 @pytest.fixture(scope="module")
-def service(predictor, tmp_path_factory):
+def service(predictor, tmp_path_factory, service_settings):
     """A running app (workers started) on a fresh data folder, and its data folder."""
     data_dir = tmp_path_factory.mktemp("service")
-    app = create_app(predictor, ServiceSettings(data_dir, tokens={TOKEN, OTHER_TOKEN}))
+    app = create_app(predictor, service_settings(data_dir, tokens={TOKEN, OTHER_TOKEN}))
     with TestClient(app) as client:
         yield client, data_dir
 
@@ -84,7 +86,7 @@ def finished_jobs(service, phantom, tmp_path_factory):
         assert response.status_code == 202, response.text
         body = response.json()
         assert body["status"] == "queued" and set(body) == {"job_id", "status"}
-        assert response.headers["location"] == f"/api/v1/jobs/{body['job_id']}"
+        assert response.headers["location"] == f"{API_PREFIX}/jobs/{body['job_id']}"
         jobs[kind] = wait_for(client, body["job_id"])
         assert jobs[kind]["status"] == "done", jobs[kind]["error"]
     return jobs
@@ -98,16 +100,16 @@ def test_health_ready_and_openapi(service) -> None:
     spec = client.get("/openapi.json").json()
     paths = spec["paths"]
     for path in (
-        "/api/v1/model",
-        "/api/v1/studies",
-        "/api/v1/jobs",
-        "/api/v1/jobs/{job_id}",
-        "/api/v1/jobs/{job_id}/result",
-        "/api/v1/jobs/{job_id}/files/{name}",
-        "/api/v1/jobs/{job_id}/slices/{z}.png",
+        f"{API_PREFIX}/model",
+        f"{API_PREFIX}/studies",
+        f"{API_PREFIX}/jobs",
+        API_PREFIX + "/jobs/{job_id}",
+        API_PREFIX + "/jobs/{job_id}/result",
+        API_PREFIX + "/jobs/{job_id}/files/{name}",
+        API_PREFIX + "/jobs/{job_id}/slices/{z}.png",
     ):
         assert path in paths, path
-    upload = paths["/api/v1/studies"]["post"]["requestBody"]["content"]
+    upload = paths[f"{API_PREFIX}/studies"]["post"]["requestBody"]["content"]
     assert "file" in upload["multipart/form-data"]["schema"]["properties"]
     assert "HTTPBearer" in spec["components"]["securitySchemes"]
     assert client.get("/health").headers["x-content-type-options"] == "nosniff"
@@ -116,10 +118,10 @@ def test_health_ready_and_openapi(service) -> None:
 def test_auth_on_every_api_endpoint(service) -> None:
     client, _ = service
     for path in (
-        "/api/v1/model",
-        "/api/v1/jobs",
-        "/api/v1/jobs/" + "0" * 32,
-        "/api/v1/jobs/" + "0" * 32 + "/slices/0.png",
+        f"{API_PREFIX}/model",
+        f"{API_PREFIX}/jobs",
+        f"{API_PREFIX}/jobs/" + "0" * 32,
+        f"{API_PREFIX}/jobs/" + "0" * 32 + "/slices/0.png",
     ):
         missing = client.get(path)
         assert missing.status_code == 401, path
@@ -128,14 +130,14 @@ def test_auth_on_every_api_endpoint(service) -> None:
         assert wrong.status_code == 401, path
         basic = client.get(path, headers={"Authorization": "Basic " + TOKEN})
         assert basic.status_code == 401, path
-    assert client.post("/api/v1/studies", files={"file": ("a.zip", b"x")}).status_code == 401
+    assert client.post(f"{API_PREFIX}/studies", files={"file": ("a.zip", b"x")}).status_code == 401
     other = {"Authorization": f"Bearer {OTHER_TOKEN}"}
-    assert client.get("/api/v1/jobs", headers=other).status_code == 200
+    assert client.get(f"{API_PREFIX}/jobs", headers=other).status_code == 200
 
 
 def test_model_info(service, predictor) -> None:
     client, _ = service
-    info = client.get("/api/v1/model", headers=AUTH).json()
+    info = client.get(f"{API_PREFIX}/model", headers=AUTH).json()
     assert info["model_name"] == "resnet18"
     assert info["checkpoint_sha256"] == predictor.info["checkpoint_sha256"]
     assert info["threshold"] == pytest.approx(predictor.threshold)
@@ -149,10 +151,10 @@ def test_model_info(service, predictor) -> None:
 def test_dicom_study_end_to_end(service, finished_jobs, phantom) -> None:
     client, data_dir = service
     job_id = finished_jobs["dicom"]["job_id"]
-    job = client.get(f"/api/v1/jobs/{job_id}", headers=AUTH).json()
+    job = client.get(f"{API_PREFIX}/jobs/{job_id}", headers=AUTH).json()
     assert set(job) == {"job_id", "status", "error", "created_at", "started_at", "finished_at"}
     assert job["created_at"] <= job["started_at"] <= job["finished_at"]
-    result = client.get(f"/api/v1/jobs/{job_id}/result", headers=AUTH).json()
+    result = client.get(f"{API_PREFIX}/jobs/{job_id}/result", headers=AUTH).json()
     assert 0.0 <= result["study_probability"] <= 1.0
     assert result["is_cancer"] == (result["study_probability"] >= result["threshold"])
     assert result["n_slices"] == phantom.volume.shape[0]
@@ -163,7 +165,7 @@ def test_dicom_study_end_to_end(service, finished_jobs, phantom) -> None:
     files = result["files"]
     assert files["seg"] and files["sr"]  # DICOM input: SEG and SR written
     for key in ("mask", "probability", "report", "findings"):
-        assert files[key].startswith(f"/api/v1/jobs/{job_id}/files/")
+        assert files[key].startswith(f"{API_PREFIX}/jobs/{job_id}/files/")
     mask = client.get(files["mask"], headers=AUTH)
     assert mask.status_code == 200 and gzip.decompress(mask.content)[344:347] == b"n+1"
     seg = pydicom.dcmread(io.BytesIO(client.get(files["seg"], headers=AUTH).content))
@@ -172,9 +174,10 @@ def test_dicom_study_end_to_end(service, finished_jobs, phantom) -> None:
     assert findings["study"]["probability"] == pytest.approx(result["study_probability"])
     assert client.get(files["report"], headers=AUTH).headers["content-type"].startswith("text/html")
     assert (
-        client.get(f"/api/v1/jobs/{job_id}/files/..%2Fstate.json", headers=AUTH).status_code == 404
+        client.get(f"{API_PREFIX}/jobs/{job_id}/files/..%2Fstate.json", headers=AUTH).status_code
+        == 404
     )
-    assert client.get(f"/api/v1/jobs/{job_id}/files/nope.txt", headers=AUTH).status_code == 404
+    assert client.get(f"{API_PREFIX}/jobs/{job_id}/files/nope.txt", headers=AUTH).status_code == 404
     # the uploaded DICOM files (patient identifiers) are gone once the job is done
     assert not (data_dir / "jobs" / job_id / "upload").exists()
 
@@ -182,7 +185,7 @@ def test_dicom_study_end_to_end(service, finished_jobs, phantom) -> None:
 def test_slice_pngs(service, finished_jobs, phantom) -> None:
     client, _ = service
     job_id = finished_jobs["nifti"]["job_id"]
-    base = f"/api/v1/jobs/{job_id}/slices"
+    base = f"{API_PREFIX}/jobs/{job_id}/slices"
     seen = set()
     for window in ("lung", "mediastinal", "bone"):
         response = client.get(f"{base}/2.png?window={window}&overlay=1&cam=1", headers=AUTH)
@@ -199,18 +202,18 @@ def test_slice_pngs(service, finished_jobs, phantom) -> None:
 def test_nifti_result_has_no_dicom_outputs(service, finished_jobs) -> None:
     client, _ = service
     result = client.get(
-        f"/api/v1/jobs/{finished_jobs['nifti']['job_id']}/result", headers=AUTH
+        f"{API_PREFIX}/jobs/{finished_jobs['nifti']['job_id']}/result", headers=AUTH
     ).json()
     assert result["files"]["seg"] is None and result["files"]["sr"] is None
     assert result["files"]["mask"]
-    listed = {j["job_id"] for j in client.get("/api/v1/jobs", headers=AUTH).json()}
+    listed = {j["job_id"] for j in client.get(f"{API_PREFIX}/jobs", headers=AUTH).json()}
     assert {j["job_id"] for j in finished_jobs.values()} <= listed
 
 
 def test_audit_log_has_no_patient_identifiers(service, finished_jobs) -> None:
     client, data_dir = service
     job_id = finished_jobs["dicom"]["job_id"]
-    client.get(f"/api/v1/jobs/{job_id}/result", headers=AUTH)
+    client.get(f"{API_PREFIX}/jobs/{job_id}/result", headers=AUTH)
     text = (data_dir / "audit.log").read_text()
     for secret in (
         PATIENT_NAME,
@@ -236,12 +239,14 @@ def test_audit_log_has_no_patient_identifiers(service, finished_jobs) -> None:
     assert {"study_submitted", "job_started", "job_done", "result_viewed"} <= actions
 
 
-def test_no_token_refuses_to_start(tmp_path: Path) -> None:
+def test_no_token_refuses_to_start(tmp_path: Path, service_settings) -> None:
     with pytest.raises(InputError, match="no API token"):
-        create_app(FakePredictor(), ServiceSettings(tmp_path / "d"))
-    app = create_app(FakePredictor(), ServiceSettings(tmp_path / "d", insecure_no_auth=True))
+        create_app(FakePredictor(), service_settings(tmp_path / "d", tokens=()))
+    app = create_app(
+        FakePredictor(), service_settings(tmp_path / "d", tokens=(), insecure_no_auth=True)
+    )
     with TestClient(app) as client:
-        assert client.get("/api/v1/jobs").status_code == 200
+        assert client.get(f"{API_PREFIX}/jobs").status_code == 200
     # the command line refuses before loading any model
     assert (
         cli_main(
@@ -251,17 +256,35 @@ def test_no_token_refuses_to_start(tmp_path: Path) -> None:
     )
 
 
-def test_load_tokens(tmp_path: Path) -> None:
-    path = tmp_path / "tokens.txt"
-    path.write_text(f"# api tokens\n\n{TOKEN}\n  {OTHER_TOKEN}  \n")
-    assert load_tokens(path, env={}) == {TOKEN, OTHER_TOKEN}
-    assert load_tokens(None, env={TOKEN_ENV: f"{TOKEN},{OTHER_TOKEN}"}) == {TOKEN, OTHER_TOKEN}
-    assert load_tokens(None, env={}) == frozenset()
-    with pytest.raises(InputError, match="at least 16"):
-        load_tokens(None, env={TOKEN_ENV: "short"})
-    with pytest.raises(FileNotFoundError):
-        load_tokens(tmp_path / "missing.txt", env={})
-    assert token_id(TOKEN) != token_id(OTHER_TOKEN) and TOKEN not in token_id(TOKEN)
+def test_api_prefix_is_the_published_one() -> None:
+    """Clients, the viewer and job folders (result documents hold URLs) depend on it."""
+    assert API_PREFIX == "/api/v1"
+    api_js = (STATIC_DIR / "api.js").read_text(encoding="utf-8")
+    assert f'export const API = "{API_PREFIX.lstrip("/")}";' in api_js
+
+
+def test_viewer_is_served_as_es_modules(tmp_path: Path, service_settings) -> None:
+    """index.html loads main.js as a module; every module it imports, directly or not, is
+    served from /static with a JavaScript MIME type (browsers refuse modules otherwise)."""
+    with TestClient(create_app(FakePredictor(), service_settings(tmp_path))) as client:
+        page = client.get("/")
+        assert page.status_code == 200
+        assert '<script type="module" src="static/main.js"></script>' in page.text
+        seen, todo = set(), ["main.js"]
+        while todo:
+            name = todo.pop()
+            seen.add(name)
+            response = client.get(f"/static/{name}")
+            assert response.status_code == 200, name
+            assert response.headers["content-type"].startswith("text/javascript"), name
+            assert response.headers["x-content-type-options"] == "nosniff"
+            imports = re.findall(r'^import .* from "\./([\w.]+)";$', response.text, re.M)
+            todo += [i for i in imports if i not in seen]
+        on_disk = {p.name for p in STATIC_DIR.glob("*.js")}
+        assert seen == on_disk  # no module left unused, none missing
+        css = client.get("/static/viewer.css")
+        assert css.status_code == 200 and css.headers["content-type"].startswith("text/css")
+        assert client.get("/static/viewer.js").status_code == 404  # the old single script
 
 
 def test_slice_rendering_from_real_outputs_is_radiological(service, finished_jobs, phantom) -> None:
@@ -269,7 +292,7 @@ def test_slice_rendering_from_real_outputs_is_radiological(service, finished_job
     left: compare with the canonical (LPS) array windowed directly."""
     client, _ = service
     job_id = finished_jobs["nifti"]["job_id"]
-    png = client.get(f"/api/v1/jobs/{job_id}/slices/3.png?overlay=0", headers=AUTH).content
+    png = client.get(f"{API_PREFIX}/jobs/{job_id}/slices/3.png?overlay=0", headers=AUTH).content
     grey = np.asarray(Image.open(io.BytesIO(png)).convert("L")).astype(float)
     from lungcad.data.preprocessing import window_hu
 
@@ -328,13 +351,13 @@ def test_lungcad_serve_runs_uvicorn_on_loopback(tmp_path: Path, phantom) -> None
         with httpx.Client(base_url=base, headers=AUTH, timeout=30) as http:
             assert http.get("/health").json() == {"status": "ok"}
             job = http.post(
-                "/api/v1/studies",
+                f"{API_PREFIX}/studies",
                 files={"file": ("s.nii.gz", nifti_bytes(phantom.volume, tmp_path))},
             ).json()
             status = job["status"]
             while status in ("queued", "running") and time.monotonic() < deadline:
                 time.sleep(0.2)
-                status = http.get(f"/api/v1/jobs/{job['job_id']}").json()["status"]
+                status = http.get(f"{API_PREFIX}/jobs/{job['job_id']}").json()["status"]
             assert status == "done"
     finally:
         server.terminate()

@@ -14,10 +14,13 @@ from fastapi.testclient import TestClient
 from lungcad.io.dicom_writer import write_dicom_series
 from lungcad.service.app import ServiceSettings, create_app
 from lungcad.service.auth import TOKEN_ENV
-from lungcad.service.jobs.manager import MAX_ATTEMPTS, ServiceBusy
+from lungcad.service.jobs.schema import API_PREFIX
+from lungcad.service.jobs.store import ServiceBusy
+from lungcad.service.jobs.workers import MAX_ATTEMPTS
 from lungcad.service.uploads import UploadRejected, extract_zip
 from tests.service_helpers import (
     AUTH,
+    TOKEN,
     FakePredictor,
     hu_volume,
     nifti_bytes,
@@ -27,12 +30,6 @@ from tests.service_helpers import (
     zip_folder,
 )
 
-TOKEN = AUTH["Authorization"].split()[1]
-
-
-def settings(data_dir: Path, **options) -> ServiceSettings:
-    return ServiceSettings(data_dir, tokens={TOKEN}, **options)
-
 
 @pytest.fixture(scope="module")
 def nifti(tmp_path_factory) -> bytes:
@@ -40,11 +37,12 @@ def nifti(tmp_path_factory) -> bytes:
 
 
 @pytest.fixture(scope="module")
-def limited(tmp_path_factory):
+def limited(tmp_path_factory, service_settings):
     """A service with small limits: 64 KB uploads, 5 files, 256 KB unpacked."""
     data_dir = tmp_path_factory.mktemp("limited")
     app = create_app(
-        FakePredictor(), settings(data_dir, max_upload_mb=1 / 16, max_files=5, max_unpacked_mb=0.25)
+        FakePredictor(),
+        service_settings(data_dir, max_upload_mb=1 / 16, max_files=5, max_unpacked_mb=0.25),
     )
     with TestClient(app) as client:
         yield client, data_dir
@@ -68,9 +66,9 @@ def test_corrupt_uploads_are_400_with_the_reason(limited) -> None:
     assert "tmp" not in not_dicom.json()["detail"]  # no server paths in messages
     truncated = submit(client, zip_bytes({"s/1.dcm": b"\0" * 128 + b"DICM\x02\x00"}), "s.zip")
     assert truncated.status_code == 400
-    form = client.post("/api/v1/studies", data={"other": "x"}, headers=AUTH)
+    form = client.post(f"{API_PREFIX}/studies", data={"other": "x"}, headers=AUTH)
     assert form.status_code == 400 and "'file'" in form.json()["detail"]
-    raw = client.post("/api/v1/studies", content=b"xyz", headers=AUTH)
+    raw = client.post(f"{API_PREFIX}/studies", content=b"xyz", headers=AUTH)
     assert raw.status_code == 400 and "multipart" in raw.json()["detail"]
     _no_leftovers(data_dir)
 
@@ -98,7 +96,7 @@ def test_oversized_upload_is_413(limited) -> None:
         yield b"\r\n--b--\r\n"
 
     streamed = client.post(
-        "/api/v1/studies",
+        f"{API_PREFIX}/studies",
         content=chunks(),
         headers={**AUTH, "Content-Type": "multipart/form-data; boundary=b"},
     )
@@ -143,13 +141,15 @@ def test_zip_slip_is_refused(limited, tmp_path) -> None:
     _no_leftovers(data_dir)
 
 
-def test_failing_prediction_marks_the_job_failed_and_the_service_stays_up(tmp_path, nifti) -> None:
-    app = create_app(FakePredictor(fail_times=1), settings(tmp_path))
+def test_failing_prediction_marks_the_job_failed_and_the_service_stays_up(
+    tmp_path, nifti, service_settings
+) -> None:
+    app = create_app(FakePredictor(fail_times=1), service_settings(tmp_path))
     with TestClient(app) as client:
         first = submit(client, nifti, "a.nii.gz").json()["job_id"]
         job = wait_for(client, first)
         assert job["status"] == "failed" and "model exploded" in job["error"]
-        result = client.get(f"/api/v1/jobs/{first}/result", headers=AUTH)
+        result = client.get(f"{API_PREFIX}/jobs/{first}/result", headers=AUTH)
         assert result.status_code == 409 and "model exploded" in result.json()["detail"]
         assert client.get("/health").status_code == 200
         second = submit(client, nifti, "b.nii.gz").json()["job_id"]
@@ -160,11 +160,11 @@ def test_failing_prediction_marks_the_job_failed_and_the_service_stays_up(tmp_pa
     assert "exploded" not in (tmp_path / "audit.log").read_text()  # no messages in the log
 
 
-def test_unreadable_study_fails_the_job_with_the_reader_message(tmp_path) -> None:
+def test_unreadable_study_fails_the_job_with_the_reader_message(tmp_path, service_settings) -> None:
     # 5 slices with the middle one missing: headers look fine, the reader refuses the gap.
     write_dicom_series(hu_volume((5, 16, 16)), tmp_path / "ct", uid_seed=2)
     (tmp_path / "ct" / "0003.dcm").unlink()
-    app = create_app(FakePredictor(), settings(tmp_path / "data"))
+    app = create_app(FakePredictor(), service_settings(tmp_path / "data"))
     with TestClient(app) as client:
         response = submit(client, zip_folder(tmp_path / "ct"), "ct.zip")
         assert response.status_code == 202  # the headers alone look fine
@@ -173,10 +173,10 @@ def test_unreadable_study_fails_the_job_with_the_reader_message(tmp_path) -> Non
         assert str(tmp_path) not in job["error"] and job["error"].startswith("upload")
 
 
-def test_queue_full_is_503(tmp_path, nifti) -> None:
+def test_queue_full_is_503(tmp_path, nifti, service_settings) -> None:
     gate = threading.Event()
     predictor = FakePredictor(block=gate)
-    app = create_app(predictor, settings(tmp_path, queue_size=1))
+    app = create_app(predictor, service_settings(tmp_path, queue_size=1))
     try:
         with TestClient(app) as client:
             running = submit(client, nifti, "a.nii.gz").json()["job_id"]
@@ -187,7 +187,9 @@ def test_queue_full_is_503(tmp_path, nifti) -> None:
             assert full.status_code == 503 and "retry-after" in full.headers
             ready = client.get("/ready")
             assert ready.status_code == 503 and ready.json()["reason"] == "queue full"
-            pending = client.get(f"/api/v1/jobs/{queued.json()['job_id']}/result", headers=AUTH)
+            pending = client.get(
+                f"{API_PREFIX}/jobs/{queued.json()['job_id']}/result", headers=AUTH
+            )
             assert pending.status_code == 409
             gate.set()
             for job_id in (running, queued.json()["job_id"]):
@@ -197,35 +199,40 @@ def test_queue_full_is_503(tmp_path, nifti) -> None:
         gate.set()
 
 
-def test_restart_with_jobs_in_flight_loses_nothing(tmp_path, nifti) -> None:
+def test_restart_with_jobs_in_flight_loses_nothing(tmp_path, nifti, service_settings) -> None:
     """Stop the service while one job runs and one waits; a new service on the same data
     folder finishes both, and the abandoned worker of the old one writes nothing."""
     gate = threading.Event()
     blocked = FakePredictor(probability=0.2, block=gate)
-    first = create_app(blocked, settings(tmp_path))
+    first = create_app(blocked, service_settings(tmp_path))
     try:
         with TestClient(first) as client:
             running = submit(client, nifti, "a.nii.gz").json()["job_id"]
             assert blocked.started.wait(10)
             waiting = submit(client, nifti, "b.nii.gz").json()["job_id"]
-            assert client.get(f"/api/v1/jobs/{running}", headers=AUTH).json()["status"] == "running"
-            old_workers = list(first.state.jobs._threads)
+            assert (
+                client.get(f"{API_PREFIX}/jobs/{running}", headers=AUTH).json()["status"]
+                == "running"
+            )
+            old_workers = list(first.state.jobs.workers._threads)
         # stopped with one job running and one queued
-        second = create_app(FakePredictor(probability=0.9), settings(tmp_path))
+        second = create_app(FakePredictor(probability=0.9), service_settings(tmp_path))
         with TestClient(second) as client:
             for job_id in (running, waiting):
                 job = wait_for(client, job_id)
                 assert job["status"] == "done", job
-                result = client.get(f"/api/v1/jobs/{job_id}/result", headers=AUTH).json()
+                result = client.get(f"{API_PREFIX}/jobs/{job_id}/result", headers=AUTH).json()
                 assert result["study_probability"] == pytest.approx(0.9)
             gate.set()  # the old worker wakes up; its result must be discarded
             for worker in old_workers:
                 worker.join(10)
                 assert not worker.is_alive()
-            result = client.get(f"/api/v1/jobs/{running}/result", headers=AUTH).json()
+            result = client.get(f"{API_PREFIX}/jobs/{running}/result", headers=AUTH).json()
             assert result["study_probability"] == pytest.approx(0.9)
             assert (
-                client.get(f"/api/v1/jobs/{running}/slices/2.png?cam=1", headers=AUTH).status_code
+                client.get(
+                    f"{API_PREFIX}/jobs/{running}/slices/2.png?cam=1", headers=AUTH
+                ).status_code
                 == 200
             )
         state = json.loads((tmp_path / "jobs" / running / "state.json").read_text())
@@ -234,8 +241,10 @@ def test_restart_with_jobs_in_flight_loses_nothing(tmp_path, nifti) -> None:
         gate.set()
 
 
-def test_a_job_that_keeps_killing_the_service_is_given_up(tmp_path, nifti) -> None:
-    app = create_app(FakePredictor(), settings(tmp_path))
+def test_a_job_that_keeps_killing_the_service_is_given_up(
+    tmp_path, nifti, service_settings
+) -> None:
+    app = create_app(FakePredictor(), service_settings(tmp_path))
     with TestClient(app) as client:
         job_id = submit(client, nifti, "a.nii.gz").json()["job_id"]
         wait_for(client, job_id)
@@ -243,16 +252,16 @@ def test_a_job_that_keeps_killing_the_service_is_given_up(tmp_path, nifti) -> No
     state = json.loads(state_file.read_text())
     state.update(status="running", attempts=MAX_ATTEMPTS)  # as if it crashed every time
     state_file.write_text(json.dumps(state))
-    with TestClient(create_app(FakePredictor(), settings(tmp_path))) as client:
-        job = client.get(f"/api/v1/jobs/{job_id}", headers=AUTH).json()
+    with TestClient(create_app(FakePredictor(), service_settings(tmp_path))) as client:
+        job = client.get(f"{API_PREFIX}/jobs/{job_id}", headers=AUTH).json()
         assert job["status"] == "failed" and "gave up" in job["error"]
 
 
-def test_one_service_per_data_dir(tmp_path) -> None:
-    with TestClient(create_app(FakePredictor(), settings(tmp_path))):
+def test_one_service_per_data_dir(tmp_path, service_settings) -> None:
+    with TestClient(create_app(FakePredictor(), service_settings(tmp_path))):
         with (
             pytest.raises(ServiceBusy),
-            TestClient(create_app(FakePredictor(), settings(tmp_path))),
+            TestClient(create_app(FakePredictor(), service_settings(tmp_path))),
         ):
             pass
 
@@ -260,13 +269,13 @@ def test_one_service_per_data_dir(tmp_path) -> None:
 def test_unknown_jobs_are_404(limited) -> None:
     client, _ = limited
     for job_id in ("0" * 32, "not-a-job", "..%2F..%2Fetc"):
-        assert client.get(f"/api/v1/jobs/{job_id}", headers=AUTH).status_code == 404
-        assert client.get(f"/api/v1/jobs/{job_id}/result", headers=AUTH).status_code == 404
+        assert client.get(f"{API_PREFIX}/jobs/{job_id}", headers=AUTH).status_code == 404
+        assert client.get(f"{API_PREFIX}/jobs/{job_id}/result", headers=AUTH).status_code == 404
 
 
 def test_tokens_from_the_environment(tmp_path, monkeypatch) -> None:
     monkeypatch.setenv(TOKEN_ENV, TOKEN)
     app = create_app(FakePredictor(), ServiceSettings.from_sources(tmp_path))
     with TestClient(app) as client:
-        assert client.get("/api/v1/jobs", headers=AUTH).status_code == 200
-        assert client.get("/api/v1/jobs").status_code == 401
+        assert client.get(f"{API_PREFIX}/jobs", headers=AUTH).status_code == 200
+        assert client.get(f"{API_PREFIX}/jobs").status_code == 401

@@ -51,11 +51,12 @@ pytest.importorskip("fastapi", reason="fastapi is needed for the service")
 from lungcad.data.synthetic.phantom import make_phantom  # noqa: E402
 from lungcad.inference.predictor import Predictor  # noqa: E402
 from lungcad.io.writers import write_image  # noqa: E402
-from lungcad.service.app import ServiceSettings, create_app  # noqa: E402
+from lungcad.service.app import create_app  # noqa: E402
+from lungcad.service.jobs.schema import API_PREFIX  # noqa: E402
+from tests.service_helpers import TOKEN  # noqa: E402
 
 expect = sync_api.expect
 
-TOKEN = "viewer-test-token-0123456789abcdef"
 VIEWPORT = {"width": 1280, "height": 800}
 # The flags the project runs Chromium with: headless, no sandbox (root in a container), and
 # nothing that talks to the network on its own.
@@ -77,14 +78,12 @@ JOB_TIMEOUT_MS = 120_000
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+def server(tmp_path_factory: pytest.TempPathFactory, service_settings) -> Iterator[str]:
     """The real app on 127.0.0.1:<free port>, served by uvicorn in a background thread."""
     run = shared_trained_run(tmp_path_factory)
     predictor = Predictor.from_checkpoint(run, batch_size=4)
-    settings = ServiceSettings(
-        data_dir=tmp_path_factory.mktemp("service_data"),
-        tokens=frozenset({TOKEN}),
-        max_unpacked_mb=MAX_UNPACKED_MB,
+    settings = service_settings(
+        tmp_path_factory.mktemp("service_data"), max_unpacked_mb=MAX_UNPACKED_MB
     )
     app = create_app(predictor, settings)
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
@@ -161,7 +160,7 @@ def api_get(base: str, path: str) -> bytes:
 def server_slice(base: str, job: str, z: int, window: str, overlay: int, cam: int) -> np.ndarray:
     """The API's own PNG for these settings, as (H, W, 3) uint8."""
     data = api_get(
-        base, f"/api/v1/jobs/{job}/slices/{z}.png?window={window}&overlay={overlay}&cam={cam}"
+        base, f"{API_PREFIX}/jobs/{job}/slices/{z}.png?window={window}&overlay={overlay}&cam={cam}"
     )
     return np.asarray(Image.open(io.BytesIO(data)).convert("RGB"))
 
@@ -262,7 +261,7 @@ def test_viewer_end_to_end(
     expect(image).to_be_visible(timeout=JOB_TIMEOUT_MS)
     expect(message).to_be_hidden()
     job = page.evaluate("decodeURIComponent(location.hash.slice('#job='.length))")
-    result = json.loads(api_get(server, f"/api/v1/jobs/{job}/result"))
+    result = json.loads(api_get(server, f"{API_PREFIX}/jobs/{job}/result"))
     n = result["n_slices"]
     assert n == 8
 
@@ -424,7 +423,7 @@ def test_viewer_end_to_end(
     expect(page.locator("#study-probability")).to_have_text(f"{result['study_probability']:.3f}")
 
     # --- every API call carried the token; nothing was fetched from outside the service
-    api_calls = [(url, auth) for url, auth in requests if "/api/" in url]
+    api_calls = [(url, auth) for url, auth in requests if API_PREFIX + "/" in url]
     assert api_calls
     good = [auth for url, auth in api_calls if auth != "Bearer wrong-token-000000000000"]
     assert len(good) == len(api_calls) - 1  # only the refused sign-in used the wrong token

@@ -31,6 +31,7 @@ otherwise no worker runs and ``/ready`` says 503.
 from __future__ import annotations
 
 import logging
+import mimetypes
 import re
 import shutil
 from collections.abc import AsyncIterator, Mapping
@@ -50,13 +51,10 @@ from lungcad import __version__
 from lungcad.errors import InputError
 from lungcad.service.audit import AuditLog
 from lungcad.service.auth import bearer_dependency, load_tokens
-from lungcad.service.jobs.manager import (
-    JOB_ID_PATTERN,
-    RESULT_FILE,
-    JobBusy,
-    JobManager,
-    QueueFull,
-)
+from lungcad.service.jobs.manager import JobManager
+from lungcad.service.jobs.schema import API_PREFIX, JobStatus, is_job_id
+from lungcad.service.jobs.store import RESULT_FILE, JobBusy
+from lungcad.service.jobs.workers import QueueFull
 from lungcad.service.rendering import SliceRenderer
 from lungcad.service.uploads import UploadRejected, prepare_study, receive_upload
 
@@ -65,6 +63,10 @@ log = logging.getLogger(__name__)
 __all__ = ["STATIC_DIR", "ServiceSettings", "create_app"]
 
 STATIC_DIR = Path(__file__).parent / "static"
+# The viewer is ES modules, which browsers run only when served with a JavaScript MIME type;
+# StaticFiles takes the type from the system's MIME table, which on some systems maps .js to
+# text/plain, so the right one is registered here.
+mimetypes.add_type("text/javascript", ".js")
 _FILE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 _MEDIA_TYPES = {
     ".dcm": "application/dicom",
@@ -290,9 +292,9 @@ def create_app(predictor: Any, settings: ServiceSettings) -> FastAPI:
     def ready() -> JSONResponse:
         """Readiness: the model is loaded, workers run and the queue accepts work."""
         counts = jobs.counts()
-        if jobs.accepting():
+        if jobs.workers.accepting():
             return JSONResponse({"ready": True, "model_version": model_version, **counts})
-        reason = "queue full" if jobs.running else "job workers not running"
+        reason = "queue full" if jobs.workers.running else "job workers not running"
         return JSONResponse(
             {"ready": False, "reason": reason, **counts},
             status_code=status.HTTP_503_SERVICE_UNAVAILABLE,
@@ -310,25 +312,40 @@ def create_app(predictor: Any, settings: ServiceSettings) -> FastAPI:
 
     # ---------------------------------------------------------------- API (token required)
 
-    api = APIRouter(prefix="/api/v1", dependencies=[Depends(require_token)])
-    unauthorized = {401: {"description": "missing or invalid bearer token"}}
+    api = APIRouter(prefix=API_PREFIX, dependencies=[Depends(require_token)])
+    unauthorized: dict[int | str, dict[str, Any]] = {
+        401: {"description": "missing or invalid bearer token"}
+    }
 
     def known_job(job_id: str) -> dict[str, Any]:
-        job = jobs.public(job_id) if re.fullmatch(JOB_ID_PATTERN, job_id) else None
+        job = jobs.store.public(job_id) if is_job_id(job_id) else None
         if job is None:
             raise HTTPException(404, f"no job {job_id!r}")
         return job
 
     def done_job(job_id: str) -> Path:
         job = known_job(job_id)
-        if job["status"] == "failed":
+        if job["status"] == JobStatus.FAILED:
             raise HTTPException(409, f"job failed: {job['error']}")
-        if job["status"] != "done":
+        if job["status"] != JobStatus.DONE:
             raise HTTPException(
                 409,
-                f"job is {job['status']}; poll GET /api/v1/jobs/{job_id} until its status is done",
+                f"job is {job['status']}; poll GET {API_PREFIX}/jobs/{job_id} until its status "
+                "is done",
             )
-        return jobs.job_dir(job_id)
+        return jobs.store.job_dir(job_id)
+
+    def record_access(action: str, user: str, job_id: str, file: str | None = None) -> None:
+        """Audit a read of a job's results (who saw which study's result or file)."""
+        state = jobs.store.get(job_id) or {}  # {} when deleted since the request started
+        audit.record(
+            action,
+            user=user,
+            job_id=job_id,
+            file=file,
+            study=state.get("study"),
+            model_version=model_version,
+        )
 
     @api.get("/model", tags=["model"], responses=unauthorized)
     def model() -> dict[str, Any]:
@@ -349,12 +366,12 @@ def create_app(predictor: Any, settings: ServiceSettings) -> FastAPI:
     )
     async def submit_study(request: Request, user: str = Depends(require_token)) -> JSONResponse:
         """Queue a study: multipart field ``file`` = .zip of one DICOM series or .nii/.nii.gz."""
-        if not jobs.accepting():
+        if not jobs.workers.accepting():
             audit.record("upload_rejected", user=user, reason="queue_full", status=503)
             raise HTTPException(
                 503, "the queue is full; retry later", headers={"Retry-After": "30"}
             )
-        staging = jobs.new_staging_dir()
+        staging = jobs.store.new_staging_dir()
         try:
             upload = await receive_upload(
                 dict(request.headers),
@@ -368,7 +385,7 @@ def create_app(predictor: Any, settings: ServiceSettings) -> FastAPI:
                 max_files=settings.max_files,
                 max_unpacked_bytes=int(settings.max_unpacked_mb * 2**20),
             )
-            job = jobs.submit(staging, input_info, user)
+            job = jobs.workers.submit(staging, input_info, user)
         except UploadRejected as exc:
             audit.record("upload_rejected", user=user, reason=exc.reason, status=exc.status_code)
             raise HTTPException(exc.status_code, exc.message) from None
@@ -381,13 +398,13 @@ def create_app(predictor: Any, settings: ServiceSettings) -> FastAPI:
         return JSONResponse(
             {"job_id": job["job_id"], "status": job["status"]},
             status_code=202,
-            headers={"Location": f"/api/v1/jobs/{job['job_id']}"},
+            headers={"Location": f"{API_PREFIX}/jobs/{job['job_id']}"},
         )
 
     @api.get("/jobs", tags=["jobs"], responses=unauthorized)
     def list_jobs() -> list[dict[str, Any]]:
         """Every job's status, newest first."""
-        return jobs.list()
+        return jobs.store.list_public()
 
     @api.get("/jobs/{job_id}", tags=["jobs"], responses={**unauthorized, 404: {}})
     def job_status(job_id: str) -> dict[str, Any]:
@@ -422,13 +439,7 @@ def create_app(predictor: Any, settings: ServiceSettings) -> FastAPI:
     def job_result(job_id: str, user: str = Depends(require_token)) -> FileResponse:
         """Probability, decision, threshold, per-slice probabilities, lesions, file links."""
         folder = done_job(job_id)
-        audit.record(
-            "result_viewed",
-            user=user,
-            job_id=job_id,
-            study=jobs.state(job_id).get("study"),
-            model_version=model_version,
-        )
+        record_access("result_viewed", user, job_id)
         return FileResponse(folder / RESULT_FILE, media_type="application/json")
 
     @api.get(
@@ -443,14 +454,7 @@ def create_app(predictor: Any, settings: ServiceSettings) -> FastAPI:
         if not _FILE_NAME.fullmatch(name) or not path.is_file():
             names = sorted(p.name for p in folder.iterdir() if not p.name.startswith("."))
             raise HTTPException(404, f"no output {name!r}; this job has {', '.join(names)}")
-        audit.record(
-            "file_downloaded",
-            user=user,
-            job_id=job_id,
-            file=name,
-            study=jobs.state(job_id).get("study"),
-            model_version=model_version,
-        )
+        record_access("file_downloaded", user, job_id, file=name)
         suffix = path.suffix.lower()
         return FileResponse(
             path, filename=name, media_type=_MEDIA_TYPES.get(suffix, "application/octet-stream")
