@@ -1,5 +1,5 @@
-"""Tests of lungcad.validation.baselines.features: determinism, finiteness, sensitivity to texture,
-ROIs, cache."""
+"""Tests of lungcad.validation.baselines.features: determinism, finiteness, sensitivity to
+texture, ROIs, cache."""
 
 from __future__ import annotations
 

@@ -1,6 +1,6 @@
 """Tests of lungcad.validation.baselines.pipelines and ``lungcad baselines``: grouped tuning,
-thresholds chosen on
-training data only, metrics for every set, and the CLI end to end on a tiny manifest."""
+thresholds chosen on training data only, metrics for every set, and the CLI end to end on a
+tiny manifest."""
 
 from __future__ import annotations
 
