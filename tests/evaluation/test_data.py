@@ -10,7 +10,8 @@ from pathlib import Path
 import pytest
 
 from lungcad.errors import InputError, MissingInputError
-from lungcad.evaluation.data import SPLIT_CHOICES, is_prepared, open_dataset, select_records
+from lungcad.evaluation.choices import SPLIT_CHOICES
+from lungcad.evaluation.data import is_prepared, open_dataset, select_records
 
 
 @pytest.fixture(scope="module")

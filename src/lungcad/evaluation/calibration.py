@@ -38,13 +38,13 @@ from sklearn.isotonic import IsotonicRegression
 
 from lungcad.data.manifest import manifest_csv
 from lungcad.errors import InputError
+from lungcad.evaluation.choices import CALIBRATION_METHODS
 from lungcad.io.atomic import write_json_atomic
 
 log = logging.getLogger(__name__)
 
 __all__ = [
     "CALIBRATION_FILE",
-    "METHODS",
     "Calibration",
     "RunDecision",
     "binary_nll",
@@ -58,7 +58,6 @@ __all__ = [
 ]
 
 CALIBRATION_FILE = "calibration.json"
-METHODS = ("temperature", "isotonic")
 
 # Temperatures are searched on log T in [-LOG_T_BOUND, LOG_T_BOUND], i.e. T in [0.007, 148]:
 # far wider than any network needs, and bounded so separable data cannot push T to 0.
@@ -140,9 +139,10 @@ class Calibration:
     info: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        if self.method not in METHODS:
+        if self.method not in CALIBRATION_METHODS:
             raise InputError(
-                f"calibration method must be one of {METHODS}; got {self.method!r}", "method"
+                f"calibration method must be one of {CALIBRATION_METHODS}; got {self.method!r}",
+                "method",
             )
         if self.method == "temperature":
             if self.temperature is None or not (
@@ -257,8 +257,10 @@ def fit_calibration(
     Raises:
         InputError: unknown method, non-finite logits, labels not 0/1 or of one class only.
     """
-    if method not in METHODS:
-        raise InputError(f"calibration method must be one of {METHODS}; got {method!r}", "--method")
+    if method not in CALIBRATION_METHODS:
+        raise InputError(
+            f"calibration method must be one of {CALIBRATION_METHODS}; got {method!r}", "--method"
+        )
     x, y = _check(logits, labels)
     if method == "temperature":
         cal = Calibration("temperature", temperature=_fit_temperature(x, y))

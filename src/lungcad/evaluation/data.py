@@ -21,10 +21,9 @@ from lungcad.data.layouts.common import PrepareSettings
 from lungcad.data.layouts.prepare import prepare_dataset
 from lungcad.data.manifest import SliceRecord, filter_records, manifest_csv, read_manifest
 from lungcad.errors import InputError, MissingInputError
+from lungcad.evaluation.choices import SPLIT_CHOICES
 
 log = logging.getLogger(__name__)
-
-SPLIT_CHOICES = ("train", "val", "test", "all")
 
 
 @dataclass
@@ -69,7 +68,7 @@ def select_records(
 
     Args:
         manifest: manifest.csv or its folder.
-        split: one of :data:`SPLIT_CHOICES` ("all" takes every row).
+        split: one of :data:`lungcad.evaluation.choices.SPLIT_CHOICES` ("all" takes every row).
         input_path: what the user passed (recorded as provenance).
         prepared: whether the manifest was made on the fly from a raw dataset.
 
@@ -119,8 +118,8 @@ def open_dataset(
 
     Args:
         data: manifest.csv, prepared folder, or raw dataset folder.
-        split: one of :data:`SPLIT_CHOICES`; None means "test" for prepared data and "all"
-            for raw data.
+        split: one of :data:`lungcad.evaluation.choices.SPLIT_CHOICES`; None means "test" for
+            prepared data and "all" for raw data.
         settings: how to prepare raw data (layout, class folders, ...).
     """
     data = Path(data)

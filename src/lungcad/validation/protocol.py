@@ -58,11 +58,8 @@ from lungcad.training.config import (
     config_to_dict,
     load_config,
 )
-from lungcad.validation.baselines.pipelines import (
-    MODEL_NAMES,
-    baselines_markdown,
-    run_baselines_on_manifests,
-)
+from lungcad.validation.baselines.choices import MODEL_NAMES
+from lungcad.validation.baselines.pipelines import baselines_markdown, run_baselines_on_manifests
 from lungcad.validation.gap import GapTable, gap_table, write_gap
 
 log = logging.getLogger(__name__)

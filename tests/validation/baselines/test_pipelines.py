@@ -15,9 +15,9 @@ from lungcad.cli import main
 from lungcad.data.manifest import SliceRecord, read_manifest, write_manifest
 from lungcad.errors import InputError
 from lungcad.metrics.classification import choose_threshold
+from lungcad.validation.baselines.choices import MODEL_NAMES
 from lungcad.validation.baselines.features import feature_table
 from lungcad.validation.baselines.pipelines import (
-    MODEL_NAMES,
     evaluate_baselines,
     fit_baseline,
     fit_baselines,

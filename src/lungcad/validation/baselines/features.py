@@ -36,12 +36,11 @@ from lungcad.data.lung_mask import lung_mask
 from lungcad.data.preprocessing import LUNG_WINDOW
 from lungcad.errors import InputError
 from lungcad.io.images import load_slice_array
+from lungcad.validation.baselines.choices import FEATURE_KINDS, ROI_KINDS
 from lungcad.volume import Volume
 
 log = logging.getLogger(__name__)
 
-FEATURE_KINDS = ("handcrafted", "radiomics", "both")
-ROI_KINDS = ("lung", "mask", "whole")
 #: Smallest ROI (pixels) the texture features are computed on.
 MIN_ROI_PIXELS = 16
 #: Pixels denser than this (HU) count as "high density" in the lungs: above ground-glass

@@ -40,11 +40,10 @@ from lungcad.data.manifest import manifest_csv
 from lungcad.errors import InputError
 from lungcad.metrics.bootstrap import classification_metrics_with_ci
 from lungcad.metrics.classification import choose_threshold, classification_metrics
+from lungcad.validation.baselines.choices import MODEL_NAMES, SCORINGS
 
 log = logging.getLogger(__name__)
 
-MODEL_NAMES = ("logreg", "svm", "rf", "gb", "knn")
-SCORINGS = ("roc_auc", "mcc")
 
 #: Hyper-parameter grids (Pipeline parameter names). ``select__percentile`` is the share of
 #: features kept by the ANOVA F-test selection.
