@@ -412,12 +412,12 @@ def calibrate_run(
         The stored :class:`Calibration` (``info`` holds NLL, ECE and Brier before/after, the
         old and new thresholds and the checkpoint's SHA-256).
     """
-    import torch
     from torch.utils.data import ConcatDataset, DataLoader
 
     from lungcad.data.dataset import SliceDataset
     from lungcad.data.manifest import filter_records, read_manifest
     from lungcad.metrics.classification import choose_threshold, expected_calibration_error
+    from lungcad.models.forward import forward_logits
     from lungcad.training.checkpoint import load_checkpoint
 
     model, config, info = load_checkpoint(run_dir)
@@ -440,10 +440,9 @@ def calibrate_run(
     loader = DataLoader(ConcatDataset(parts), batch_size=batch_size, shuffle=False)
     logits, labels = [], []
     model.eval()
-    with torch.inference_mode():
-        for batch in loader:
-            logits.append(model(batch["image"])["cls_logits"].float().cpu().numpy())
-            labels.append(batch["label"].numpy())
+    for batch in loader:  # on the CPU, where load_checkpoint put the model
+        logits.append(forward_logits(model, batch["image"], "cpu").cls.numpy())
+        labels.append(batch["label"].numpy())
     x, y = np.concatenate(logits), np.concatenate(labels).astype(np.int64)
     cal = fit_calibration(x, y, method)
     rule = threshold_method or config.train.threshold_method

@@ -27,7 +27,6 @@ Honesty rules built in:
 
 from __future__ import annotations
 
-import contextlib
 import logging
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
@@ -52,6 +51,7 @@ from lungcad.evaluation.info import evaluation_info, scored_tasks
 from lungcad.evaluation.scoring import SliceOutput, SliceResult, score_outputs, select_examples
 from lungcad.io.atomic import atomic_dir
 from lungcad.io.folders import check_output_dir, read_json_or_empty
+from lungcad.models.forward import forward_logits, probabilities
 from lungcad.models.unet import LungCADNet
 from lungcad.training.checkpoint import RUN_FILE, load_checkpoint
 from lungcad.training.config import Config
@@ -107,26 +107,14 @@ def predict_slices(
     model.eval()
     start = 0
     for batch in loader:
-        # Compute inside inference mode, yield outside it: a generator suspended inside the
-        # context would leave autograd disabled in the caller's code.
-        with torch.inference_mode(), _autocast(device, amp):
-            out = model(batch["image"].to(device))
-            logits = out["cls_logits"].float()
-            cls = (
-                calibration.apply(logits.cpu().numpy())
-                if calibration is not None
-                else torch.sigmoid(logits).cpu().numpy()
-            )
-            seg = torch.sigmoid(out["seg_logits"].float())[:, 0].cpu().numpy()
+        # forward_logits leaves inference mode before returning: this generator never stays
+        # suspended inside it (which would disable autograd in the caller's code).
+        logits = forward_logits(model, batch["image"], device, amp=amp)
+        cls = probabilities(logits.cls, calibration.apply if calibration is not None else None)
+        seg = probabilities(logits.seg)[:, 0]
         for i in range(len(cls)):
             yield SliceOutput(records[start + i], float(cls[i]), seg[i])
         start += len(cls)
-
-
-def _autocast(device: torch.device, amp: bool) -> contextlib.AbstractContextManager:
-    if amp and device.type == "cuda":
-        return torch.autocast("cuda", dtype=torch.float16)
-    return contextlib.nullcontext()
 
 
 # --------------------------------------------------------------------------- examples

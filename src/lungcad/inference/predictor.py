@@ -50,6 +50,7 @@ from lungcad.evaluation.calibration import Calibration, decision_threshold, run_
 from lungcad.inference.aggregate import aggregate_study
 from lungcad.inference.lesions import find_lesions
 from lungcad.lesion import Lesion
+from lungcad.models.forward import forward_logits, probabilities
 from lungcad.models.unet import LungCADNet
 from lungcad.training.checkpoint import load_checkpoint
 from lungcad.training.config import Config, config_hash
@@ -357,7 +358,7 @@ class Predictor:
             seg_logits, cls_logits = self.run_model(inputs)
             timings["inference_s"] += time.perf_counter() - clock
             clock = time.perf_counter()
-            seg = _sigmoid(seg_logits[:, 0])
+            seg = probabilities(seg_logits[:, 0])
             for z, prob in zip(batch, seg, strict=True):
                 if prob.shape != crop_shape:  # undo the model input's letterbox
                     prob = np.clip(Letterbox.fit(crop_shape, prob.shape).invert(prob), 0.0, 1.0)
@@ -368,9 +369,8 @@ class Predictor:
         clock = time.perf_counter()
         slice_probs = np.full(z_count, np.nan)
         done = np.isfinite(logits)
-        slice_probs[done] = (
-            self.calibration.apply(logits[done]) if self.calibration else _sigmoid(logits[done])
-        )
+        calibrate = self.calibration.apply if self.calibration else None
+        slice_probs[done] = probabilities(logits[done], calibrate)
         study_probability, k = aggregate_study(
             slice_probs, volume.spacing[0], self.aggregation_extent_mm
         )
@@ -457,12 +457,10 @@ class Predictor:
             from lungcad.inference.export import run_onnx
 
             return run_onnx(self._session, inputs)
-        x = torch.from_numpy(np.ascontiguousarray(inputs)).to(self.device)
-        if self.channels_last:
-            x = x.contiguous(memory_format=torch.channels_last)
-        with torch.inference_mode():
-            out = self.model(x)
-        return (out["seg_logits"].float().cpu().numpy(), out["cls_logits"].float().cpu().numpy())
+        layout = torch.channels_last if self.channels_last else None
+        x = torch.from_numpy(np.ascontiguousarray(inputs))
+        logits = forward_logits(self.model, x, self.device, memory_format=layout)
+        return logits.seg.cpu().numpy(), logits.cls.cpu().numpy()
 
     def select_slices(
         self, volume: Volume, warnings: list[str] | None = None
@@ -521,11 +519,6 @@ class Predictor:
                 h = np.clip(Letterbox.fit(crop_shape, h.shape).invert(h), 0.0, 1.0)
             cam[z, box[0], box[1]] = h
         return _share_geometry(volume, cam)
-
-
-def _sigmoid(x: np.ndarray) -> np.ndarray:
-    x = np.asarray(x, dtype=np.float32)
-    return (0.5 * (1.0 + np.tanh(0.5 * x))).astype(np.float32)  # overflow-free sigmoid
 
 
 def _share_geometry(volume: Volume, array: np.ndarray) -> Volume:

@@ -16,9 +16,8 @@ from typing import Any
 
 from torch import nn
 
-from lungcad.models.unet import (
-    LungCADNet,
-)
+from lungcad.errors import InputError
+from lungcad.models.unet import LungCADNet
 
 #: name -> constructor taking LungCADNet's keyword arguments (all but ``backbone``).
 MODELS: dict[str, Callable[..., LungCADNet]] = {
@@ -26,6 +25,20 @@ MODELS: dict[str, Callable[..., LungCADNet]] = {
     "resnet34": partial(LungCADNet, backbone="resnet34"),
     "resnet50": partial(LungCADNet, backbone="resnet50"),
 }
+
+
+def check_model_name(name: str, path: str | None = None) -> str:
+    """``name`` if it is a key of :data:`MODELS`, else an :class:`InputError` listing them.
+
+    Args:
+        name: the model name to check.
+        path: what the error names as the offending key (e.g. ``"model.name"``).
+    """
+    if name not in MODELS:
+        raise InputError(
+            f"unknown model {name!r}; valid names: {', '.join(sorted(MODELS))}", path=path
+        )
+    return name
 
 
 def create_model(name: str = "resnet50", **kwargs: Any) -> LungCADNet:
@@ -37,15 +50,9 @@ def create_model(name: str = "resnet50", **kwargs: Any) -> LungCADNet:
             ``head_dropout``, ``detach_mask_summary``, ...).
 
     Raises:
-        KeyError: for an unknown name; the message lists the valid names.
+        InputError: for an unknown name; the message lists the valid names.
     """
-    try:
-        factory = MODELS[name]
-    except KeyError:
-        raise KeyError(
-            f"unknown model {name!r}; valid names: {', '.join(sorted(MODELS))}"
-        ) from None
-    return factory(**kwargs)
+    return MODELS[check_model_name(name)](**kwargs)
 
 
 def _count(params: Any) -> int:

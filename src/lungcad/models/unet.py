@@ -25,6 +25,7 @@ from torch import nn
 
 from lungcad.errors import InputError
 from lungcad.models.classifier import MASK_SUMMARY_FEATURES, ClassificationHead, mask_summary
+from lungcad.models.forward import forward_logits, sigmoid
 
 #: depth name -> (MONAI block type, blocks per stage); same as torchvision's resnet18/34/50.
 RESNET_SPECS: dict[str, tuple[str, tuple[int, int, int, int]]] = {
@@ -214,7 +215,6 @@ class LungCADNet(nn.Module):
         cls_logits = self.classifier(feats[-1], summary)
         return {"seg_logits": seg_logits, "cls_logits": cls_logits}
 
-    @torch.inference_mode()
     def predict(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         """Probabilities for a batch, in eval mode and without autograd.
 
@@ -229,11 +229,8 @@ class LungCADNet(nn.Module):
         """
         if self.training:
             self.eval()
-        out = self.forward(x)
-        return {
-            "seg_probs": torch.sigmoid(out["seg_logits"]),
-            "cls_probs": torch.sigmoid(out["cls_logits"]),
-        }
+        logits = forward_logits(self, x, x.device)
+        return {"seg_probs": sigmoid(logits.seg), "cls_probs": sigmoid(logits.cls)}
 
     # ------------------------------------------------------------------ parameter groups
     def encoder_parameters(self) -> Iterator[nn.Parameter]:

@@ -1,5 +1,5 @@
-"""Tests for lungcad.models.registry: shapes, registry, input checks, dropout, freezing, CAM
-hook."""
+"""LungCADNet (lungcad.models.unet): shapes, input checks, dropout, predict, parameter
+groups, freezing, channels_last, the Grad-CAM hook."""
 
 from __future__ import annotations
 
@@ -9,8 +9,7 @@ from monai.networks.nets import FlexibleUNet
 from monai.visualize import GradCAM
 
 from lungcad.errors import InputError
-from lungcad.models.classifier import mask_summary
-from lungcad.models.registry import MODELS, create_model, model_summary
+from lungcad.models.registry import create_model, model_summary
 from lungcad.models.unet import ClassLogits, LungCADNet
 
 
@@ -47,18 +46,6 @@ def test_resnet50_shapes_and_layout_matches_flexible_unet(x64: torch.Tensor) -> 
     ref = FlexibleUNet(in_channels=1, out_channels=1, backbone="resnet50", spatial_dims=2)
     ours = {k: v.shape for k, v in net.state_dict().items() if not k.startswith("classifier.")}
     assert ours == {k: v.shape for k, v in ref.state_dict().items()}
-
-
-def test_registry_and_unknown_name() -> None:
-    assert set(MODELS) == {"resnet18", "resnet34", "resnet50"}
-    net = create_model("resnet34", head_hidden=(32,), decoder_dropout=0.0)
-    assert net.backbone == "resnet34"
-    assert [m.out_features for m in net.classifier.mlp if isinstance(m, torch.nn.Linear)] == [32, 1]
-    with pytest.raises(KeyError) as info:
-        create_model("resnet101")
-    msg = str(info.value)
-    assert "resnet101" in msg
-    assert all(name in msg for name in ("resnet18", "resnet34", "resnet50"))
 
 
 def test_input_shape_errors(net18: LungCADNet) -> None:
@@ -141,15 +128,6 @@ def test_freeze_encoder(x64: torch.Tensor) -> None:
     assert net.encoder.training
     net(x64)
     assert not torch.equal(net.encoder.bn1.running_mean, mean_before)
-
-
-def test_mask_summary_values() -> None:
-    # probabilities 0.5, 0.88, 0.12, 0.5 (logits 0, 2, -2, 0) -> area 1/4, max, mean
-    logits = torch.tensor([[[[0.0, 2.0], [-2.0, 0.0]]]])
-    s = mask_summary(logits)
-    p_hi = 1 / (1 + torch.exp(torch.tensor(-2.0)))
-    expected = torch.tensor([[0.25, p_hi, (0.5 + p_hi + (1 - p_hi) + 0.5) / 4]])
-    torch.testing.assert_close(s, expected)
 
 
 @pytest.mark.parametrize("detach", [True, False])
