@@ -8,7 +8,8 @@ from typing import Any
 
 import pytest
 
-from tests.inference_helpers import DEFAULT_SPLITS, make_manifest
+from lungcad.training.config import Config
+from tests.inference_helpers import DEFAULT_SPLITS, make_manifest, make_tiny_config
 
 
 @pytest.fixture(scope="session")
@@ -20,3 +21,10 @@ def tiny_manifest(tmp_path_factory: pytest.TempPathFactory) -> Callable[..., Pat
         return make_manifest(tmp_path_factory.mktemp("manifest"), splits, **options)
 
     return build
+
+
+@pytest.fixture(scope="session")
+def tiny_config() -> Callable[..., Config]:
+    """Builds tiny training configs (``tests.inference_helpers.make_tiny_config``):
+    ``tiny_config(manifest, out_dir, "train.stage=cls", "optim.epochs=2")``."""
+    return make_tiny_config

@@ -1,8 +1,8 @@
-"""Test helpers shared by the test packages: tiny prepared manifests and tiny run folders.
+"""Test helpers shared by the test packages: tiny manifests, configs and run folders.
 
 Not a test module (no ``test_`` prefix); imported as ``tests.inference_helpers`` by the
 evaluation, validation, inference, service and training tests. ``make_manifest`` is also the
-``tiny_manifest`` fixture of tests/conftest.py.
+``tiny_manifest`` fixture of tests/conftest.py, ``make_tiny_config`` its ``tiny_config``.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ from lungcad.training.checkpoint import (
     save_checkpoint,
     software_versions,
 )
-from lungcad.training.config import config_to_dict, config_to_yaml, load_config
+from lungcad.training.config import Config, config_to_dict, config_to_yaml, load_config
 
 SIZE = 64
 #: Patients per split of :func:`make_manifest`'s default: 24 slices, the first 2/3 train.
@@ -133,6 +133,41 @@ def make_manifest(
     return write_manifest(records, folder / "manifest.csv").parent
 
 
+#: The settings of every tiny training run of the tests: ResNet18 at 64x64 on the CPU, batches
+#: of 4, one epoch of at most 2 steps (seconds on two CPU cores), no progress bar.
+TINY_SETTINGS: tuple[str, ...] = (
+    "model.name=resnet18",
+    f"model.image_size={SIZE}",
+    "data.batch_size=4",
+    "data.num_workers=0",
+    "optim.epochs=1",
+    "optim.lr=1e-3",
+    "train.max_steps_per_epoch=2",
+    "train.device=cpu",
+    "train.progress=false",
+)
+
+
+def make_tiny_config(
+    manifest: str | Path | None = None, out: str | Path | None = None, *overrides: str
+) -> Config:
+    """A tiny training config (:data:`TINY_SETTINGS`), also the ``tiny_config`` fixture.
+
+    Args:
+        manifest: ``data.manifest`` (None: unset).
+        out: ``train.out_dir`` (None: the default).
+        *overrides: further ``section.key=value`` settings; they win over the tiny ones.
+    """
+    paths = [f"data.manifest={manifest}"] if manifest is not None else []
+    paths += [f"train.out_dir={out}"] if out is not None else []
+    return load_config(None, [*paths, *TINY_SETTINGS, *overrides])
+
+
+def tiny_set_options(*overrides: str) -> list[str]:
+    """:data:`TINY_SETTINGS` plus ``overrides`` as ``--set`` options of ``lungcad train``."""
+    return [arg for setting in (*TINY_SETTINGS, *overrides) for arg in ("--set", setting)]
+
+
 def shared_trained_run(tmp_path_factory) -> Path:
     """A tiny run made by the real ``lungcad.training.loop.train`` (stage cls, resnet18, 64x64,
     one step), trained once per test session and shared by the inference test modules."""
@@ -143,21 +178,5 @@ def shared_trained_run(tmp_path_factory) -> Path:
     if (run / "best.pt").is_file():
         return run
     manifest = make_manifest(base / "data")
-    config = load_config(
-        None,
-        [
-            f"data.manifest={manifest}",
-            f"train.out_dir={run}",
-            "model.name=resnet18",
-            f"model.image_size={SIZE}",
-            "data.batch_size=4",
-            "data.num_workers=0",
-            "optim.epochs=1",
-            "train.max_steps_per_epoch=1",
-            "train.device=cpu",
-            "train.progress=false",
-            "train.stage=cls",
-        ],
-    )
-    train(config)
+    train(make_tiny_config(manifest, run, "train.max_steps_per_epoch=1", "train.stage=cls"))
     return run

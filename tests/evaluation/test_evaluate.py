@@ -32,33 +32,13 @@ from lungcad.evaluation.scoring import PREDICTION_COLUMNS, predicted_mask
 from lungcad.inference.predictor import Predictor
 from lungcad.metrics.bootstrap import CI_KEYS
 from lungcad.training.checkpoint import load_checkpoint
-from lungcad.training.config import load_config
+from lungcad.training.config import Config
 from lungcad.training.loop import train
 from tests.inference_helpers import SIZE
 
 torch.set_num_threads(1)
 
 PNG = b"\x89PNG\r\n\x1a\n"
-
-
-def tiny_config(manifest: Path, out: Path, *extra: str):
-    return load_config(
-        None,
-        [
-            f"data.manifest={manifest}",
-            f"train.out_dir={out}",
-            "model.name=resnet18",
-            f"model.image_size={SIZE}",
-            "data.batch_size=4",
-            "data.num_workers=0",
-            "optim.epochs=1",
-            "optim.lr=1e-3",
-            "train.max_steps_per_epoch=2",
-            "train.device=cpu",
-            "train.progress=false",
-            *extra,
-        ],
-    )
 
 
 @pytest.fixture(scope="module")
@@ -71,7 +51,11 @@ def data(tiny_manifest: Callable[..., Path]) -> dict[str, Path]:
 
 
 @pytest.fixture(scope="module")
-def runs(data: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+def runs(
+    data: dict[str, Path],
+    tmp_path_factory: pytest.TempPathFactory,
+    tiny_config: Callable[..., Config],
+) -> dict[str, Path]:
     """A real seg run and a cls run started from it (1 epoch, 2 steps each)."""
     out = tmp_path_factory.mktemp("eval_runs")
     seg = train(tiny_config(data["train"], out / "seg")).run_dir

@@ -13,6 +13,7 @@ from lungcad.errors import InputError, MissingInputError
 from lungcad.training.checkpoint import (
     file_sha256,
     get_rng_state,
+    initial_weights,
     load_checkpoint,
     model_from_config,
     read_checkpoint,
@@ -120,3 +121,18 @@ def test_rng_state_round_trip() -> None:
     set_rng_state(state)
     again = (random.random(), np.random.rand(3).tolist(), torch.rand(3).tolist())
     assert first == again
+
+
+def test_initial_weights_from_a_run_or_nothing(saved_run: tuple[Path, dict]) -> None:
+    run, payload = saved_run
+    torch.manual_seed(1)
+    cfg = load_config(None, ["model.name=resnet18", "train.stage=cls", f"train.init_from={run}"])
+    model = model_from_config(cfg)
+    provenance = initial_weights(model, cfg)
+    assert provenance == {"init_from": str(run), "init_from_sha256": file_sha256(run / "best.pt")}
+    for key, value in payload["model"].items():
+        assert torch.equal(model.state_dict()[key], value), key
+    assert initial_weights(model, load_config(None, ["model.name=resnet18"])) == {}
+    other = load_config(None, ["model.name=resnet34", f"train.init_from={run}"])
+    with pytest.raises(InputError, match="trained with model 'resnet18'.*model.name=resnet18"):
+        initial_weights(model, other)  # checked before any weight is loaded

@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 
 from lungcad.errors import InputError, MissingInputError
+from lungcad.models.registry import MODELS
 from lungcad.training.config import (
     Config,
     apply_overrides,
@@ -17,6 +18,7 @@ from lungcad.training.config import (
     diff_configs,
     load_config,
 )
+from lungcad.training.validate import MONITORABLE_METRICS
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 
@@ -77,6 +79,9 @@ def test_unknown_keys_name_the_key_and_list_valid_ones(tmp_path: Path) -> None:
         ("model.image_size=65", "model.image_size"),
         ("optim.lr=0", "optim.lr"),
         ("optim.monitor=val_accuracy", "optim.monitor"),
+        ("model.name=resnet19", "model.name"),
+        ("train.device=gpu", "train.device"),
+        ("train.threshold_method=f1", "train.threshold_method"),
     ],
 )
 def test_wrong_types_and_ranges_fail(override: str, key: str) -> None:
@@ -124,3 +129,20 @@ def test_apply_overrides_keeps_paths_verbatim() -> None:
 def test_shipped_configs_load(name: str) -> None:
     cfg = load_config(CONFIGS / name)
     assert cfg.train.stage in name
+
+
+def test_model_name_typo_lists_the_registry_names() -> None:
+    with pytest.raises(InputError) as info:
+        load_config(None, ["model.name=resnet19"])
+    assert isinstance(info.value, ValueError) and "\n" not in str(info.value)
+    assert str(info.value) == (
+        f"model.name: unknown model 'resnet19'; valid names: {', '.join(sorted(MODELS))}"
+    )
+
+
+def test_monitor_accepts_every_metric_the_validation_pass_offers() -> None:
+    for stage, names in MONITORABLE_METRICS.items():
+        for name in names:
+            assert load_config(None, [f"train.stage={stage}", f"optim.monitor={name}"])
+    with pytest.raises(InputError, match=r"valid: auto, val_dice, val_dice_global, val_mcc"):
+        load_config(None, ["optim.monitor=val_loss"])  # lower is better: not monitorable

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import csv
 import json
+import math
 import os
 import subprocess
 import sys
 import tempfile
 import textwrap
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -18,69 +20,25 @@ import torch
 from lungcad.cli import main as cli_main
 from lungcad.errors import InputError
 from lungcad.training.checkpoint import load_checkpoint, read_checkpoint
-from lungcad.training.config import Config, config_to_yaml, load_config
-from lungcad.training.distributed import ShardedWeightedSampler
-from lungcad.training.loop import train
-from tests.inference_helpers import make_manifest  # odd slices hold a disc; first 5 patients train
+from lungcad.training.config import Config, config_to_yaml
+from lungcad.training.loop import EarlyStopping, train
+from tests.inference_helpers import SIZE, make_manifest, tiny_set_options
 
 torch.set_num_threads(1)
-
-SIZE = 64
 
 
 @pytest.fixture(scope="module")
 def manifest(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    # 16 slices, odd ones with a disc: patients 0-4 (slices 0-9) train, 5-7 (10-15) val.
     return make_manifest(tmp_path_factory.mktemp("data"), {"train": 5, "val": 3})
-
-
-def tiny_config(manifest: Path, out: Path, *extra: str) -> Config:
-    return load_config(
-        None,
-        [
-            f"data.manifest={manifest}",
-            f"train.out_dir={out}",
-            "model.name=resnet18",
-            f"model.image_size={SIZE}",
-            "data.batch_size=4",
-            "data.num_workers=0",
-            "optim.epochs=2",
-            "optim.lr=1e-3",
-            "train.max_steps_per_epoch=2",
-            "train.device=cpu",
-            "train.progress=false",
-            *extra,
-        ],
-    )
 
 
 @pytest.fixture(scope="module")
 def seg_run(manifest: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A 2-epoch seg run made through the CLI."""
     out = tmp_path_factory.mktemp("runs") / "seg"
-    argv = [
-        "train",
-        "seg",
-        "--manifest",
-        str(manifest),
-        "--out",
-        str(out),
-        "--set",
-        "model.name=resnet18",
-        "--set",
-        f"model.image_size={SIZE}",
-        "--set",
-        "data.batch_size=4",
-        "--set",
-        "data.num_workers=0",
-        "--set",
-        "optim.epochs=2",
-        "--set",
-        "train.max_steps_per_epoch=2",
-        "--set",
-        "train.device=cpu",
-        "--set",
-        "train.progress=false",
-    ]
+    argv = ["train", "seg", "--manifest", str(manifest), "--out", str(out)]
+    argv += tiny_set_options("optim.epochs=2")
     assert cli_main(argv) == 0
     return out
 
@@ -115,7 +73,7 @@ def test_seg_run_writes_run_folder(seg_run: Path, capsys: pytest.CaptureFixture)
 
 
 def test_cls_run_from_seg_run_with_frozen_encoder(
-    seg_run: Path, manifest: Path, tmp_path: Path
+    seg_run: Path, manifest: Path, tmp_path: Path, tiny_config: Callable[..., Config]
 ) -> None:
     cfg = tiny_config(
         manifest,
@@ -124,6 +82,7 @@ def test_cls_run_from_seg_run_with_frozen_encoder(
         f"train.init_from={seg_run}",
         "optim.freeze_encoder_epochs=-1",
         "data.balanced_sampling=true",
+        "optim.epochs=2",
     )
     result = train(cfg)
     assert result.status == "finished" and result.monitor == "val_mcc"
@@ -148,7 +107,9 @@ def _strip_time(history: list[dict]) -> list[dict]:
     return [{k: v for k, v in row.items() if k != "time_s"} for row in history]
 
 
-def test_resume_equals_uninterrupted(manifest: Path, tmp_path: Path) -> None:
+def test_resume_equals_uninterrupted(
+    manifest: Path, tmp_path: Path, tiny_config: Callable[..., Config]
+) -> None:
     """3 epochs straight == 1 epoch, interrupted, then resumed through the CLI for 2 more."""
     cfg = tiny_config(
         manifest,
@@ -197,7 +158,9 @@ def test_resume_cli_refuses_a_new_config_or_other_stage(seg_run: Path) -> None:
     assert cli_main(["train", "cls", "--resume", str(seg_run)]) == 2
 
 
-def test_early_stopping_and_plateau_schedule(manifest: Path, tmp_path: Path) -> None:
+def test_early_stopping_and_plateau_schedule(
+    manifest: Path, tmp_path: Path, tiny_config: Callable[..., Config]
+) -> None:
     # Frozen encoder and decoder and a learning rate too small to move the head: the
     # validation MCC cannot improve, so patience 1 stops the run after its second epoch.
     cfg = tiny_config(
@@ -220,35 +183,24 @@ def test_early_stopping_and_plateau_schedule(manifest: Path, tmp_path: Path) -> 
     assert run["status"] == "early_stopped" and run["pos_weight"] == pytest.approx(1.0)
 
 
-def test_sharded_weighted_sampler() -> None:
-    weights = torch.tensor([1.0, 1.0, 0.0, 2.0, 0.0, 1.0])
-    shards = [ShardedWeightedSampler(weights, world=2, rank=r, seed=3) for r in (0, 1)]
-    for s in shards:
-        s.set_epoch(4)
-    draws = [list(s) for s in shards]
-    assert [len(d) for d in draws] == [3, 3] == [len(s) for s in shards]
-    assert all(i in (0, 1, 3, 5) for d in draws for i in d)  # zero weight is never drawn
-    single = ShardedWeightedSampler(weights, world=1, rank=0, seed=3)
-    single.set_epoch(4)
-    merged = [i for pair in zip(*draws, strict=True) for i in pair]
-    assert merged == list(single)  # the shards interleave into the single-process draws
-    assert list(single) == list(single)  # the same epoch draws the same again
-    single.set_epoch(5)
-    assert list(single) != merged  # another epoch draws differently
-
-
-def test_resume_refuses_changed_config(seg_run: Path, manifest: Path) -> None:
+def test_resume_refuses_changed_config(
+    seg_run: Path, manifest: Path, tiny_config: Callable[..., Config]
+) -> None:
     cfg = tiny_config(manifest, seg_run, "optim.lr=0.5")
     with pytest.raises(InputError, match="optim.lr"):
         train(cfg, resume=seg_run)
 
 
-def test_refuses_to_overwrite_a_run(seg_run: Path, manifest: Path) -> None:
+def test_refuses_to_overwrite_a_run(
+    seg_run: Path, manifest: Path, tiny_config: Callable[..., Config]
+) -> None:
     with pytest.raises(InputError, match="--resume"):
         train(tiny_config(manifest, seg_run))
 
 
-def test_cls_needs_both_classes(tmp_path: Path, manifest: Path) -> None:
+def test_cls_needs_both_classes(
+    tmp_path: Path, manifest: Path, tiny_config: Callable[..., Config]
+) -> None:
     cfg = tiny_config(manifest, tmp_path / "r", "train.stage=cls", "data.sources=[nowhere]")
     with pytest.raises(InputError, match="no 'train' slices"):
         train(cfg)
@@ -258,18 +210,17 @@ DDP_SCRIPT = textwrap.dedent("""
     import faulthandler, os, sys, torch
     faulthandler.dump_traceback_later(180, exit=True)  # never hang the test run: stacks, exit
     torch.set_num_threads(1)
-    from lungcad.training.config import load_config
     from lungcad.training.loop import train
+    from tests.inference_helpers import make_tiny_config
     out, manifest = sys.argv[1], sys.argv[2]
-    # train() joins the torchrun group itself; the second run reuses the same group.
-    common = [f"data.manifest={manifest}", "model.name=resnet18", "model.image_size=64",
-              "data.batch_size=2", "data.num_workers=0", "optim.epochs=2",
-              "train.max_steps_per_epoch=2", "train.device=cpu", "train.progress=false"]
-    seg = train(load_config(None, [*common, f"train.out_dir={out}/seg"]))
+    # train() joins the torchrun group itself; the second run reuses the same group. Batches
+    # of 2: each rank's shard of the 10 training slices has 5.
+    common = ["data.batch_size=2", "optim.epochs=2"]
+    seg = train(make_tiny_config(manifest, f"{out}/seg", *common))
     # Stage 2 unfreezes the encoder after epoch 1 (DDP is rebuilt) and samples class-balanced.
-    cls = train(load_config(None, [*common, f"train.out_dir={out}/cls", "train.stage=cls",
-                                   f"train.init_from={out}/seg", "optim.freeze_encoder_epochs=1",
-                                   "data.balanced_sampling=true"]))
+    cls = train(make_tiny_config(manifest, f"{out}/cls", *common, "train.stage=cls",
+                                 f"train.init_from={out}/seg", "optim.freeze_encoder_epochs=1",
+                                 "data.balanced_sampling=true"))
     rank = os.environ["RANK"]
     torch.save(seg.model.state_dict(), f"{out}/seg_rank{rank}.pt")
     torch.save(cls.model.state_dict(), f"{out}/cls_rank{rank}.pt")
@@ -287,7 +238,10 @@ def _run_ddp(tmp_path: Path) -> None:
     manifest = make_manifest(tmp_path / "data", {"train": 5, "val": 3})
     script = tmp_path / "ddp_train.py"
     script.write_text(DDP_SCRIPT)
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    # The script imports the tests' tiny-config builder: put the repository on its path.
+    root = str(Path(__file__).resolve().parents[2])
+    python_path = os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH")) if p)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": python_path}
     proc = subprocess.Popen(
         [
             sys.executable,
@@ -324,3 +278,18 @@ def _run_ddp(tmp_path: Path) -> None:
             assert torch.equal(sd0[key], sd1[key]), key
             assert torch.equal(sd0[key], saved[key]), key
     assert (tmp_path / "cls" / "threshold.json").is_file()
+
+
+def test_early_stopping_state() -> None:
+    early = EarlyStopping()
+    assert early.update(float("nan"), 1, None)  # the first epoch is always the best so far
+    assert early.best == -math.inf and early.best_epoch == 1
+    assert early.update(0.4, 2, 0.3) and (early.best, early.threshold) == (0.4, 0.3)
+    assert not early.update(float("nan"), 3, 0.9)  # NaN never improves
+    assert not early.update(0.4, 4, 0.9)  # ties do not either
+    assert early.bad_epochs == 2 and early.threshold == 0.3 and early.best_epoch == 2
+    assert early.should_stop(2) and not early.should_stop(3) and not early.should_stop(0)
+    # last.pt keeps it as a plain dict with the keys earlier versions wrote.
+    stored = early.as_dict()
+    assert stored == {"best": 0.4, "best_epoch": 2, "bad_epochs": 2, "threshold": 0.3}
+    assert EarlyStopping.from_dict(stored) == early

@@ -117,4 +117,3 @@ def test_classification_loss_all_unknown() -> None:
     assert got.item() == 0.0 and got.requires_grad
     with pytest.raises(ValueError, match="3 logits for 4 labels"):
         classification_loss(torch.zeros(3), torch.zeros(4))
-

@@ -14,28 +14,11 @@ from lungcad.errors import InputError
 from lungcad.evaluation.folder import read_metrics
 from lungcad.training.config import load_config
 from lungcad.validation.protocol import parse_externals, run_validation
-from tests.inference_helpers import SIZE
+from tests.inference_helpers import tiny_set_options
 
 torch.set_num_threads(1)
 
-TINY = [
-    "--set",
-    "model.name=resnet18",
-    "--set",
-    f"model.image_size={SIZE}",
-    "--set",
-    "data.batch_size=4",
-    "--set",
-    "data.num_workers=0",
-    "--set",
-    "optim.epochs=1",
-    "--set",
-    "train.max_steps_per_epoch=2",
-    "--set",
-    "train.device=cpu",
-    "--set",
-    "train.progress=false",
-]
+TINY = tiny_set_options()  # the tiny training settings, as --set options
 
 
 @pytest.fixture(scope="module")

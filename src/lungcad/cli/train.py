@@ -21,6 +21,8 @@ import argparse
 import logging
 import os
 
+from lungcad.training.choices import STAGES  # light: Literal types only, no torch
+
 NAME = "train"
 HELP = "train the segmentation (seg) or classification (cls) stage"
 
@@ -31,7 +33,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Options of ``lungcad train``."""
     parser.add_argument(
         "stage",
-        choices=("seg", "cls"),
+        choices=STAGES,
         help="seg: U-Net on slices with tumour masks; cls: cancer classifier",
     )
     parser.add_argument(
@@ -76,6 +78,7 @@ def run(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from lungcad.errors import InputError
+    from lungcad.training.checkpoint import CONFIG_FILE
     from lungcad.training.config import apply_overrides, load_config
     from lungcad.training.loop import train
 
@@ -100,7 +103,7 @@ def run(args: argparse.Namespace) -> int:
                 "its own config.yaml (use --set data.num_workers=... for what may change)",
                 path=args.resume,
             )
-        config = load_config(Path(args.resume) / "config.yaml", args.overrides)
+        config = load_config(Path(args.resume) / CONFIG_FILE, args.overrides)
         if config.train.stage != args.stage:
             raise InputError(
                 f"the run is a {config.train.stage!r} run; use `lungcad train "

@@ -38,6 +38,7 @@ import torch
 from lungcad import __version__
 from lungcad.errors import InputError, MissingInputError
 from lungcad.io.atomic import atomic_path, write_json_atomic, write_text_atomic
+from lungcad.models.pretrained import load_pretrained_encoder
 from lungcad.models.registry import create_model
 from lungcad.models.unet import LungCADNet
 from lungcad.training.config import Config, config_from_dict
@@ -64,6 +65,7 @@ __all__ = [
     "LoadedCheckpoint",
     "file_sha256",
     "get_rng_state",
+    "initial_weights",
     "load_checkpoint",
     "model_from_config",
     "read_checkpoint",
@@ -271,6 +273,41 @@ def model_from_config(config: Config) -> LungCADNet:
         decoder_dropout=config.model.dropout,
         head_dropout=config.model.cls_dropout,
     )
+
+
+def initial_weights(model: LungCADNet, config: Config) -> dict[str, Any]:
+    """Load the weights a new run starts from into ``model``; returns their provenance.
+
+    ``train.init_from`` (a stage-"seg" run folder or ``.pt`` file, loaded strictly) wins over
+    ``model.pretrained`` (ImageNet encoder weights); with neither the model keeps its random
+    initialisation.
+
+    Returns:
+        ``{"init_from", "init_from_sha256"}``, ``{"pretrained", "pretrained_sha256"}`` or
+        ``{}``, recorded in run.json.
+
+    Raises:
+        InputError: the ``init_from`` run used another model than ``config.model.name``.
+    """
+    if config.train.init_from:
+        payload = read_checkpoint(config.train.init_from)
+        source_model = payload["config"].get("model", {}).get("name")
+        if source_model != config.model.name:
+            raise InputError(
+                f"the run was trained with model {source_model!r} but this config uses "
+                f"{config.model.name!r}; set --set model.name={source_model}",
+                path=config.train.init_from,
+            )
+        model.load_state_dict(payload["model"], strict=True)
+        log.info("initialised from %s (epoch %s)", config.train.init_from, payload.get("epoch"))
+        return {"init_from": config.train.init_from, "init_from_sha256": payload["sha256"]}
+    if config.model.pretrained:
+        load_pretrained_encoder(model, config.model.pretrained)
+        return {
+            "pretrained": config.model.pretrained,
+            "pretrained_sha256": file_sha256(config.model.pretrained),
+        }
+    return {}
 
 
 class LoadedCheckpoint(NamedTuple):

@@ -3,7 +3,9 @@
 The defaults live here, in the dataclasses; a YAML file holds only the keys it changes, and
 ``--set section.key=value`` changes one more (nanoGPT's ``configurator.py``, timm's
 ``train.py``). Unknown keys and values of the wrong type fail with an :class:`InputError` that
-names the key and lists the valid ones, so a typo never silently trains the wrong model.
+names the key and lists the valid ones, so a typo never silently trains the wrong model: the
+fixed value sets are the Literal types of :mod:`lungcad.training.choices`, model names the
+registry's, and the conversion rules live in :mod:`lungcad.training.overrides`.
 
 Example::
 
@@ -21,16 +23,18 @@ import dataclasses
 import hashlib
 import json
 import logging
-import types
-import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import yaml
 
 from lungcad.data.augmentation import AugmentationConfig, build_augmentation
 from lungcad.errors import InputError, MissingInputError
+from lungcad.models.registry import check_model_name
+from lungcad.training.choices import Device, Schedule, Stage, ThresholdMethod
+from lungcad.training.overrides import apply_updates, merge_updates, parse_override
+from lungcad.training.validate import MONITORABLE_METRICS
 
 log = logging.getLogger(__name__)
 
@@ -55,7 +59,8 @@ class ModelConfig:
     """The network (see ``lungcad.models.registry.create_model``).
 
     Attributes:
-        name: encoder name: "resnet18", "resnet34" or "resnet50".
+        name: a key of ``lungcad.models.registry.MODELS`` ("resnet18", "resnet34",
+            "resnet50"); any other name fails when the config is loaded.
         dropout: dropout probability in the segmentation decoder's blocks (0 disables it).
         cls_dropout: dropout probability in the classification MLP.
         pretrained: local file with ImageNet encoder weights in torchvision's layout, loaded
@@ -118,7 +123,8 @@ class OptimConfig:
         epochs: maximum number of epochs.
         patience: stop after this many epochs without improvement of ``monitor`` (0 never
             stops early).
-        monitor: metric for model selection and early stopping (higher is better). "auto"
+        monitor: metric for model selection and early stopping (higher is better), one of
+            ``lungcad.training.validate.MONITORABLE_METRICS`` for the run's stage. "auto"
             means "val_dice" for stage "seg" and "val_mcc" for stage "cls".
         freeze_encoder_epochs: keep the encoder frozen (weights and BatchNorm statistics) for
             this many epochs, then fine-tune it. -1 keeps it frozen for the whole run.
@@ -129,7 +135,7 @@ class OptimConfig:
     lr: float = 3e-4
     weight_decay: float = 1e-4
     encoder_lr_scale: float = 1.0
-    schedule: Literal["cosine", "plateau"] = "cosine"
+    schedule: Schedule = "cosine"
     warmup_epochs: float = 1.0
     min_lr: float = 1e-6
     grad_clip: float = 1.0
@@ -163,15 +169,15 @@ class TrainConfig:
         progress: show a tqdm progress bar (only when stderr is a terminal, on rank 0).
     """
 
-    stage: Literal["seg", "cls"] = "seg"
+    stage: Stage = "seg"
     seed: int = 42
-    device: Literal["auto", "cpu", "cuda"] = "auto"
+    device: Device = "auto"
     amp: bool = True
     channels_last: bool = True
     deterministic: bool = False
     out_dir: str = "runs/run"
     init_from: str | None = None
-    threshold_method: Literal["mcc", "youden"] = "mcc"
+    threshold_method: ThresholdMethod = "mcc"
     tensorboard: bool = False
     max_steps_per_epoch: int = 0
     progress: bool = True
@@ -188,163 +194,8 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
 
 
-# --------------------------------------------------------------------------- type checking
-
-_NONE_WORDS = {"none", "null", "~", ""}
-
-
-def _type_name(tp: Any) -> str:
-    origin = typing.get_origin(tp)
-    if origin is Literal:
-        return " | ".join(repr(a) for a in typing.get_args(tp))
-    if origin in (typing.Union, types.UnionType):
-        return " | ".join(_type_name(a) for a in typing.get_args(tp))
-    if origin in (list, tuple):
-        return f"{origin.__name__}[{', '.join(_type_name(a) for a in typing.get_args(tp))}]"
-    if tp is type(None):
-        return "null"
-    return getattr(tp, "__name__", str(tp))
-
-
-def _convert(value: Any, tp: Any, key: str) -> Any:
-    """Return ``value`` converted to the annotated type ``tp`` or raise InputError.
-
-    Conversions are the ones a YAML or command-line user means: an int where a float is
-    expected, "1e-4" (which YAML reads as a string) as a float, a single string where a list
-    is expected, a list where a tuple is expected. Nothing lossy is accepted (1.5 for an int,
-    "yes please" for a bool).
-    """
-
-    def bad() -> InputError:
-        return InputError(
-            f"expected {_type_name(tp)}, got {value!r} ({type(value).__name__}); "
-            f"fix the value in the YAML file or the --set option",
-            path=key,
-        )
-
-    origin = typing.get_origin(tp)
-    args = typing.get_args(tp)
-    if origin in (typing.Union, types.UnionType):
-        if type(None) in args and (
-            value is None or (isinstance(value, str) and value.strip().lower() in _NONE_WORDS)
-        ):
-            return None
-        for arg in args:
-            if arg is type(None):
-                continue
-            try:
-                return _convert(value, arg, key)
-            except InputError:
-                continue
-        raise bad()
-    if origin is Literal:
-        if value in args:
-            return value
-        raise InputError(
-            f"expected one of {', '.join(repr(a) for a in args)}, got {value!r}", path=key
-        )
-    if origin is list or origin is tuple:
-        items = [value] if isinstance(value, str | int | float) else value
-        if not isinstance(items, list | tuple):
-            raise bad()
-        if origin is tuple:
-            if len(args) == 2 and args[1] is Ellipsis:
-                return tuple(_convert(v, args[0], key) for v in items)
-            if len(items) != len(args):
-                raise bad()
-            return tuple(_convert(v, a, key) for v, a in zip(items, args, strict=True))
-        return [_convert(v, args[0], key) for v in items] if args else list(items)
-    if tp is bool:
-        if isinstance(value, bool):
-            return value
-        raise bad()
-    if tp is int:
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-        if isinstance(value, float) and value.is_integer():
-            return int(value)
-        raise bad()
-    if tp is float:
-        if isinstance(value, int | float) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str):
-            try:
-                return float(value)
-            except ValueError:
-                raise bad() from None
-        raise bad()
-    if tp is str:
-        if isinstance(value, str):
-            return value
-        if isinstance(value, int | float) and not isinstance(value, bool):
-            return str(value)
-        raise bad()
-    if tp is Any:
-        return value
-    if isinstance(tp, type) and isinstance(value, tp):
-        return value
-    raise bad()
-
-
-def _apply(obj: Any, updates: dict[str, Any], prefix: str, strict: bool = True) -> Any:
-    """Return a copy of dataclass ``obj`` with ``updates`` (a nested dict) applied.
-
-    With ``strict=False`` unknown keys are skipped with a warning instead of failing.
-    """
-    if not isinstance(updates, dict):
-        raise InputError(
-            f"expected a mapping of keys for section '{prefix or 'config'}', got {updates!r}",
-            path=prefix or None,
-        )
-    hints = typing.get_type_hints(type(obj))
-    names = [f.name for f in dataclasses.fields(obj)]
-    changes: dict[str, Any] = {}
-    for raw_key, value in updates.items():
-        key = str(raw_key)
-        full = f"{prefix}.{key}" if prefix else key
-        if key not in names and not strict:
-            log.warning(
-                "ignoring unknown config key %s (written by another lungcad version?)", full
-            )
-            continue
-        if key not in names:
-            where = f"section '{prefix}'" if prefix else "the top level"
-            raise InputError(
-                f"unknown config key; valid keys at {where}: {', '.join(names)}", path=full
-            )
-        current = getattr(obj, key)
-        if dataclasses.is_dataclass(current):
-            changes[key] = _apply(current, value, full, strict)
-        else:
-            changes[key] = _convert(value, hints[key], full)
-    return dataclasses.replace(obj, **changes)
-
-
-def _parse_override(item: str) -> dict[str, Any]:
-    """Turn "a.b=value" into {"a": {"b": parsed value}} (value parsed as YAML)."""
-    if "=" not in item:
-        raise InputError(
-            "expected key=value, e.g. optim.lr=0.001 or train.seed=7", path=f"--set {item}"
-        )
-    key, text = item.split("=", 1)
-    key = key.strip()
-    if not key or any(not part for part in key.split(".")):
-        raise InputError("empty key; expected section.key=value", path=f"--set {item}")
-    try:
-        value = yaml.safe_load(text) if text.strip() else ""
-    except yaml.YAMLError:
-        value = text  # not YAML (e.g. an odd path): keep the text, the type check decides
-    nested: dict[str, Any] = {}
-    node = nested
-    parts = key.split(".")
-    for part in parts[:-1]:
-        node = node.setdefault(part, {})
-    node[parts[-1]] = value
-    return nested
-
-
-def _check_ranges(cfg: Config) -> None:
-    """Reject values that have the right type but cannot work."""
+def _check_values(cfg: Config) -> None:
+    """Reject values that have the right type but cannot work (ranges, names, metrics)."""
     positive = {
         "model.image_size": cfg.model.image_size,
         "data.batch_size": cfg.data.batch_size,
@@ -379,31 +230,15 @@ def _check_ranges(cfg: Config) -> None:
             path="optim.freeze_encoder_epochs",
         )
     build_augmentation(cfg.augmentation)  # validates the augmentation section's ranges
-    valid_monitors = {
-        "auto",
-        "val_dice",
-        "val_dice_global",
-        "val_mcc",
-        "val_auc",
-        "val_f1",
-        "val_acc",
-        "val_mcc_at_threshold",
-    }
+    check_model_name(cfg.model.name, path="model.name")
+    # Stage-independent here (the stage may still change after this check, e.g. the CLI's
+    # positional stage); the loop checks that the run's own stage computes the metric.
+    valid_monitors = ("auto", *(m for names in MONITORABLE_METRICS.values() for m in names))
     if cfg.optim.monitor not in valid_monitors:
         raise InputError(
-            f"unknown metric {cfg.optim.monitor!r}; valid: {', '.join(sorted(valid_monitors))}",
+            f"unknown metric {cfg.optim.monitor!r}; valid: {', '.join(valid_monitors)}",
             path="optim.monitor",
         )
-
-
-def _merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
-    out = dict(base)
-    for key, value in extra.items():
-        if isinstance(value, dict) and isinstance(out.get(key), dict):
-            out[key] = _merge(out[key], value)
-        else:
-            out[key] = value
-    return out
 
 
 def load_config(
@@ -445,7 +280,7 @@ def load_config(
             )
         updates = loaded
     for item in overrides:
-        updates = _merge(updates, _parse_override(item))
+        updates = merge_updates(updates, parse_override(item))
     return config_from_dict(updates)
 
 
@@ -458,16 +293,16 @@ def config_from_dict(values: dict[str, Any], strict: bool = True) -> Config:
         strict: unknown keys fail (True) or are skipped with a warning (False: for configs
             written by another lungcad version, where a key may have been added or removed).
     """
-    cfg = _apply(Config(), values, "", strict)
-    _check_ranges(cfg)
+    cfg = apply_updates(Config(), values, strict=strict)
+    _check_values(cfg)
     return cfg
 
 
 def apply_overrides(cfg: Config, values: dict[str, Any]) -> Config:
     """A copy of ``cfg`` with a nested dict of values applied (same checks as
     :func:`load_config`); values are used as given, not parsed as YAML (e.g. file paths)."""
-    cfg = _apply(cfg, values, "")
-    _check_ranges(cfg)
+    cfg = apply_updates(cfg, values)
+    _check_values(cfg)
     return cfg
 
 

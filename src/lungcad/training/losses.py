@@ -127,4 +127,3 @@ def classification_loss(
     return F.binary_cross_entropy_with_logits(
         logits[known], labels[known].to(logits.dtype), pos_weight=weight
     )
-
