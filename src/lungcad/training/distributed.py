@@ -1,4 +1,4 @@
-"""Multi-process training helpers (torchrun / DistributedDataParallel), used by training.py.
+"""Multi-process training helpers (torchrun / DistributedDataParallel) for the training loop.
 
 ``torchrun --nproc_per_node N ...`` starts N processes with RANK / WORLD_SIZE / LOCAL_RANK in
 their environment; :func:`init_distributed` joins them into one process group (NCCL on CUDA,
