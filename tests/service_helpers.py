@@ -136,6 +136,21 @@ def zip_folder(folder: Path, prefix: str = "series") -> bytes:
     )
 
 
+def stage_nifti(staging: Path, data: bytes) -> tuple[Path, dict[str, Any]]:
+    """A checked upload as ``uploads.prepare_study`` leaves it: ``staging/upload/study.nii.gz``.
+
+    Args:
+        staging: an empty folder (e.g. ``JobStore.new_staging_dir()``).
+        data: the .nii.gz bytes (:func:`nifti_bytes`).
+
+    Returns:
+        ``(staging, input_info)``, ready for ``JobStore.create`` or ``JobWorkers.submit``.
+    """
+    (staging / "upload").mkdir()
+    (staging / "upload" / "study.nii.gz").write_bytes(data)
+    return staging, {"format": "nifti", "input_path": "upload/study.nii.gz", "n_files": 1}
+
+
 def submit(client: Any, data: bytes, filename: str, headers: dict[str, str] | None = None):
     """POST a study; returns the response."""
     return client.post(

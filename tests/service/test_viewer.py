@@ -17,6 +17,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -430,6 +431,115 @@ def test_viewer_end_to_end(
     assert all(auth == f"Bearer {TOKEN}" for auth in good)
     outside = [url for url, _ in requests if not url.startswith((server, "blob:", "data:"))]
     assert outside == []
+    assert page_errors == []
+
+
+def sign_in(page, server: str) -> None:
+    page.goto(server + "/")
+    page.get_by_label("Access token").fill(TOKEN)
+    page.get_by_role("button", name="Sign in").click()
+    expect(page.get_by_role("dialog", name="Sign in")).to_be_hidden()
+
+
+def drop_file(page, selector: str, path: Path) -> None:
+    """Drop ``path`` onto the element as a user dragging it from the desktop would."""
+    transfer = page.evaluate_handle(
+        """([name, bytes]) => { const dt = new DataTransfer();
+        dt.items.add(new File([new Uint8Array(bytes)], name)); return dt; }""",
+        [path.name, list(path.read_bytes())],
+    )
+    page.dispatch_event(selector, "dragover", {"dataTransfer": transfer})
+    page.dispatch_event(selector, "drop", {"dataTransfer": transfer})
+
+
+def test_viewer_modules_beyond_the_walkthrough(
+    server: str, studies: dict[str, Path], browser, tmp_path: Path
+) -> None:
+    """What the end-to-end walk does not touch: the upload form's own checks and drag and drop
+    (upload.js), dismissing a message (messages.js), keys for windows and jumps and the Grad-CAM
+    slice buttons (slice_view.js), clicking the curve (curve.js), a lesion row by keyboard
+    (results.js), the recent-studies list (jobs.js) and signing out (session.js)."""
+    page = browser.new_page()
+    page_errors: list[str] = []
+    posts: list[str] = []
+    page.on("pageerror", lambda exc: page_errors.append(str(exc)))
+    page.on("request", lambda req: posts.append(req.url) if req.method == "POST" else None)
+    sign_in(page, server)
+    message = page.locator("#message")
+
+    # --- the form checks what it can before sending anything
+    page.get_by_role("button", name="Analyse").click()
+    expect(message).to_contain_text("Choose a study file first")
+    page.get_by_role("button", name="Dismiss message").click()
+    expect(message).to_be_hidden()
+    notes = tmp_path / "notes.txt"
+    notes.write_text("not a study")
+    page.get_by_label("CT study: DICOM series as .zip, or .nii / .nii.gz").set_input_files(
+        str(notes)
+    )
+    page.get_by_role("button", name="Analyse").click()
+    expect(message).to_contain_text('"notes.txt" is not a study this service reads')
+    assert posts == []
+
+    # --- a study dropped onto the image area is uploaded and opened
+    drop_file(page, "#stage", studies["good"])
+    expect(page.locator("#slice-image")).to_be_visible(timeout=JOB_TIMEOUT_MS)
+    assert [url for url in posts if url.endswith(API_PREFIX + "/studies")] == [posts[0]]
+    job = page.evaluate("decodeURIComponent(location.hash.slice('#job='.length))")
+    result = json.loads(api_get(server, f"{API_PREFIX}/jobs/{job}/result"))
+    n = result["n_slices"]
+
+    # --- keys: Home/End/PageDown jump, 1-3 choose the window
+    page.locator("#stage").focus()
+    page.keyboard.press("Home")
+    expect(page.locator("#slice-number")).to_have_text(slice_text(0, n))
+    page.keyboard.press("PageDown")
+    expect(page.locator("#slice-number")).to_have_text(slice_text(min(10, n - 1), n))
+    for key, window in (("2", "mediastinal"), ("3", "bone"), ("1", "lung")):
+        page.keyboard.press(key)
+        expect(page.locator(f"#window-{window}")).to_be_checked()
+        assert_shows(page, server, job, min(10, n - 1), window, 1, 0)
+
+    # --- the curve: a click near its right end goes to the last slice (x is rounded)
+    curve = page.locator("#prob-curve")
+    box = curve.bounding_box()
+    assert box is not None
+    curve.click(position={"x": box["width"] * (1 - 0.3 / n), "y": box["height"] / 2})
+    expect(page.locator("#slice-number")).to_have_text(slice_text(n - 1, n))
+
+    # --- Grad-CAM slice buttons next to the toggle
+    zc = result["cam_slices"][0]
+    page.get_by_role("button", name=f"Go to Grad-CAM slice {zc}").click()
+    expect(page.locator("#slice-number")).to_have_text(slice_text(zc, n))
+    expect(page.get_by_role("checkbox", name="Grad-CAM")).to_be_enabled()
+
+    # --- a lesion row by keyboard
+    if result["lesions"]:
+        z0 = result["lesions"][0]["diameter_slice"]
+        page.keyboard.press("End" if z0 != n - 1 else "Home")  # somewhere else first
+        row = page.locator("#lesion-rows tr").nth(0)
+        row.focus()
+        page.keyboard.press("Enter")
+        expect(page.locator("#slice-number")).to_have_text(slice_text(z0, n))
+        expect(row).to_have_class(re.compile(r"\bselected\b"))
+
+    # --- recent studies: the job is listed and opens again from there
+    recent = page.locator("#recent-jobs button", has_text=f"job {job[:8]}")
+    expect(recent).to_have_count(1)
+    expect(recent).to_have_attribute("title", f"Open job {job}")
+    page.evaluate("history.replaceState(null, '', location.pathname)")
+    recent.click()
+    expect(page.locator("#study-probability")).to_have_text(f"{result['study_probability']:.3f}")
+    assert page.evaluate("location.hash") == f"#job={job}"
+
+    # --- signing out forgets the token and the study
+    page.get_by_role("button", name="Sign out").click()
+    expect(page.get_by_role("dialog", name="Sign in")).to_be_visible()
+    assert page.evaluate("sessionStorage.getItem('lungcad.token')") is None
+    assert page.evaluate("location.hash") == ""
+    expect(page.locator("#slice-image")).to_be_hidden()
+    expect(page.locator("#result-panel")).to_be_hidden()
+    expect(page.locator("#model-info")).to_have_text("not signed in")
     assert page_errors == []
 
 

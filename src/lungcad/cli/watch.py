@@ -206,10 +206,15 @@ def run(args: argparse.Namespace) -> int:
         return predictor[0]
 
     stop = threading.Event()
+
+    def stop_after_this_study(*_: object) -> None:
+        log.info("stopping after this study")
+        stop.set()
+
     if not args.once and threading.current_thread() is threading.main_thread():
         for sig in (signal.SIGTERM, signal.SIGINT):
             # Finish the study in hand, then leave: its result is recorded, nothing is lost.
-            signal.signal(sig, lambda *_: (log.info("stopping after this study"), stop.set()))
+            signal.signal(sig, stop_after_this_study)
 
     exit_code = 0
     settle_repoll_done = False  # --once: studies still settling get one more poll

@@ -83,7 +83,7 @@ class ServiceSettings:
     """How the service runs.
 
     Attributes:
-        data_dir: jobs, uploads, results and the audit log live here (see ``service.jobs``).
+        data_dir: jobs, uploads, results and the audit log live here (see ``service.jobs.store``).
         tokens: accepted API tokens (:func:`lungcad.service.auth.load_tokens`).
         insecure_no_auth: allow starting with no token, which switches authentication off.
             Only for a single-user machine; never on a network.

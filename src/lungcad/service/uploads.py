@@ -29,11 +29,14 @@ import zlib
 from collections.abc import AsyncIterable
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from python_multipart import MultipartParser
 from python_multipart.exceptions import MultipartParseError
 from python_multipart.multipart import parse_options_header
+
+if TYPE_CHECKING:  # the callbacks' TypedDict exists for type checkers only
+    from python_multipart.multipart import MultipartCallbacks
 
 __all__ = [
     "StagedUpload",
@@ -97,7 +100,7 @@ class _FileSink:
         self._headers: dict[bytes, bytes] = {}
         self._writing = False
 
-    def callbacks(self) -> dict[str, Any]:
+    def callbacks(self) -> MultipartCallbacks:
         return {
             "on_part_begin": self._part_begin,
             "on_header_field": lambda d, s, e: self._field.extend(d[s:e]),
@@ -351,6 +354,8 @@ def _check_nifti(path: Path, max_unpacked_bytes: int) -> None:
 
     try:
         header = nib.load(path).header  # reads the header only (also for .nii.gz)
+        if not isinstance(header, nib.Nifti1Header):  # a NIfTI-2 header is one as well
+            raise ValueError(f"{type(header).__name__} is not a NIfTI header")
         shape = tuple(int(s) for s in header.get_data_shape())
         itemsize = header.get_data_dtype().itemsize
     except Exception as exc:  # nibabel raises many types for a damaged file

@@ -24,7 +24,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
 import httpx
@@ -32,6 +32,9 @@ import pydicom
 from python_multipart.multipart import MultipartParser, parse_options_header
 
 from lungcad.errors import InputError, MissingInputError
+
+if TYPE_CHECKING:  # the callbacks' TypedDict exists for type checkers only
+    from python_multipart.multipart import MultipartCallbacks
 
 log = logging.getLogger(__name__)
 
@@ -186,7 +189,11 @@ class DicomWebClient:
             base_url=self.url + "/",
             headers=headers,
             transport=transport,
-            auth=httpx.BasicAuth(username, password) if username is not None else None,
+            auth=(
+                httpx.BasicAuth(username, password)
+                if username is not None and password is not None  # both or neither (above)
+                else None
+            ),
             timeout=httpx.Timeout(timeout_s, connect=min(timeout_s, 10.0)),
             follow_redirects=False,
         )
@@ -478,7 +485,7 @@ class _PartSink:
         self._header = b""
         self._headers: dict[bytes, bytes] = {}
 
-    def callbacks(self) -> dict[str, Callable[..., None]]:
+    def callbacks(self) -> MultipartCallbacks:
         return {
             "on_part_begin": self._begin,
             "on_header_field": self._field,

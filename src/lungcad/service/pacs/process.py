@@ -1,9 +1,9 @@
 """The PACS round trip: fetch a CT study by DICOMweb, predict, store DICOM SEG + SR back.
 
-:func:`process_study` is one study's round trip with a :class:`DicomWebClient`
-(:mod:`lungcad.service.pacs.dicomweb`, re-exported here with its errors); the ledger of
-processed studies and the polling round live in :mod:`lungcad.service.pacs.watch`, the
-command in ``lungcad watch``.
+:func:`process_study` is one study's round trip with a
+:class:`~lungcad.service.pacs.dicomweb.DicomWebClient` (import the client and its errors from
+:mod:`lungcad.service.pacs.dicomweb`); the ledger of processed studies and the polling round
+live in :mod:`lungcad.service.pacs.watch`, the command in ``lungcad watch``.
 """
 
 from __future__ import annotations

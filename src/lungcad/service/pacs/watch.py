@@ -367,7 +367,7 @@ def watch_round(
     explicit = study_uids is not None
     if settle_s < 0:
         raise InputError(f"settle time must be >= 0 seconds; got {settle_s}", "--settle-seconds")
-    if explicit:
+    if study_uids is not None:
         uids = [check_uid(u) for u in study_uids]
     else:
         studies = client.search_studies(modality="CT", date_from=since)
