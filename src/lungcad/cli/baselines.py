@@ -18,6 +18,10 @@ import contextlib
 import logging
 from pathlib import Path
 
+from lungcad.cli._options import comma_separated
+from lungcad.training.choices import THRESHOLD_METHODS
+from lungcad.validation.baselines.choices import FEATURE_KINDS, MODEL_NAMES, ROI_KINDS, SCORINGS
+
 NAME = "baselines"
 HELP = "train and evaluate radiomics + scikit-learn baselines (internal and external sets)"
 
@@ -45,33 +49,32 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--features",
         default="handcrafted",
-        choices=("handcrafted", "radiomics", "both"),
+        choices=FEATURE_KINDS,
         help="feature family",
     )
     parser.add_argument(
         "--roi",
         default="lung",
-        choices=("lung", "whole", "mask"),
+        choices=ROI_KINDS,
         help="feature region: lung mask (default), whole slice, or tumour mask "
         "(leaks the label for classification; for analysis only)",
     )
     parser.add_argument(
         "--models",
-        default="logreg,svm,rf,gb,knn",
-        help="comma-separated models among logreg,svm,rf,gb,knn",
+        type=comma_separated,
+        default=MODEL_NAMES,
+        help=f"comma-separated models among {','.join(MODEL_NAMES)} (default: all)",
     )
     parser.add_argument(
         "--train-splits",
         default="train",
         help="comma-separated splits used for training and CV, e.g. train,val",
     )
-    parser.add_argument(
-        "--scoring", default="roc_auc", choices=("roc_auc", "mcc"), help="grid-search score"
-    )
+    parser.add_argument("--scoring", default="roc_auc", choices=SCORINGS, help="grid-search score")
     parser.add_argument(
         "--threshold-method",
         default="mcc",
-        choices=("mcc", "youden"),
+        choices=THRESHOLD_METHODS,
         help="how the threshold is chosen on out-of-fold training predictions",
     )
     parser.add_argument(
@@ -121,7 +124,6 @@ def run(args: argparse.Namespace) -> int:
     from lungcad.errors import InputError
     from lungcad.io.atomic import atomic_path, write_json_atomic, write_text_atomic
     from lungcad.validation.baselines.pipelines import (
-        MODEL_NAMES,
         baselines_markdown,
         run_baselines_on_manifests,
     )
@@ -132,7 +134,7 @@ def run(args: argparse.Namespace) -> int:
         with contextlib.suppress(ImportError):
             import radiomics  # noqa: F401
         logging.getLogger("radiomics").setLevel(logging.DEBUG if args.verbose else logging.WARNING)
-    models = [m.strip() for m in args.models.split(",") if m.strip()]
+    models = list(args.models)
     unknown = [m for m in models if m not in MODEL_NAMES]
     if not models or unknown:
         raise InputError(

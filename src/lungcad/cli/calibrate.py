@@ -14,6 +14,10 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from lungcad.data.manifest import SPLITS
+from lungcad.evaluation.choices import CALIBRATION_METHODS
+from lungcad.training.choices import THRESHOLD_METHODS
+
 NAME = "calibrate"
 HELP = "fit temperature or isotonic calibration of the cancer probability on validation data"
 
@@ -35,19 +39,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--method",
-        choices=("temperature", "isotonic"),
+        choices=CALIBRATION_METHODS,
         default="temperature",
         help="temperature scaling (1 parameter, default) or isotonic regression",
     )
     parser.add_argument(
         "--split",
         default="val",
-        choices=("train", "val", "test"),
+        choices=SPLITS,
         help="split to fit on (default val; never the split you report on)",
     )
     parser.add_argument(
         "--threshold-method",
-        choices=("mcc", "youden"),
+        choices=THRESHOLD_METHODS,
         default=None,
         help="rule for the new threshold (default: the run's own)",
     )

@@ -15,6 +15,10 @@ from __future__ import annotations
 import argparse
 import math
 
+from lungcad.cli._options import add_prepare_options, prepare_settings
+from lungcad.evaluation.choices import SPLIT_CHOICES
+from lungcad.training.choices import DEVICES
+
 NAME = "evaluate"
 HELP = "evaluate a trained run on a prepared or raw dataset (metrics, CIs, plots, overlays)"
 
@@ -38,10 +42,6 @@ SUMMARY_KEYS = (
     "hd95",
     "lesion_sensitivity",
 )
-
-
-def _names(text: str) -> tuple[str, ...]:
-    return tuple(name.strip() for name in text.split(",") if name.strip())
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -68,39 +68,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--split",
-        choices=("train", "val", "test", "all"),
+        choices=SPLIT_CHOICES,
         default=None,
         help="rows to evaluate (default: test for prepared data, all for raw)",
     )
-    parser.add_argument(
-        "--layout",
-        default="auto",
-        choices=["auto", "msd", "luna16", "classfolders", "imagemask"],
-        help="raw data: dataset layout (default: detect)",
-    )
-    parser.add_argument(
-        "--positive",
-        type=_names,
-        default=(),
-        help="raw class folders: comma-separated cancerous folder names",
-    )
-    parser.add_argument(
-        "--negative",
-        type=_names,
-        default=(),
-        help="raw class folders: comma-separated non-cancerous folder names",
-    )
-    parser.add_argument(
-        "--block-size",
-        type=int,
-        default=None,
-        help="raw 2D sets: files per patient group (see lungcad prepare)",
-    )
-    parser.add_argument(
-        "--slices",
-        default="tumour",
-        choices=["tumour", "all", "lung"],
-        help="raw 3D sets: which slices to take (see lungcad prepare)",
+    add_prepare_options(
+        parser,
+        "raw data (see lungcad prepare)",
+        "how a raw dataset folder is prepared before it is evaluated; ignored for prepared data",
     )
     parser.add_argument(
         "--n-boot",
@@ -108,8 +83,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=1000,
         help="patient-level bootstrap replicates for CIs (0: none)",
     )
-    parser.add_argument("--seed", type=int, default=0, help="bootstrap (and split) seed")
-    parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
+    parser.add_argument(
+        "--seed", type=int, default=0, help="seed of the bootstrap (and of a raw set's split)"
+    )
+    parser.add_argument(
+        "--device", default="auto", choices=DEVICES, help="auto: CUDA when torch sees a GPU"
+    )
     parser.add_argument("--batch-size", type=int, default=32, help="slices per forward pass")
     parser.add_argument(
         "--examples",
@@ -130,23 +109,14 @@ def _fmt(metrics: dict[str, float], key: str) -> str:
 
 def run(args: argparse.Namespace) -> int:
     """Evaluate and print the main metrics; 0 on success."""
-    from lungcad.data.layouts.common import PrepareSettings
     from lungcad.evaluation.evaluate import evaluate_run
 
-    settings = PrepareSettings(
-        layout=args.layout,
-        positive=args.positive,
-        negative=args.negative,
-        seed=args.seed,
-        block_size=args.block_size,
-        slices=args.slices,
-    )
     result = evaluate_run(
         args.checkpoint,
         args.data,
         args.out,
         split=args.split,
-        prepare_settings=settings,
+        prepare_settings=prepare_settings(args),
         n_boot=args.n_boot,
         seed=args.seed,
         device=args.device,

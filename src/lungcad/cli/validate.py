@@ -17,6 +17,10 @@ from __future__ import annotations
 import argparse
 import logging
 
+from lungcad.cli._options import comma_separated
+from lungcad.training.choices import DEVICES
+from lungcad.validation.baselines.choices import FEATURE_KINDS, MODEL_NAMES, ROI_KINDS
+
 NAME = "validate"
 log = logging.getLogger("lungcad.validate")
 
@@ -60,17 +64,22 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--baselines",
-        default="logreg,svm,rf,gb,knn",
-        help="comma-separated baselines among logreg,svm,rf,gb,knn, or none",
+        type=comma_separated,
+        default=MODEL_NAMES,
+        help=f"comma-separated baselines among {','.join(MODEL_NAMES)}, or none (default: all)",
     )
     parser.add_argument(
         "--features",
         default="handcrafted",
-        choices=("handcrafted", "radiomics", "both"),
+        choices=FEATURE_KINDS,
         help="baseline features",
     )
     parser.add_argument(
-        "--roi", default="lung", choices=("lung", "whole"), help="baseline feature region"
+        "--roi",
+        default="lung",
+        # Not the tumour mask: for a cancer/no-cancer classifier it leaks the label.
+        choices=tuple(roi for roi in ROI_KINDS if roi != "mask"),
+        help="baseline feature region",
     )
     parser.add_argument(
         "--n-boot",
@@ -81,7 +90,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=0, help="bootstrap/baseline/cohort seed")
     parser.add_argument(
         "--device",
-        choices=("auto", "cpu", "cuda"),
+        choices=DEVICES,
         default=None,
         help="evaluation device (default: the config's train.device)",
     )
@@ -109,7 +118,6 @@ def run(args: argparse.Namespace) -> int:
     """Run the protocol and print the gap table; 0 on success."""
     from lungcad.errors import InputError
     from lungcad.training.config import load_config
-    from lungcad.validation.baselines.pipelines import MODEL_NAMES
     from lungcad.validation.protocol import (
         SYNTHETIC_OVERRIDES,
         parse_externals,
@@ -117,11 +125,7 @@ def run(args: argparse.Namespace) -> int:
         run_validation,
     )
 
-    models = (
-        []
-        if args.baselines.strip().lower() == "none"
-        else [m.strip() for m in args.baselines.split(",") if m.strip()]
-    )
+    models = [] if [m.lower() for m in args.baselines] == ["none"] else list(args.baselines)
     unknown = [m for m in models if m not in MODEL_NAMES]
     if unknown:
         raise InputError(

@@ -54,6 +54,7 @@ from lungcad.io.folders import check_output_dir, read_json_or_empty
 from lungcad.models.forward import forward_logits, probabilities
 from lungcad.models.unet import LungCADNet
 from lungcad.training.checkpoint import RUN_FILE, load_checkpoint
+from lungcad.training.choices import DEVICES
 from lungcad.training.config import Config
 
 log = logging.getLogger(__name__)
@@ -64,8 +65,8 @@ log = logging.getLogger(__name__)
 
 def resolve_device(choice: str = "auto") -> torch.device:
     """``"auto"`` (CUDA when available), ``"cpu"`` or ``"cuda"`` as a torch device."""
-    if choice not in ("auto", "cpu", "cuda"):
-        raise InputError(f"device must be auto, cpu or cuda; got {choice!r}", "--device")
+    if choice not in DEVICES:
+        raise InputError(f"device must be one of {DEVICES}; got {choice!r}", "--device")
     if choice == "cuda" and not torch.cuda.is_available():
         raise InputError("CUDA was requested but torch sees no GPU; use --device cpu", "--device")
     return torch.device("cuda" if choice != "cpu" and torch.cuda.is_available() else "cpu")
