@@ -389,3 +389,23 @@ def test_model_input_pads_instead_of_squashing() -> None:
     out_wide, out_square = slice_to_model_input(wide, 64), slice_to_model_input(square, 64)
     assert out_square.min() == pytest.approx(0.5)
     assert out_wide[0].max() == 0.0 and out_wide[32].min() == pytest.approx(0.5)
+
+
+def test_lungs_of_a_soft_tissue_window_export_are_found_inside_the_body_hull() -> None:
+    """8-bit exports in a soft-tissue window render fat as black as air: each lung opens to
+    the outside through the chest wall, so "air not connected to the border" finds nothing.
+    The fallback finds the lungs inside the body's hull and ignores the table below it."""
+    yy, xx = np.mgrid[:256, :256]
+    image = np.zeros((256, 256), np.float32)
+    body = ((yy - 120) / 90) ** 2 + ((xx - 128) / 115) ** 2 <= 1
+    image[body] = 0.7
+    lungs = np.zeros((256, 256), bool)
+    for cx in (80, 176):
+        lungs |= ((yy - 115) / 55) ** 2 + ((xx - cx) / 35) ** 2 <= 1
+    image[lungs] = 0.0
+    image[(abs(yy - 115) < 12) & ((xx < 60) | (xx > 196))] = 0.0  # gaps in the lateral walls
+    image[(abs(np.hypot(yy - 40, xx - 128) - 205) < 3) & (yy > 215)] = 0.9  # the table
+    found = lung_mask(Volume(array=image[None], spacing=(1.0, 1.0, 1.0), intensity="windowed"))[0]
+    dice = 2 * (found & lungs).sum() / (found.sum() + lungs.sum())
+    assert dice > 0.9
+    assert not (found & ~body).any()

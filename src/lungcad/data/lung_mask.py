@@ -111,6 +111,10 @@ def lung_mask(
         inside, bodies[z] = _inside_air(
             dark[z], spacing_yx, leak_neck_mm if separate_leaks else None
         )
+        if not hu and not _large_enough(inside, spacing_yx):
+            # Display-windowed slices whose fat and chest wall render as black as air: the
+            # lungs merge with the outside, so look for them inside the body's hull instead.
+            inside, bodies[z] = _air_inside_body_hull(dark[z], spacing_yx)
         candidates[z] = _remove_airways(
             inside, bodies[z], spacing_yx, airway_max_area_mm2, airway_midline_fraction
         )
@@ -210,6 +214,53 @@ def _inside_air(
             keep = [i + 1 for i in range(n) if inside_hull[i]]
             body = ndi.binary_fill_holes(body | np.isin(labels, keep))
     return dark & body, body
+
+
+#: Least area (mm^2) of air inside the body for the standard path to count as having found
+#: lung; below it windowed slices fall back to the body-hull path.
+_MIN_LUNG_AREA_MM2 = 1500.0
+#: Tissue closing (mm) that joins the speckled chest wall into one body, and the band (mm)
+#: under the body's hull taken as subcutaneous fat rather than lung.
+_BODY_CLOSING_MM, _FAT_BAND_MM = 6.0, 12.0
+
+
+def _large_enough(air: np.ndarray, spacing_yx: tuple[float, float]) -> bool:
+    return float(air.sum()) * spacing_yx[0] * spacing_yx[1] >= _MIN_LUNG_AREA_MM2
+
+
+def _air_inside_body_hull(
+    dark: np.ndarray, spacing_yx: tuple[float, float]
+) -> tuple[np.ndarray, np.ndarray]:
+    """Air inside the convex hull of the body, minus a band under the hull (one slice).
+
+    For exports in a soft-tissue window the skin line is invisible (fat is black), so the
+    body cannot be found as "not outside air". Its tissue (muscle, bone, organs) still forms
+    one large bright structure once closed by a few mm; the table is a separate thin one. The
+    lungs are the dark regions inside that structure's convex hull, away from its rim.
+
+    Returns:
+        ``(air inside the body, body)``, both ``(H, W)`` bool.
+    """
+    tissue = _close_2d(~dark, _BODY_CLOSING_MM, spacing_yx)
+    labels, n = ndi.label(tissue)
+    if n == 0:
+        return np.zeros_like(dark), tissue
+    # Of the largest pieces, the body is the one with the largest hull: the table is a thin
+    # arc whose hull is a flat crescent, the body's hull holds the whole chest.
+    sizes = np.bincount(labels.ravel())[1:]
+    largest = np.argsort(sizes)[::-1][:3] + 1
+    hull = max((_hull_image(labels == i) for i in largest), key=lambda h: int(h.sum()))
+    inner = ndi.distance_transform_edt(np.pad(hull, 1), sampling=spacing_yx)[1:-1, 1:-1]
+    return dark & (inner > _FAT_BAND_MM), hull
+
+
+def _hull_image(mask: np.ndarray) -> np.ndarray:
+    """The filled convex hull of a 2D mask."""
+    coords = np.argwhere(mask & ~ndi.binary_erosion(mask)).astype(np.float64)
+    if len(coords) < 3 or np.linalg.matrix_rank(coords - coords[0]) < 2:
+        return mask.copy()
+    grid = np.argwhere(np.ones_like(mask)).astype(np.float64)
+    return _in_convex_hull(mask, grid).reshape(mask.shape)
 
 
 def _in_convex_hull(mask: np.ndarray, points: np.ndarray) -> np.ndarray:
