@@ -173,7 +173,8 @@ class Calibration:
         """
         x = np.asarray(logits, dtype=np.float64)
         if self.method == "temperature":
-            return _sigmoid(x / float(self.temperature))
+            assert self.temperature is not None  # __post_init__ checks it
+            return _sigmoid(x / self.temperature)
         # The same rule as IsotonicRegression.predict(out_of_bounds="clip"): linear between
         # knots, the end values outside them.
         return np.interp(x, self.isotonic_x, self.isotonic_y)
@@ -423,7 +424,8 @@ def calibrate_run(
     model, config, info = load_checkpoint(run_dir)
     size = (config.model.image_size, config.model.image_size)
     entries = manifest if isinstance(manifest, list) else [manifest]
-    parts, names = [], []
+    parts: list[SliceDataset] = []
+    names: list[str] = []
     for entry in entries:
         path = Path(entry)
         csv_path = manifest_csv(path)
@@ -437,7 +439,7 @@ def calibrate_run(
             "calibration needs the validation split of a labelled manifest",
             "--manifest",
         )
-    loader = DataLoader(ConcatDataset(parts), batch_size=batch_size, shuffle=False)
+    loader: DataLoader[Any] = DataLoader(ConcatDataset(parts), batch_size=batch_size, shuffle=False)
     logits, labels = [], []
     model.eval()
     for batch in loader:  # on the CPU, where load_checkpoint put the model

@@ -10,6 +10,7 @@ before thresholding, so Dice and HD95 (mm) refer to the data as stored.
 from __future__ import annotations
 
 import csv
+import functools
 import io
 import math
 from collections.abc import Iterable, Sequence
@@ -285,7 +286,7 @@ def select_examples(
     chosen = []
     for category in CATEGORIES:
         members = [r for r in rows if example_category(r) == category]
-        members.sort(key=lambda r, c=category: key(c, r))
+        members.sort(key=functools.partial(key, category))
         chosen += [(category, r) for r in members[:per_category]]
     return chosen
 

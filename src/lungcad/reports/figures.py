@@ -13,7 +13,7 @@ import io
 import math
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 
@@ -21,10 +21,12 @@ from lungcad.io.atomic import atomic_path
 
 #: Default resolution of figures (dots per inch).
 DPI = 110
+#: Matplotlib layout engines :func:`new_figure` accepts.
+Layout = Literal["constrained", "compressed", "tight"]
 
 
 def new_figure(
-    width: float, height: float, *, dpi: float = DPI, layout: str = "constrained"
+    width: float, height: float, *, dpi: float = DPI, layout: Layout = "constrained"
 ) -> Any:
     """A matplotlib Figure on an Agg canvas, detached from pyplot.
 

@@ -257,7 +257,7 @@ def _protocol(
     stages = _stages(records, config)
     out.mkdir(parents=True, exist_ok=True)
     runs = train_deep_model(train_manifest, config, out / "runs", stages, cls_config)
-    final = runs.get("cls", runs.get("seg"))
+    final = runs["cls"] if "cls" in runs else runs["seg"]  # _stages found at least one
     final_cfg = load_config(final / "config.yaml")
     deep_name = f"deep ({final_cfg.model.name})"
     device = device or final_cfg.train.device
@@ -374,13 +374,13 @@ def run_validation(
         The :class:`ValidationResult`.
     """
     out = check_output_dir(out_dir, None)  # runs are never overwritten
-    externals = {name: Path(path) for name, path in externals.items()}
-    bad = [n for n in externals if n in RESERVED_SET_NAMES]
+    external_paths = {name: Path(path) for name, path in externals.items()}
+    bad = [n for n in external_paths if n in RESERVED_SET_NAMES]
     if bad:
         raise InputError(f"external set names {bad} are reserved; rename them", "--external")
     return _protocol(
         Path(train_manifest),
-        externals,
+        external_paths,
         config,
         out,
         cls_config=cls_config,

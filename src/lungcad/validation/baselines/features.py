@@ -293,9 +293,10 @@ def slice_roi(
                 "none (use roi='lung' or roi='whole')"
             )
         return np.asarray(mask2d) > 0, False
+    row_mm, column_mm = spacing
     volume = Volume(
         array=np.asarray(image2d, dtype=np.float32)[None],
-        spacing=(1.0, *spacing),
+        spacing=(1.0, float(row_mm), float(column_mm)),
         intensity="windowed",
     )
     lungs = np.asarray(lung_mask(volume))[0].astype(bool)
@@ -368,12 +369,13 @@ def feature_table(
             if roi == "mask" and record.mask_path
             else None
         )
-        spacing = tuple(
+        # Unknown spacings (2D sets) count as 1 mm, so features stay in pixel units there.
+        row_mm, column_mm = (
             float(s) if np.isfinite(s) and s > 0 else 1.0
             for s in (record.spacing_y, record.spacing_x)
         )
         version = f"{__version__}/{FEATURES_VERSION}"
-        return compute(image.astype(np.float32), mask, kind, roi, spacing, version)
+        return compute(image.astype(np.float32), mask, kind, roi, (row_mm, column_mm), version)
 
     results = joblib.Parallel(n_jobs=n_jobs)(joblib.delayed(job)(r) for r in records)
     names = list(results[0][0])
