@@ -34,7 +34,7 @@ import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -48,6 +48,7 @@ from lungcad.data.preprocessing import Letterbox, lung_bbox, to_unit_range
 from lungcad.errors import InputError
 from lungcad.evaluation.calibration import Calibration, decision_threshold, run_decision
 from lungcad.inference.aggregate import aggregate_study
+from lungcad.inference.ensemble import EnsembleNet, is_ensemble, load_ensemble
 from lungcad.inference.lesions import find_lesions
 from lungcad.lesion import Lesion
 from lungcad.models.forward import forward_logits, probabilities
@@ -55,6 +56,9 @@ from lungcad.models.unet import LungCADNet
 from lungcad.training.checkpoint import load_checkpoint
 from lungcad.training.config import Config, config_hash
 from lungcad.volume import Volume
+
+if TYPE_CHECKING:  # Grad-CAM imports MONAI's CAM machinery; loaded on first use
+    from lungcad.inference.explain import CamExplainer
 
 log = logging.getLogger(__name__)
 
@@ -145,7 +149,7 @@ class Predictor:
 
     def __init__(
         self,
-        model: LungCADNet,
+        model: LungCADNet | EnsembleNet,
         config: Config,
         info: dict[str, Any],
         *,
@@ -177,7 +181,7 @@ class Predictor:
         self.image_size = int(config.model.image_size)
         self.onnx_path = None if onnx_path is None else Path(onnx_path)
         self._session = None
-        self._explainer = None
+        self._explainer: CamExplainer | None = None
         if backend == "onnx":
             from lungcad.inference.export import onnx_session
 
@@ -186,7 +190,8 @@ class Predictor:
             self._session = onnx_session(self.onnx_path, torch.get_num_threads())
         else:
             layout = torch.channels_last if self.channels_last else torch.contiguous_format
-            self.model = self.model.to(self.device, memory_format=layout)
+            # Module.to accepts memory_format at run time; torch's stubs do not list it.
+            self.model = self.model.to(self.device, memory_format=layout)  # type: ignore[call-overload]
         self.threshold, self.threshold_source = self._threshold()
 
     # ------------------------------------------------------------------ construction
@@ -206,7 +211,8 @@ class Predictor:
         """Load a run folder (``best.pt``, ``threshold.json``, ``calibration.json``).
 
         Args:
-            run_dir: run folder written by ``lungcad train`` (or a ``.pt`` file in it).
+            run_dir: run folder written by ``lungcad train`` (or a ``.pt`` file in it), or a
+                cross-validation folder holding ``ensemble.json`` (the fold ensemble).
             device: torch device (``"cpu"``, ``"cuda"``).
             backend: ``"torch"`` or ``"onnx"``. For ONNX the model is exported once to
                 ``RUN/model-<sha12>.onnx`` (unless ``onnx_path`` names an existing export).
@@ -224,6 +230,17 @@ class Predictor:
             if num_threads < 1:
                 raise InputError(f"threads must be >= 1; got {num_threads}", "--threads")
             torch.set_num_threads(int(num_threads))
+        if is_ensemble(run_dir):
+            if backend != "torch":
+                raise InputError(
+                    "a fold ensemble runs on the torch backend only; export one fold's run "
+                    "for ONNX",
+                    run_dir,
+                )
+            ensemble, config, info = load_ensemble(run_dir, map_location=device)
+            # The ensemble's threshold was chosen on its pooled out-of-fold probabilities;
+            # per-member calibrations do not apply to the averaged probability.
+            return cls(ensemble, config, info, batch_size=batch_size, device=device, **options)
         model, config, info = load_checkpoint(run_dir, map_location=device)
         calibration = run_decision(info).calibration  # the threshold: see __init__
         if backend == "onnx":
@@ -510,7 +527,9 @@ class Predictor:
         from lungcad.inference.explain import CamExplainer
 
         if self._explainer is None:
-            self._explainer = CamExplainer(self.model)
+            # A CAM of an averaged output is not defined: an ensemble explains its first fold.
+            net = self.model.first if isinstance(self.model, EnsembleNet) else self.model
+            self._explainer = CamExplainer(net)
         heat = self._explainer(self._inputs(volume, slices, box))
         crop_shape = (box[0].stop - box[0].start, box[1].stop - box[1].start)
         cam = np.zeros(volume.shape, dtype=np.float32)

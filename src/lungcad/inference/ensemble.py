@@ -1,0 +1,123 @@
+"""Fold ensembles: the k runs of a cross-validation used as one model (as nnU-Net does).
+
+``lungcad validate --folds K --out CV`` writes ``CV/ensemble.json`` beside ``CV/fold<i>/run``.
+That folder is accepted wherever a run folder is (``--checkpoint CV``): the members' tumour
+and cancer probabilities are averaged, and the decision threshold is the ensemble's own,
+chosen on the pooled out-of-fold probabilities (each patient once).
+
+:class:`EnsembleNet` returns the logit of the mean probability, so everything downstream of
+the network (sigmoid, thresholds, lesions, reports) works unchanged.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from lungcad.errors import InputError, MissingInputError
+from lungcad.models.unet import LungCADNet
+from lungcad.training.checkpoint import load_checkpoint
+from lungcad.training.config import Config
+
+ENSEMBLE_FILE = "ensemble.json"
+#: Probabilities are clipped this far from 0 and 1 before the logit, so it stays finite.
+_EPS = 1e-7
+
+
+def is_ensemble(path: str | Path) -> bool:
+    """True when ``path`` is a folder holding an ``ensemble.json``."""
+    return (Path(path) / ENSEMBLE_FILE).is_file()
+
+
+class EnsembleNet(nn.Module):
+    """Several LungCADNets of one configuration; outputs are logits of mean probabilities.
+
+    Args:
+        members: the fold models (same architecture and input size).
+    """
+
+    def __init__(self, members: list[LungCADNet]) -> None:
+        super().__init__()
+        if not members:
+            raise InputError("an ensemble needs at least one member", "members")
+        self.members = nn.ModuleList(members)
+
+    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        """``(B, 1, H, W)`` -> ``{"seg_logits": (B, 1, H, W), "cls_logits": (B,)}``."""
+        outs = [member(x) for member in self.members]
+        result = {}
+        for key in ("seg_logits", "cls_logits"):
+            mean = torch.stack([torch.sigmoid(o[key].float()) for o in outs]).mean(0)
+            result[key] = torch.logit(mean.clamp(_EPS, 1 - _EPS))
+        return result
+
+    @property
+    def first(self) -> LungCADNet:
+        """The first member (Grad-CAM explains this one: a CAM of an average is not defined)."""
+        member = self.members[0]
+        assert isinstance(member, LungCADNet)  # built only from LungCADNets in __init__
+        return member
+
+
+def load_ensemble(
+    folder: str | Path, map_location: str | torch.device = "cpu"
+) -> tuple[EnsembleNet, Config, dict[str, Any]]:
+    """Load ``folder/ensemble.json`` and its member runs.
+
+    Returns:
+        ``(model, config, info)``: the config is the first member's (all members must share
+        model name and input size); ``info`` is the first member's checkpoint info with the
+        ensemble's threshold and an ``"ensemble"`` entry (members, their checkpoint hashes).
+
+    Raises:
+        MissingInputError: ``ensemble.json`` or a member run is missing.
+        InputError: the members differ in architecture, input size or stage.
+    """
+    folder = Path(folder)
+    path = folder / ENSEMBLE_FILE
+    if not path.is_file():
+        raise MissingInputError("no ensemble.json in this folder", folder)
+    try:
+        spec = json.loads(path.read_text(encoding="utf-8"))
+        entries = list(spec["members"])
+        threshold = float(spec["threshold"])
+    except (ValueError, KeyError, TypeError) as exc:
+        raise InputError(f"ensemble.json is not a lungcad ensemble ({exc})", path) from exc
+    members, configs, infos = [], [], []
+    for entry in entries:
+        run = (folder / str(entry["run"])).resolve()
+        if folder.resolve() not in run.parents:
+            raise InputError("an ensemble member must lie inside the ensemble folder", path)
+        model, config, info = load_checkpoint(run, map_location=map_location)
+        members.append(model)
+        configs.append(config)
+        infos.append(info)
+    if not members:
+        raise InputError("ensemble.json lists no members", path)
+    first = configs[0]
+    for config, entry in zip(configs[1:], entries[1:], strict=True):
+        same = (config.model.name, config.model.image_size, config.train.stage) == (
+            first.model.name,
+            first.model.image_size,
+            first.train.stage,
+        )
+        if not same:
+            raise InputError(
+                f"ensemble member {entry['run']} differs from the first in model, input size "
+                "or stage; members must share one configuration",
+                path,
+            )
+    info = dict(infos[0])
+    info["threshold"] = threshold
+    info["ensemble"] = {
+        "folder": folder.name,
+        "members": [str(e["run"]) for e in entries],
+        "member_sha256": [i.get("sha256") for i in infos],
+        "threshold_source": spec.get("threshold_source", "ensemble.json"),
+        "aggregation": "mean probability",
+    }
+    return EnsembleNet(members).eval(), first, info
