@@ -9,8 +9,8 @@ import pytest
 
 from lungcad.cli import build_parser
 from lungcad.cli._options import add_prepare_options, comma_separated, prepare_settings
-from lungcad.data.grouping import GroupingSettings
-from lungcad.data.layouts.common import LAYOUTS, PrepareSettings
+from lungcad.data.choices import LAYOUTS
+from lungcad.data.layouts.settings import GroupingSettings, PrepareSettings
 from lungcad.errors import InputError
 
 

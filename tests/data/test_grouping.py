@@ -12,7 +12,6 @@ from PIL import Image
 from scipy import ndimage
 
 from lungcad.data.grouping import (
-    GroupingSettings,
     hash_distance,
     near_duplicate_pairs,
     perceptual_hash,
@@ -20,9 +19,9 @@ from lungcad.data.grouping import (
     scan_runs,
     thumbnail,
 )
-from lungcad.data.layouts.common import PrepareSettings
 from lungcad.data.layouts.groups_report import BOUNDARY_SHEET, GROUPS_FILE
 from lungcad.data.layouts.prepare import prepare_dataset
+from lungcad.data.layouts.settings import GroupingSettings, PrepareSettings
 from lungcad.data.manifest import check_no_group_leakage
 from lungcad.errors import InputError
 

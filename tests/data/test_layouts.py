@@ -12,9 +12,9 @@ import SimpleITK as sitk
 from PIL import Image
 
 from lungcad.cli import main
-from lungcad.data.layouts.common import PrepareSettings
 from lungcad.data.layouts.images2d import parse_file_number
 from lungcad.data.layouts.prepare import detect_layout, prepare_dataset
+from lungcad.data.layouts.settings import PrepareSettings
 from lungcad.data.layouts.volumes import nodule_sphere_mask, world_to_index
 from lungcad.data.manifest import (
     check_no_group_leakage,

@@ -18,14 +18,8 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from lungcad.data.grouping import GroupingSettings
-from lungcad.data.layouts.common import (
-    DEFAULT_BLOCK_SIZE,
-    GROUPINGS,
-    LAYOUTS,
-    SLICE_MODES,
-    PrepareSettings,
-)
+from lungcad.data.choices import GROUPINGS, LAYOUTS, SLICE_MODES
+from lungcad.data.layouts.settings import DEFAULT_BLOCK_SIZE, GroupingSettings, PrepareSettings
 
 _SETTINGS = PrepareSettings()
 _GROUPING = GroupingSettings()

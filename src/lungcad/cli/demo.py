@@ -122,8 +122,8 @@ def summarise_cohort(name: str, cohort_dir: Path, preview_dir: Path) -> dict[str
 
 def prepare_cohorts(folders: dict[str, Path], out: Path, seed: int) -> dict[str, Path]:
     """Prepare each cohort's MSD layout into a slice manifest (internal: patient-level splits)."""
-    from lungcad.data.layouts.common import PrepareSettings
     from lungcad.data.layouts.prepare import prepare_dataset
+    from lungcad.data.layouts.settings import PrepareSettings
 
     prepared = {}
     for name, fractions in (("internal", (0.2, 0.2)), ("external", (0.0, 0.0))):

@@ -26,11 +26,11 @@ run nearest the boundary are left out, in case the boundary sits a slice or two 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
 
 import numpy as np
 from scipy.fft import dctn
 
+from lungcad.data.layouts.settings import GroupingSettings
 from lungcad.data.preprocessing import resize_slice
 from lungcad.errors import InputError
 
@@ -38,41 +38,6 @@ from lungcad.errors import InputError
 THUMBNAIL_SIZE = 64
 #: Side of the image the perceptual hash is computed on, and of its low-frequency block.
 _HASH_IMAGE, _HASH_BLOCK = 32, 8
-
-
-@dataclass(frozen=True)
-class GroupingSettings:
-    """How scan-ordered 2D files are grouped into patients.
-
-    Attributes:
-        window: files compared across each cut on either side (1: direct neighbours only).
-        min_similarity: least thumbnail correlation (Pearson, -1..1) that links two files.
-        max_hash_distance: most differing bits (of 64) for two files to count as
-            near-duplicates; 0 joins only images with identical hashes, -1 disables it.
-        gap: files left out of the training side at each boundary between splits (similarity
-            grouping only: its cuts are estimates, while blocks are exact by construction).
-    """
-
-    window: int = 3
-    min_similarity: float = 0.5
-    max_hash_distance: int = 4
-    gap: int = 1
-
-    def __post_init__(self) -> None:
-        if self.window < 1:
-            raise InputError(f"grouping window must be >= 1; got {self.window}", "--group-window")
-        if not -1.0 <= self.min_similarity <= 1.0:
-            raise InputError(
-                f"min_similarity must be in [-1, 1]; got {self.min_similarity}",
-                "--group-min-similarity",
-            )
-        if not -1 <= self.max_hash_distance <= 64:
-            raise InputError(
-                f"max_hash_distance must be in [-1, 64]; got {self.max_hash_distance}",
-                "--group-hash-distance",
-            )
-        if self.gap < 0:
-            raise InputError(f"gap must be >= 0; got {self.gap}", "--group-gap")
 
 
 def thumbnail(image: np.ndarray) -> np.ndarray:

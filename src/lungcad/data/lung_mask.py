@@ -113,8 +113,11 @@ def lung_mask(
         )
         if not hu and not _large_enough(inside, spacing_yx):
             # Display-windowed slices whose fat and chest wall render as black as air: the
-            # lungs merge with the outside, so look for them inside the body's hull instead.
-            inside, bodies[z] = _air_inside_body_hull(dark[z], spacing_yx)
+            # lungs merge with the outside, so look for them inside the body's hull too, and
+            # keep whichever finds more air (a small field of view keeps the first answer).
+            hull_air, hull_body = _air_inside_body_hull(dark[z], spacing_yx)
+            if hull_air.sum() > inside.sum():
+                inside, bodies[z] = hull_air, hull_body
         candidates[z] = _remove_airways(
             inside, bodies[z], spacing_yx, airway_max_area_mm2, airway_midline_fraction
         )

@@ -17,8 +17,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from lungcad.data.layouts.common import PrepareSettings
 from lungcad.data.layouts.prepare import prepare_dataset
+from lungcad.data.layouts.settings import PrepareSettings
 from lungcad.data.manifest import SliceRecord, filter_records, manifest_csv, read_manifest
 from lungcad.errors import InputError, MissingInputError
 from lungcad.evaluation.choices import SPLIT_CHOICES

@@ -36,7 +36,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from lungcad.data.dataset import SliceDataset
-from lungcad.data.layouts.common import PrepareSettings
+from lungcad.data.layouts.settings import PrepareSettings
 from lungcad.data.manifest import SliceRecord
 from lungcad.errors import InputError, MissingInputError
 from lungcad.evaluation.calibration import Calibration, run_decision

@@ -41,8 +41,8 @@ from pathlib import Path
 from typing import Any
 
 from lungcad import __version__
-from lungcad.data.layouts.common import PrepareSettings
 from lungcad.data.layouts.prepare import prepare_dataset
+from lungcad.data.layouts.settings import PrepareSettings
 from lungcad.data.manifest import SliceRecord, check_no_group_leakage, manifest_csv, read_manifest
 from lungcad.errors import InputError
 from lungcad.evaluation.evaluate import evaluate_run

@@ -4,104 +4,23 @@ from __future__ import annotations
 
 import re
 from collections.abc import Iterable
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
-from lungcad.data.grouping import GroupingSettings
-from lungcad.data.manifest import SliceRecord, check_split_fractions
+from lungcad.data.manifest import SliceRecord
 from lungcad.errors import InputError, MissingInputError
 from lungcad.io import read_image
 from lungcad.io.images import read_slice_image
 from lungcad.volume import Volume
 
-LAYOUTS = ("msd", "luna16", "classfolders", "imagemask")
-SLICE_MODES = ("tumour", "all", "lung")
-#: How 2D sets without patient ids are grouped (see lungcad.data.layouts.images2d).
-GROUPINGS = ("similarity", "blocks")
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
-DEFAULT_BLOCK_SIZE = {"classfolders": 20, "imagemask": 10}
-# Least tumour area (mm^2) on a slice for the slice to be labelled cancerous (3D sets): about
-# a 3.6 mm disc, i.e. ~16 pixels at 0.8 mm; smaller edge slivers get label -1 (unknown).
-DEFAULT_MIN_TUMOUR_AREA_MM2 = 10.0
 LAYOUT_HELP = (
     "expected one of these layouts: msd (dataset.json, imagesTr/*.nii.gz, labelsTr/*.nii.gz), "
     "luna16 (annotations.csv and subset*/<seriesuid>.mhd), imagemask (images/*.png and "
     "masks/*.png with the same names), classfolders (one sub-folder of images per class, "
     'mapped with --positive "Malignant cases" --negative "Normal cases,Bengin cases")'
 )
-
-
-@dataclass(frozen=True)
-class PrepareSettings:
-    """How ``prepare_dataset`` reads a layout and splits it.
-
-    Attributes:
-        layout: one of :data:`LAYOUTS` or ``"auto"``.
-        positive: class folders whose images are cancerous (classfolders only).
-        negative: class folders whose images are not cancerous (classfolders only).
-        val_fraction: target fraction of slices in the validation split.
-        test_fraction: target fraction of slices in the test split.
-        seed: seed for the split and for sampling non-tumour slices.
-        grouping: 2D sets: ``"similarity"`` (groups end where neighbouring images stop
-            resembling each other; class folders' default) or ``"blocks"`` (fixed blocks of
-            ``block_size`` file numbers; image/mask patches' default). None: the default.
-        grouping_settings: window, similarity threshold, near-duplicate distance and split
-            gap of the similarity grouping (the distance and gap apply to blocks too).
-        block_size: files per group with block grouping (None: 20 for classfolders, 10
-            imagemask).
-        slices: 3D sets: ``"tumour"`` (all tumour slices plus a seeded sample of non-tumour
-            lung slices), ``"lung"`` (every slice showing lung) or ``"all"``.
-        negative_ratio: ``"tumour"`` mode: non-tumour slices kept per tumour slice.
-        min_negatives: ``"tumour"`` mode: at least this many non-tumour slices per scan (so
-            scans without tumour still contribute).
-        min_tumour_area_mm2: 3D sets: a slice is labelled cancerous (1) only when its tumour
-            covers at least this area (mm^2, pixel count x spacing_y x spacing_x). A slice with
-            less tumour (e.g. the 1-3 pixel tip of a tumour on its first or last slice) keeps
-            its mask, so segmentation still learns from it, but gets label -1 (unknown): the
-            classifier neither learns it as cancerous nor as non-cancerous (stage ``cls`` and
-            the metrics use labels 0/1 only). 0 labels every slice with a tumour voxel 1. Not
-            used for 2D sets (their pixel size is unknown).
-    """
-
-    layout: str = "auto"
-    positive: tuple[str, ...] = ()
-    negative: tuple[str, ...] = ()
-    val_fraction: float = 0.15
-    test_fraction: float = 0.15
-    seed: int = 0
-    grouping: str | None = None
-    grouping_settings: GroupingSettings = field(default_factory=GroupingSettings)
-    block_size: int | None = None
-    slices: str = "tumour"
-    negative_ratio: float = 1.0
-    min_negatives: int = 8
-    min_tumour_area_mm2: float = DEFAULT_MIN_TUMOUR_AREA_MM2
-
-    def __post_init__(self) -> None:
-        if self.layout not in ("auto", *LAYOUTS):
-            raise InputError(
-                f"layout must be 'auto' or one of {LAYOUTS}; got {self.layout!r}", "--layout"
-            )
-        if self.slices not in SLICE_MODES:
-            raise InputError(
-                f"slices must be one of {SLICE_MODES}; got {self.slices!r}", "--slices"
-            )
-        if self.grouping is not None and self.grouping not in GROUPINGS:
-            raise InputError(
-                f"grouping must be one of {GROUPINGS}; got {self.grouping!r}", "--grouping"
-            )
-        if self.block_size is not None and self.block_size < 1:
-            raise InputError(f"block size must be >= 1; got {self.block_size}", "--block-size")
-        check_split_fractions(self.val_fraction, self.test_fraction)
-        if self.negative_ratio < 0 or self.min_negatives < 0:
-            raise InputError("negative_ratio and min_negatives must be >= 0", "--negative-ratio")
-        if not self.min_tumour_area_mm2 >= 0:  # also refuses NaN
-            raise InputError(
-                f"min_tumour_area_mm2 must be a number >= 0 (mm^2); got {self.min_tumour_area_mm2}",
-                "--min-tumour-area-mm2",
-            )
 
 
 def slug(text: str) -> str:

@@ -34,10 +34,8 @@ from lungcad.data.grouping import (
     thumbnail,
 )
 from lungcad.data.layouts.common import (
-    DEFAULT_BLOCK_SIZE,
     IMAGE_SUFFIXES,
     LAYOUT_HELP,
-    PrepareSettings,
     SliceWriter,
     UnionFind,
     image_files,
@@ -45,6 +43,7 @@ from lungcad.data.layouts.common import (
     slug,
     visible,
 )
+from lungcad.data.layouts.settings import DEFAULT_BLOCK_SIZE, PrepareSettings
 from lungcad.data.manifest import SliceRecord
 from lungcad.errors import InputError
 

@@ -15,14 +15,7 @@ import numpy as np
 
 from lungcad import __version__
 from lungcad.data.grouping import purge_split_boundaries
-from lungcad.data.layouts.common import (
-    DEFAULT_BLOCK_SIZE,
-    LAYOUT_HELP,
-    PrepareSettings,
-    SliceWriter,
-    image_files,
-    visible,
-)
+from lungcad.data.layouts.common import LAYOUT_HELP, SliceWriter, image_files, visible
 from lungcad.data.layouts.groups_report import (
     BOUNDARY_SHEET,
     GROUPS_FILE,
@@ -35,6 +28,7 @@ from lungcad.data.layouts.images2d import (
     prepare_classfolders,
     prepare_imagemask,
 )
+from lungcad.data.layouts.settings import DEFAULT_BLOCK_SIZE, PrepareSettings
 from lungcad.data.layouts.volumes import prepare_luna16, prepare_msd
 from lungcad.data.manifest import (
     SPLITS,

@@ -17,13 +17,8 @@ from pathlib import Path
 
 import numpy as np
 
-from lungcad.data.layouts.common import (
-    LAYOUT_HELP,
-    PrepareSettings,
-    SliceWriter,
-    read_volume,
-    visible,
-)
+from lungcad.data.layouts.common import LAYOUT_HELP, SliceWriter, read_volume, visible
+from lungcad.data.layouts.settings import PrepareSettings
 from lungcad.data.lung_mask import lung_mask
 from lungcad.data.manifest import SliceRecord
 from lungcad.data.preprocessing import to_unit_range
