@@ -6,6 +6,12 @@ A's held-out test split (internal) and each external dataset in full, trains and
 traditional-ML baselines on the same data, and writes the gap table (gap.md, gap.json,
 gap.png) with every part's folder and validation.json (see lungcad.validation.protocol).
 
+``--folds K`` instead cross-validates on dataset A alone: grouped K-fold folds over its
+patient groups (its own splits are ignored), the deep model trained once per fold, the
+baselines and a shortcut audit (a classifier on acquisition metadata alone) on the same
+folds, every figure out-of-fold with patient-group CIs; the K fold runs form an ensemble that
+``--checkpoint OUT`` accepts (see lungcad.validation.crossval).
+
 ``--synthetic`` first makes the synthetic site-shift experiment: an internal and a shifted
 external cohort (lungcad.data.synthetic), prepared to manifests, then runs the same protocol
 with a small CPU configuration (lungcad.validation.protocol.SYNTHETIC_OVERRIDES, unless
@@ -16,10 +22,14 @@ from __future__ import annotations
 
 import argparse
 import logging
+from typing import TYPE_CHECKING
 
 from lungcad.cli._options import comma_separated
 from lungcad.training.choices import DEVICES
 from lungcad.validation.baselines.choices import FEATURE_KINDS, MODEL_NAMES, ROI_KINDS
+
+if TYPE_CHECKING:
+    from lungcad.training.config import Config
 
 NAME = "validate"
 log = logging.getLogger("lungcad.validate")
@@ -29,6 +39,8 @@ HELP = "train on one dataset, test internally and externally, baselines, general
 EPILOG = """examples:
   lungcad validate --train prepared/hospA --external hospB=prepared/hospB \\
       --config configs/cls_cpu_small.yaml --out validation/AB
+  lungcad validate --train prepared/iqothnccd --folds 5 \
+      --config configs/cls_cpu_cv.yaml --out validation/iq_cv
   lungcad validate --synthetic --out validation/synthetic --cases 16 --n-boot 200
 """
 
@@ -50,6 +62,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="prepared external dataset, evaluated in full; repeatable",
     )
     parser.add_argument("--out", required=True, metavar="DIR", help="new or empty folder")
+    parser.add_argument(
+        "--folds",
+        type=int,
+        default=None,
+        metavar="K",
+        help="grouped K-fold cross-validation on --train alone (deep model, baselines, "
+        "shortcut audit, fold ensemble) instead of the train/test/external protocol",
+    )
     parser.add_argument("--config", metavar="YAML", help="training config (both stages)")
     parser.add_argument(
         "--cls-config", metavar="YAML", help="another training config for the cls stage"
@@ -149,6 +169,8 @@ def run(args: argparse.Namespace) -> int:
     base = list(SYNTHETIC_OVERRIDES) if args.synthetic and not args.config else []
     config = load_config(args.config, base + args.overrides)
     cls_config = load_config(args.cls_config, args.overrides) if args.cls_config else None
+    if args.folds is not None:
+        return _cross_validate(args, config, models)
     if args.synthetic:
         if args.train or args.external:
             raise InputError(
@@ -187,5 +209,38 @@ def run(args: argparse.Namespace) -> int:
     print(
         f"wrote {result.out_dir} (gap.md, gap.json, gap.png, validation.json); render it "
         f"with `lungcad report {result.out_dir} --out report.html`"
+    )
+    return 0
+
+
+def _cross_validate(args: argparse.Namespace, config: Config, models: list[str]) -> int:
+    """``--folds K``: :func:`lungcad.validation.crossval.cross_validate`; 0 on success."""
+    from lungcad.errors import InputError
+    from lungcad.validation.crossval import cross_validate
+
+    if not args.train or args.external or args.synthetic or args.cls_config:
+        raise InputError(
+            "--folds cross-validates --train alone; drop --external, --synthetic and --cls-config",
+            "--folds",
+        )
+    if config.train.stage != "cls":
+        raise InputError(
+            "--folds trains the classifier: give a cls config (train.stage: cls)", "--config"
+        )
+    result = cross_validate(
+        args.train,
+        args.out,
+        config,
+        k=args.folds,
+        seed=args.seed,
+        baselines=models,
+        features=args.features,
+        n_boot=args.n_boot,
+        progress=lambda line: log.info("%s", line),
+    )
+    print((result.out_dir / "results.md").read_text(encoding="utf-8"), end="")
+    print(
+        f"wrote {result.out_dir} (results.md, cv_metrics.json, oof_predictions.csv, "
+        f"ensemble.json, fold*/run); use it as --checkpoint {result.out_dir}"
     )
     return 0
