@@ -35,8 +35,8 @@ test-slow: $(STAMP) system-deps
 
 # Style, spelling and types: the same checks as .pre-commit-config.yaml.
 lint: $(STAMP)
-	$(VENV)/bin/ruff check src tests benchmarks
-	$(VENV)/bin/ruff format --check -q src tests benchmarks
+	$(VENV)/bin/ruff check src tests benchmarks scripts
+	$(VENV)/bin/ruff format --check -q src tests benchmarks scripts
 	$(VENV)/bin/codespell src tests benchmarks docs README.md CONTRIBUTING.md CHANGELOG.md configs scripts
 	$(VENV)/bin/mypy
 
