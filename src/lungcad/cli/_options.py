@@ -169,3 +169,11 @@ def prepare_settings(args: argparse.Namespace) -> PrepareSettings:
         if getattr(args, dest) is not None
     }
     return PrepareSettings(seed=args.seed, grouping_settings=GroupingSettings(**grouping), **given)
+
+
+def add_checkpoint_option(parser: argparse.ArgumentParser, *, ensembles: bool = True) -> None:
+    """``--checkpoint``: a run folder, or (where ``ensembles``) a cross-validation folder."""
+    what = "run folder written by `lungcad train` (or its best.pt)"
+    if ensembles:
+        what += ", or a `lungcad validate --folds` folder (the fold ensemble)"
+    parser.add_argument("--checkpoint", required=True, metavar="RUN", help=what)

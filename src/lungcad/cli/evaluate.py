@@ -15,7 +15,7 @@ from __future__ import annotations
 import argparse
 import math
 
-from lungcad.cli._options import add_prepare_options, prepare_settings
+from lungcad.cli._options import add_checkpoint_option, add_prepare_options, prepare_settings
 from lungcad.evaluation.choices import SPLIT_CHOICES
 from lungcad.training.choices import DEVICES
 
@@ -48,12 +48,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Options of ``lungcad evaluate``."""
     parser.formatter_class = argparse.RawDescriptionHelpFormatter
     parser.epilog = EPILOG
-    parser.add_argument(
-        "--checkpoint",
-        required=True,
-        metavar="RUN",
-        help="run folder written by `lungcad train` (or its best.pt)",
-    )
+    add_checkpoint_option(parser)
     parser.add_argument(
         "--data",
         required=True,

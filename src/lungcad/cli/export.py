@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import argparse
 
+from lungcad.cli._options import add_checkpoint_option
+
 NAME = "export"
 HELP = "export a trained run to ONNX or TorchScript"
 
@@ -23,12 +25,7 @@ TOLERANCE = 1e-4
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Options of ``lungcad export``."""
-    parser.add_argument(
-        "--checkpoint",
-        required=True,
-        metavar="RUN_DIR",
-        help="run folder written by `lungcad train` (or its best.pt)",
-    )
+    add_checkpoint_option(parser, ensembles=False)
     parser.add_argument(
         "--format",
         required=True,

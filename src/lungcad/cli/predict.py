@@ -22,6 +22,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from lungcad.cli._options import add_checkpoint_option
+
 NAME = "predict"
 HELP = "segment and classify CT studies with a trained run (masks, DICOM SEG/SR, report)"
 
@@ -37,12 +39,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="INPUT",
         help="a study (DICOM folder, NIfTI, MHD, PNG/JPEG) or a folder of studies",
     )
-    parser.add_argument(
-        "--checkpoint",
-        required=True,
-        metavar="RUN_DIR",
-        help="run folder written by `lungcad train` (or its best.pt)",
-    )
+    add_checkpoint_option(parser)
     parser.add_argument(
         "--out",
         required=True,

@@ -21,6 +21,8 @@ import ipaddress
 import logging
 import sys
 
+from lungcad.cli._options import add_checkpoint_option
+
 NAME = "serve"
 HELP = "run the REST service and web viewer for a trained run (loopback by default)"
 
@@ -29,12 +31,7 @@ log = logging.getLogger(__name__)
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Options of ``lungcad serve``."""
-    parser.add_argument(
-        "--checkpoint",
-        required=True,
-        metavar="RUN",
-        help="run folder written by `lungcad train` (or its best.pt)",
-    )
+    add_checkpoint_option(parser)
     parser.add_argument("--host", default="127.0.0.1", help="address to listen on")
     parser.add_argument("--port", type=int, default=8000, help="TCP port")
     parser.add_argument(

@@ -29,6 +29,8 @@ import signal
 import threading
 from pathlib import Path
 
+from lungcad.cli._options import add_checkpoint_option
+
 NAME = "watch"
 HELP = "analyse new CT studies on a PACS (DICOMweb) and store SEG + SR results back"
 
@@ -39,7 +41,7 @@ log = logging.getLogger(__name__)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--checkpoint", required=True, type=Path, help="run folder (best.pt)")
+    add_checkpoint_option(parser)
     parser.add_argument(
         "--pacs", required=True, help="DICOMweb root URL, e.g. http://127.0.0.1:8042/dicom-web"
     )
@@ -181,7 +183,7 @@ def run(args: argparse.Namespace) -> int:
         )
     if args.force and not args.study:
         raise InputError("--force only applies to studies named with --study", "--force")
-    if not args.checkpoint.exists():
+    if not Path(args.checkpoint).exists():
         from lungcad.errors import MissingInputError
 
         raise MissingInputError(

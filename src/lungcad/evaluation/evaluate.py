@@ -53,9 +53,10 @@ from lungcad.io.atomic import atomic_dir
 from lungcad.io.folders import check_output_dir, read_json_or_empty
 from lungcad.models.forward import forward_logits, probabilities
 from lungcad.models.unet import LungCADNet
-from lungcad.training.checkpoint import RUN_FILE, load_checkpoint
+from lungcad.training.checkpoint import RUN_FILE
 from lungcad.training.choices import DEVICES
 from lungcad.training.config import Config
+from lungcad.training.ensemble import EnsembleNet, load_model
 
 log = logging.getLogger(__name__)
 
@@ -73,7 +74,7 @@ def resolve_device(choice: str = "auto") -> torch.device:
 
 
 def predict_slices(
-    model: LungCADNet,
+    model: LungCADNet | EnsembleNet,
     records: Sequence[SliceRecord],
     root: str | Path,
     image_size: int,
@@ -122,7 +123,7 @@ def predict_slices(
 
 
 def example_outputs(
-    model: LungCADNet,
+    model: LungCADNet | EnsembleNet,
     config: Config,
     data: EvaluationData,
     rows: Sequence[SliceResult],
@@ -163,7 +164,7 @@ def example_outputs(
 
 
 def evaluate_loaded(
-    model: LungCADNet,
+    model: LungCADNet | EnsembleNet,
     config: Config,
     checkpoint_info: Mapping[str, Any],
     data: EvaluationData,
@@ -268,7 +269,7 @@ def evaluate_run(
             "prepare` (or its manifest.csv) or a dataset folder",
             data,
         )
-    model, config, info = load_checkpoint(run_dir)
+    model, config, info = load_model(run_dir)  # a run or a fold ensemble
     with open_dataset(data, split, prepare_settings) as selected:
         log.info(
             "evaluating %s on %d %r slices of %s",

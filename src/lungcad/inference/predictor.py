@@ -48,13 +48,13 @@ from lungcad.data.preprocessing import Letterbox, lung_bbox, to_unit_range
 from lungcad.errors import InputError
 from lungcad.evaluation.calibration import Calibration, decision_threshold, run_decision
 from lungcad.inference.aggregate import aggregate_study
-from lungcad.inference.ensemble import EnsembleNet, is_ensemble, load_ensemble
 from lungcad.inference.lesions import find_lesions
 from lungcad.lesion import Lesion
 from lungcad.models.forward import forward_logits, probabilities
 from lungcad.models.unet import LungCADNet
 from lungcad.training.checkpoint import load_checkpoint
 from lungcad.training.config import Config, config_hash
+from lungcad.training.ensemble import EnsembleNet, is_ensemble, load_ensemble
 from lungcad.volume import Volume
 
 if TYPE_CHECKING:  # Grad-CAM imports MONAI's CAM machinery; loaded on first use

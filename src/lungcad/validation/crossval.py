@@ -16,7 +16,7 @@ Output folder::
     OUT/oof_predictions.csv     model, fold, sample, group, label, probability, threshold
     OUT/cv_metrics.json         per model: out-of-fold metrics with patient-group CIs
     OUT/results.md              the table
-    OUT/ensemble.json           the k fold runs as one model (see lungcad.inference.ensemble)
+    OUT/ensemble.json           the k fold runs as one model (see lungcad.training.ensemble)
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Tests for lungcad.inference.ensemble: k fold runs used as one model."""
+"""Tests for lungcad.training.ensemble: k fold runs used as one model."""
 
 from __future__ import annotations
 
@@ -10,9 +10,9 @@ import pytest
 import torch
 
 from lungcad.errors import InputError, MissingInputError
-from lungcad.inference.ensemble import ENSEMBLE_FILE, EnsembleNet, is_ensemble, load_ensemble
 from lungcad.inference.predictor import Predictor
 from lungcad.training.checkpoint import load_checkpoint
+from lungcad.training.ensemble import ENSEMBLE_FILE, EnsembleNet, is_ensemble, load_ensemble
 from lungcad.volume import Volume
 from tests.inference_helpers import SIZE, make_run_folder
 
@@ -77,3 +77,12 @@ def test_broken_ensembles_are_refused(tmp_path: Path) -> None:
     (folder / ENSEMBLE_FILE).write_text("{}")
     with pytest.raises(InputError, match="not a lungcad ensemble"):
         load_ensemble(folder)
+
+
+def test_evaluate_accepts_an_ensemble_folder(tmp_path: Path, tiny_manifest) -> None:
+    from lungcad.evaluation.evaluate import evaluate_run
+
+    folder = _ensemble(tmp_path / "cv", threshold=0.3)
+    result = evaluate_run(folder, tiny_manifest(), None, split="val", n_boot=0, device="cpu")
+    assert result.info["threshold"]["value"] == pytest.approx(0.3)
+    assert len(result.rows) > 0 and all(0.0 <= r.probability <= 1.0 for r in result.rows)

@@ -1,5 +1,8 @@
 """Fold ensembles: the k runs of a cross-validation used as one model (as nnU-Net does).
 
+Here, beside the checkpoint loader, so evaluation and inference load both the same way
+(:func:`load_model`).
+
 ``lungcad validate --folds K --out CV`` writes ``CV/ensemble.json`` beside ``CV/fold<i>/run``.
 That folder is accepted wherever a run folder is (``--checkpoint CV``): the members' tumour
 and cancer probabilities are averaged, and the decision threshold is the ensemble's own,
@@ -121,3 +124,13 @@ def load_ensemble(
         "aggregation": "mean probability",
     }
     return EnsembleNet(members).eval(), first, info
+
+
+def load_model(
+    path: str | Path, map_location: str | torch.device = "cpu"
+) -> tuple[LungCADNet | EnsembleNet, Config, dict[str, Any]]:
+    """A run folder (or ``.pt``) or a fold-ensemble folder, as ``(model, config, info)``."""
+    if is_ensemble(path):
+        return load_ensemble(path, map_location=map_location)
+    model, config, info = load_checkpoint(path, map_location=map_location)
+    return model, config, info
