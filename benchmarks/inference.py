@@ -60,8 +60,16 @@ def _make_run(folder: Path, model_name: str, image_size: int, seed: int) -> Path
     from lungcad.training.config import config_to_dict, load_config
 
     torch.manual_seed(seed)
+    # init_from marks the decoder as trained (inference skips the masks of a cls run that was
+    # not started from a segmentation run), so the benchmark times the full two-stage path.
     config = load_config(
-        None, [f"model.name={model_name}", f"model.image_size={image_size}", "train.stage=cls"]
+        None,
+        [
+            f"model.name={model_name}",
+            f"model.image_size={image_size}",
+            "train.stage=cls",
+            f"train.init_from={folder}",
+        ],
     )
     model = model_from_config(config).eval()
     save_checkpoint(

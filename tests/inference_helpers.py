@@ -37,16 +37,18 @@ def make_run_folder(
     image_size: int = SIZE,
     threshold: float = 0.5,
     seed: int = 0,
+    stage: str = "cls",
 ) -> Path:
     """A run folder like ``lungcad train`` writes (best.pt + sidecar, config.yaml,
-    threshold.json) holding a randomly initialised network; fast (no training)."""
+    threshold.json) holding a randomly initialised network; fast (no training). Its config
+    has no ``init_from``, so for inference its decoder counts as untrained."""
     torch.manual_seed(seed)
     config = load_config(
         None,
         [
             f"model.name={name}",
             f"model.image_size={image_size}",
-            "train.stage=cls",
+            f"train.stage={stage}",
             f"train.out_dir={folder}",
         ],
     )
@@ -62,7 +64,7 @@ def make_run_folder(
             "metrics": {},
             "versions": software_versions(),
             "threshold": threshold,
-            "stage": "cls",
+            "stage": stage,
         },
     )
     write_json_atomic(folder / THRESHOLD_FILE, {"threshold": threshold, "method": "mcc"})
@@ -169,8 +171,10 @@ def tiny_set_options(*overrides: str) -> list[str]:
 
 
 def shared_trained_run(tmp_path_factory) -> Path:
-    """A tiny run made by the real ``lungcad.training.loop.train`` (stage cls, resnet18, 64x64,
-    one step), trained once per test session and shared by the inference test modules."""
+    """A tiny two-stage run made by the real ``lungcad.training.loop.train`` (resnet18, 64x64,
+    one step of stage seg, then one of stage cls started from it, so both the decoder and the
+    classifier are trained parts), made once per test session and shared by the inference
+    test modules."""
     from lungcad.training.loop import train
 
     base = tmp_path_factory.getbasetemp() / "lungcad_inference_shared"
@@ -178,5 +182,15 @@ def shared_trained_run(tmp_path_factory) -> Path:
     if (run / "best.pt").is_file():
         return run
     manifest = make_manifest(base / "data")
-    train(make_tiny_config(manifest, run, "train.max_steps_per_epoch=1", "train.stage=cls"))
+    seg = base / "seg"
+    train(make_tiny_config(manifest, seg, "train.max_steps_per_epoch=1", "train.stage=seg"))
+    train(
+        make_tiny_config(
+            manifest,
+            run,
+            "train.max_steps_per_epoch=1",
+            "train.stage=cls",
+            f"train.init_from={seg}",
+        )
+    )
     return run

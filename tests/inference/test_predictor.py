@@ -312,3 +312,19 @@ def test_tumour_mask_stays_inside_the_lung_field(run, phantom, monkeypatch) -> N
     margin_px = int(np.ceil(predictor.lung_margin_mm / min(phantom.volume.spacing[1:]))) + 1
     assert ys.min() >= lung_ys.min() - margin_px and ys.max() <= lung_ys.max() + margin_px
     assert xs.min() >= lung_xs.min() - margin_px and xs.max() <= lung_xs.max() + margin_px
+
+
+def test_no_decision_or_mask_from_untrained_parts(tmp_path, phantom) -> None:
+    """A seg-stage run has no trained cancer head: it cannot assess a study. A cls run not
+    started from a segmentation run has no trained decoder: it gives no tumour masks."""
+    from tests.inference_helpers import make_run_folder
+
+    seg_only = make_run_folder(tmp_path / "seg", stage="seg")
+    with pytest.raises(InputError, match="cancer classifier is untrained"):
+        Predictor.from_checkpoint(seg_only)
+    cls_only = Predictor.from_checkpoint(make_run_folder(tmp_path / "cls"), batch_size=4)
+    result = cls_only.predict_volume(phantom.volume, cam=False)
+    assert not result.mask.array.any() and not result.probability.array.any()
+    assert result.lesions == []
+    assert any("decoder is untrained" in w for w in result.warnings)
+    assert 0.0 <= result.study_probability <= 1.0  # the trained classifier still decides

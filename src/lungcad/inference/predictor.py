@@ -179,6 +179,16 @@ class Predictor:
         self.channels_last = bool(channels_last)
         self.device = torch.device(device)
         self.image_size = int(config.model.image_size)
+        if config.train.stage != "cls":
+            # A segmentation run's cancer head never learnt: any decision from it is noise.
+            raise InputError(
+                f"this is a {config.train.stage!r}-stage run: its cancer classifier is "
+                "untrained, so it cannot assess a study; use the cls run trained from it "
+                "(lungcad train cls --init-from RUN)",
+                info.get("run_dir", "--checkpoint"),
+            )
+        #: Only a cls run started from a segmentation run (init_from) has a trained decoder.
+        self.decoder_trained = bool(config.train.init_from)
         self.onnx_path = None if onnx_path is None else Path(onnx_path)
         self._session = None
         self._explainer: CamExplainer | None = None
@@ -354,6 +364,11 @@ class Predictor:
         )
         start = clock = time.perf_counter()
         warnings = list(volume.meta.get("warnings", []))
+        if not self.decoder_trained:
+            warnings.append(
+                "this classification run was not started from a segmentation run, so its "
+                "decoder is untrained: no tumour masks are given"
+            )
         if not volume.meta.get("spacing_known", True):
             warnings.append(
                 "pixel spacing unknown (2D image): 1 mm is assumed, so lesion "
@@ -377,6 +392,8 @@ class Predictor:
             clock = time.perf_counter()
             seg = probabilities(seg_logits[:, 0])
             for z, prob in zip(batch, seg, strict=True):
+                if not self.decoder_trained:
+                    break  # an untrained decoder's masks are noise: none are reported
                 if prob.shape != crop_shape:  # undo the model input's letterbox
                     prob = np.clip(Letterbox.fit(crop_shape, prob.shape).invert(prob), 0.0, 1.0)
                 probability[z, box[0], box[1]] = prob
