@@ -1,8 +1,7 @@
 """Grad-CAM heat maps: where in a slice the cancer classifier looked.
 
-MONAI's ``GradCAM`` (Selvaraju et al. 2017) on :class:`lungcad.models.registry.ClassLogits`, hooked
-at
-the last encoder stage ``encoder.layer4`` (stride 32): the feature maps weighted by the
+MONAI's ``GradCAM`` (Selvaraju et al. 2017) on :class:`lungcad.models.unet.ClassLogits`,
+hooked at the last encoder stage ``encoder.layer4`` (stride 32): the feature maps weighted by the
 spatially averaged gradient of the cancer logit, ReLU, upsampled bilinearly to the input.
 
 Two details differ from MONAI's defaults, on purpose:

@@ -2,7 +2,7 @@
 
 Both formats take ``image`` ``(B, 1, S, S)`` float32 (lung-windowed [0, 1] slices at the run's
 ``model.image_size``; the batch size is free) and return ``seg_logits`` ``(B, 1, S, S)`` and
-``cls_logits`` ``(B,)``, the same as :meth:`lungcad.models.registry.LungCADNet.forward`.
+``cls_logits`` ``(B,)``, the same as :meth:`lungcad.models.unet.LungCADNet.forward`.
 
 The ONNX file carries its provenance in ``metadata_props`` (lungcad version, model name,
 image size, SHA-256 of the checkpoint it came from, threshold), so a deployed file can be

@@ -223,9 +223,8 @@ def create_app(predictor: Any, settings: ServiceSettings) -> FastAPI:
     """The service app for a predictor (see the module notes for the endpoints).
 
     Args:
-        predictor: a :class:`lungcad.inference.predictor.Predictor`, or anything with its ``info``
-        and
-            ``predict_volume(volume) -> StudyResult``.
+        predictor: a :class:`lungcad.inference.predictor.Predictor`, or anything with its
+            ``info`` and ``predict_volume(volume) -> StudyResult``.
         settings: limits, tokens and the data folder.
 
     Returns:

@@ -4,8 +4,8 @@ What a finished job keeps for rendering (``JOB/render/``, written once, atomical
 :func:`save_render_data`) — plain ``.npy`` arrays on the study's canonical LPS grid, opened
 memory-mapped so a slice request reads only that slice (a 512x512 slice renders in a few ms):
 
-* ``image.npy`` ``(z, y, x)``: int16 HU (rounded; display only), or float16 [0, 1] for windowed
-  input;
+* ``image.npy`` ``(z, y, x)``: int16 HU (rounded; display only), or float16 [0, 1] for
+  windowed input;
 * ``mask.npy`` ``(z, y, x)`` uint8 0/1: the predicted tumour mask;
 * ``cam.npy`` ``(z, y, x)`` uint8 0..255 (heat x 255), only when the result had Grad-CAM maps;
 * ``render.json``: intensity kind, shape, spacing and the slices with a heat map.
