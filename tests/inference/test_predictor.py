@@ -115,14 +115,6 @@ def test_model_input_is_the_training_transform(phantom, predictor, tmp_path, mon
     assert np.all(SliceDataset(records, tmp_path, (32, 32))[0]["image"].numpy() == 0.25)
 
 
-def test_aggregate_study_top_k() -> None:
-    probs = np.array([np.nan, 0.1, 0.9, 0.7, 0.2, np.nan])
-    assert aggregate_study(probs, spacing_z_mm=2.5, extent_mm=5.0) == (pytest.approx(0.8), 2)
-    assert aggregate_study(probs, spacing_z_mm=5.0) == (pytest.approx(0.9), 1)
-    assert aggregate_study(probs, spacing_z_mm=0.5)[1] == 4  # k capped at the evaluated slices
-    assert aggregate_study(np.array([np.nan]), 1.0) == (0.0, 0)
-
-
 def test_nifti_mask_has_the_input_geometry(predictor, studies, tmp_path) -> None:
     volume, result = predictor.predict_path(studies["nifti"], cam=False)
     assert volume.meta["source_orientation"] == "RAS"
