@@ -4,7 +4,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed-stamp
 
-.PHONY: demo test test-slow lint system-deps clean
+.PHONY: demo test test-slow lint system-deps clean reference
 
 # torch==2.13.0 is installed first and pinned: on these machines it resolves to a local CPU
 # wheel, while a looser requirement would pull several GB of CUDA packages.
@@ -39,6 +39,21 @@ lint: $(STAMP)
 	$(VENV)/bin/ruff format --check -q src tests benchmarks scripts
 	$(VENV)/bin/codespell src tests benchmarks docs README.md CONTRIBUTING.md CHANGELOG.md configs scripts
 	$(VENV)/bin/mypy
+
+# The reference models, end to end on 2 CPU cores: DATA holds iqothnccd/ and msd_lung_patches/
+# (as ../shared/data does). OUT/seg is the segmentation run (MSD patches), OUT/cls the
+# two-stage fold ensemble (grouped 5-fold CV on IQ-OTH/NCCD, each fold started from OUT/seg),
+# OUT/results.md its out-of-fold table beside the baselines and the shortcut audit.
+reference: $(STAMP)
+	@test -n "$(DATA)" -a -n "$(OUT)" || { echo "usage: make reference DATA=DIR OUT=DIR" >&2; exit 2; }
+	$(VENV)/bin/lungcad prepare --data "$(DATA)/msd_lung_patches" --out "$(OUT)/prepared/msd"
+	$(VENV)/bin/lungcad prepare --data "$(DATA)/iqothnccd" --positive "Malignant cases" \
+		--negative "Normal cases,Bengin cases" --out "$(OUT)/prepared/iqothnccd"
+	$(VENV)/bin/lungcad train seg --config configs/seg_cpu_small.yaml \
+		--manifest "$(OUT)/prepared/msd" --out "$(OUT)/seg" --set train.progress=false
+	$(VENV)/bin/lungcad validate --train "$(OUT)/prepared/iqothnccd" --folds 5 \
+		--config configs/cls_cpu_cv.yaml --set train.init_from="$(OUT)/seg" --out "$(OUT)/cls"
+	cp "$(OUT)/cls/results.md" "$(OUT)/results.md"
 
 clean:
 	rm -rf $(VENV) demo_output .pytest_cache .ruff_cache

@@ -54,12 +54,9 @@ def _rss_gb() -> float:
 
 def _make_run(folder: Path, model_name: str, image_size: int, seed: int) -> Path:
     """A run folder with a randomly initialised network (head bias shifted, see docstring)."""
-    import torch
+    from lungcad.training.checkpoint import write_untrained_run
+    from lungcad.training.config import load_config
 
-    from lungcad.training.checkpoint import model_from_config, save_checkpoint, software_versions
-    from lungcad.training.config import config_to_dict, load_config
-
-    torch.manual_seed(seed)
     # init_from marks the decoder as trained (inference skips the masks of a cls run that was
     # not started from a segmentation run), so the benchmark times the full two-stage path.
     config = load_config(
@@ -71,20 +68,7 @@ def _make_run(folder: Path, model_name: str, image_size: int, seed: int) -> Path
             f"train.init_from={folder}",
         ],
     )
-    model = model_from_config(config).eval()
-    save_checkpoint(
-        folder / "best.pt",
-        {
-            "model": model.state_dict(),
-            "epoch": 0,
-            "config": config_to_dict(config),
-            "metrics": {},
-            "versions": software_versions(),
-            "threshold": 0.5,
-            "stage": "cls",
-        },
-    )
-    return folder
+    return write_untrained_run(folder, config, seed=seed)
 
 
 def _shift_head_bias(run: Path, study, z: int) -> None:

@@ -51,27 +51,20 @@ def _free_port() -> int:
 
 def _tiny_run(folder: Path) -> Path:
     """A run folder with a randomly initialised ResNet18 U-Net at 64x64 (no training)."""
-    import torch
+    from lungcad.training.checkpoint import write_untrained_run
+    from lungcad.training.config import load_config
 
-    from lungcad.training.checkpoint import model_from_config, save_checkpoint, software_versions
-    from lungcad.training.config import config_to_dict, load_config
-
-    torch.manual_seed(0)
-    config = load_config(None, ["model.name=resnet18", "model.image_size=64", "train.stage=cls"])
-    model = model_from_config(config).eval()
-    save_checkpoint(
-        folder / "best.pt",
-        {
-            "model": model.state_dict(),
-            "epoch": 0,
-            "config": config_to_dict(config),
-            "metrics": {},
-            "versions": software_versions(),
-            "threshold": 0.5,
-            "stage": "cls",
-        },
+    # init_from marks the random decoder as trained, so jobs run the mask path as in use.
+    config = load_config(
+        None,
+        [
+            "model.name=resnet18",
+            "model.image_size=64",
+            "train.stage=cls",
+            f"train.init_from={folder}",
+        ],
     )
-    return folder
+    return write_untrained_run(folder, config, seed=0)
 
 
 def _studies(folder: Path, n: int, slices: int, matrix: int) -> list[bytes]:

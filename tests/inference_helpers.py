@@ -12,18 +12,10 @@ from pathlib import Path
 from types import MappingProxyType
 
 import numpy as np
-import torch
 
 from lungcad.data.manifest import SliceRecord, write_manifest
-from lungcad.io.atomic import write_json_atomic, write_text_atomic
-from lungcad.training.checkpoint import (
-    CONFIG_FILE,
-    THRESHOLD_FILE,
-    model_from_config,
-    save_checkpoint,
-    software_versions,
-)
-from lungcad.training.config import Config, config_to_dict, config_to_yaml, load_config
+from lungcad.training.checkpoint import write_untrained_run
+from lungcad.training.config import Config, load_config
 
 SIZE = 64
 #: Patients per split of :func:`make_manifest`'s default: 24 slices, the first 2/3 train.
@@ -42,7 +34,6 @@ def make_run_folder(
     """A run folder like ``lungcad train`` writes (best.pt + sidecar, config.yaml,
     threshold.json) holding a randomly initialised network; fast (no training). Its config
     has no ``init_from``, so for inference its decoder counts as untrained."""
-    torch.manual_seed(seed)
     config = load_config(
         None,
         [
@@ -52,23 +43,7 @@ def make_run_folder(
             f"train.out_dir={folder}",
         ],
     )
-    model = model_from_config(config).eval()
-    folder.mkdir(parents=True, exist_ok=True)
-    write_text_atomic(folder / CONFIG_FILE, config_to_yaml(config))
-    save_checkpoint(
-        folder / "best.pt",
-        {
-            "model": model.state_dict(),
-            "epoch": 1,
-            "config": config_to_dict(config),
-            "metrics": {},
-            "versions": software_versions(),
-            "threshold": threshold,
-            "stage": stage,
-        },
-    )
-    write_json_atomic(folder / THRESHOLD_FILE, {"threshold": threshold, "method": "mcc"})
-    return folder
+    return write_untrained_run(folder, config, threshold=threshold, seed=seed)
 
 
 def make_manifest(

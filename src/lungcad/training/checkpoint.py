@@ -41,7 +41,7 @@ from lungcad.io.atomic import atomic_path, write_json_atomic, write_text_atomic
 from lungcad.models.pretrained import load_pretrained_encoder
 from lungcad.models.registry import create_model
 from lungcad.models.unet import LungCADNet
-from lungcad.training.config import Config, config_from_dict
+from lungcad.training.config import Config, config_from_dict, config_to_dict, config_to_yaml
 
 log = logging.getLogger(__name__)
 
@@ -372,3 +372,36 @@ def load_checkpoint(
         "threshold": 0.5 if threshold is None else float(threshold),
     }
     return LoadedCheckpoint(model=model, config=config, info=info)
+
+
+def write_untrained_run(
+    folder: str | Path, config: Config, *, threshold: float = 0.5, seed: int = 0
+) -> Path:
+    """A run folder (``best.pt`` + sidecar, ``config.yaml``, ``threshold.json``) holding a
+    randomly initialised network, for benchmarks and tests that need a model but no training.
+
+    Args:
+        folder: the run folder to write.
+        config: the run's configuration (stage, model name, input size, ``init_from``).
+        threshold: the decision threshold recorded.
+        seed: torch seed of the random weights.
+    """
+    folder = Path(folder)
+    torch.manual_seed(seed)
+    model = model_from_config(config).eval()
+    folder.mkdir(parents=True, exist_ok=True)
+    write_text_atomic(folder / CONFIG_FILE, config_to_yaml(config))
+    save_checkpoint(
+        folder / "best.pt",
+        {
+            "model": model.state_dict(),
+            "epoch": 0,
+            "config": config_to_dict(config),
+            "metrics": {},
+            "versions": software_versions(),
+            "threshold": threshold,
+            "stage": config.train.stage,
+        },
+    )
+    write_json_atomic(folder / THRESHOLD_FILE, {"threshold": threshold, "method": "mcc"})
+    return folder
