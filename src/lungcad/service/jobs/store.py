@@ -160,7 +160,10 @@ class JobStore:
     def list_public(self) -> list[dict[str, Any]]:
         """Public status of every job, newest first."""
         with self._lock:
-            states = sorted(self._states.values(), key=lambda s: s["created_at"], reverse=True)
+            # Jobs made within one millisecond share a time stamp; the stable sort over the
+            # newest-first insertion order keeps those ties newest first too.
+            newest_first = reversed(list(self._states.values()))
+            states = sorted(newest_first, key=lambda s: s["created_at"], reverse=True)
             return [public_view(s) for s in states]
 
     def unfinished(self) -> list[dict[str, Any]]:
