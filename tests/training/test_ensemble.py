@@ -86,3 +86,16 @@ def test_evaluate_accepts_an_ensemble_folder(tmp_path: Path, tiny_manifest) -> N
     result = evaluate_run(folder, tiny_manifest(), None, split="val", n_boot=0, device="cpu")
     assert result.info["threshold"]["value"] == pytest.approx(0.3)
     assert len(result.rows) > 0 and all(0.0 <= r.probability <= 1.0 for r in result.rows)
+
+
+def test_evaluate_with_flip_tta(tmp_path: Path, tiny_manifest) -> None:
+    from lungcad.evaluation.evaluate import evaluate_run
+
+    run = make_run_folder(tmp_path / "run")
+    data = tiny_manifest()
+    plain = evaluate_run(run, data, None, split="val", n_boot=0, device="cpu")
+    tta = evaluate_run(run, data, None, split="val", n_boot=0, device="cpu", tta=True)
+    assert [r.sample_id for r in plain.rows] == [r.sample_id for r in tta.rows]
+    assert any(
+        abs(a.probability - b.probability) > 1e-6 for a, b in zip(plain.rows, tta.rows, strict=True)
+    )

@@ -86,6 +86,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--batch-size", type=int, default=32, help="slices per forward pass")
     parser.add_argument(
+        "--tta",
+        action="store_true",
+        help="average each slice with its left-right mirror (flip test-time augmentation)",
+    )
+    parser.add_argument(
         "--examples",
         type=int,
         default=2,
@@ -117,6 +122,7 @@ def run(args: argparse.Namespace) -> int:
         device=args.device,
         batch_size=args.batch_size,
         n_examples=args.examples,
+        tta=args.tta,
     )
     info, metrics = result.info, result.metrics
     data = info["data"]

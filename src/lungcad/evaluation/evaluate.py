@@ -33,6 +33,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch import nn
 from torch.utils.data import DataLoader
 
 from lungcad.data.dataset import SliceDataset
@@ -52,11 +53,11 @@ from lungcad.evaluation.scoring import SliceOutput, SliceResult, score_outputs, 
 from lungcad.io.atomic import atomic_dir
 from lungcad.io.folders import check_output_dir, read_json_or_empty
 from lungcad.models.forward import forward_logits, probabilities
-from lungcad.models.unet import LungCADNet
+from lungcad.models.tta import FlipTTA
 from lungcad.training.checkpoint import RUN_FILE
 from lungcad.training.choices import DEVICES
 from lungcad.training.config import Config
-from lungcad.training.ensemble import EnsembleNet, load_model
+from lungcad.training.ensemble import load_model
 
 log = logging.getLogger(__name__)
 
@@ -74,7 +75,7 @@ def resolve_device(choice: str = "auto") -> torch.device:
 
 
 def predict_slices(
-    model: LungCADNet | EnsembleNet,
+    model: nn.Module,
     records: Sequence[SliceRecord],
     root: str | Path,
     image_size: int,
@@ -123,7 +124,7 @@ def predict_slices(
 
 
 def example_outputs(
-    model: LungCADNet | EnsembleNet,
+    model: nn.Module,
     config: Config,
     data: EvaluationData,
     rows: Sequence[SliceResult],
@@ -164,7 +165,7 @@ def example_outputs(
 
 
 def evaluate_loaded(
-    model: LungCADNet | EnsembleNet,
+    model: nn.Module,
     config: Config,
     checkpoint_info: Mapping[str, Any],
     data: EvaluationData,
@@ -238,6 +239,7 @@ def evaluate_run(
     device: str = "auto",
     batch_size: int = 32,
     n_examples: int = 2,
+    tta: bool = False,
 ) -> EvaluationResult:
     """Evaluate a trained run on a dataset in any supported form and write the folder.
 
@@ -254,6 +256,7 @@ def evaluate_run(
         device: "auto", "cpu" or "cuda".
         batch_size: slices per forward pass.
         n_examples: overlays per TP/FP/FN/TN category.
+        tta: average each slice with its left-right mirror (:class:`lungcad.models.tta.FlipTTA`).
 
     Returns:
         The :class:`EvaluationResult`.
@@ -269,7 +272,11 @@ def evaluate_run(
             "prepare` (or its manifest.csv) or a dataset folder",
             data,
         )
-    model, config, info = load_model(run_dir)  # a run or a fold ensemble
+    loaded, config, info = load_model(run_dir)  # a run or a fold ensemble
+    model: nn.Module = loaded
+    if tta:
+        model = FlipTTA(loaded)
+        info = {**info, "tta": "flip"}
     with open_dataset(data, split, prepare_settings) as selected:
         log.info(
             "evaluating %s on %d %r slices of %s",

@@ -22,13 +22,12 @@ import torch
 from torch import nn
 
 from lungcad.errors import InputError, MissingInputError
+from lungcad.models.tta import mean_probability_logits
 from lungcad.models.unet import LungCADNet
 from lungcad.training.checkpoint import load_checkpoint
 from lungcad.training.config import Config
 
 ENSEMBLE_FILE = "ensemble.json"
-#: Probabilities are clipped this far from 0 and 1 before the logit, so it stays finite.
-_EPS = 1e-7
 
 
 def is_ensemble(path: str | Path) -> bool:
@@ -51,12 +50,7 @@ class EnsembleNet(nn.Module):
 
     def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         """``(B, 1, H, W)`` -> ``{"seg_logits": (B, 1, H, W), "cls_logits": (B,)}``."""
-        outs = [member(x) for member in self.members]
-        result = {}
-        for key in ("seg_logits", "cls_logits"):
-            mean = torch.stack([torch.sigmoid(o[key].float()) for o in outs]).mean(0)
-            result[key] = torch.logit(mean.clamp(_EPS, 1 - _EPS))
-        return result
+        return mean_probability_logits([member(x) for member in self.members])
 
     @property
     def first(self) -> LungCADNet:
