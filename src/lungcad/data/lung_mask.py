@@ -15,6 +15,7 @@ import numpy as np
 from scipy import ndimage as ndi
 from scipy.spatial import ConvexHull
 from skimage.filters import threshold_otsu
+from skimage.morphology import convex_hull_image
 from skimage.segmentation import watershed
 
 from lungcad.volume import Volume
@@ -252,18 +253,9 @@ def _air_inside_body_hull(
     # arc whose hull is a flat crescent, the body's hull holds the whole chest.
     sizes = np.bincount(labels.ravel())[1:]
     largest = np.argsort(sizes)[::-1][:3] + 1
-    hull = max((_hull_image(labels == i) for i in largest), key=lambda h: int(h.sum()))
+    hull = max((convex_hull_image(labels == i) for i in largest), key=lambda h: int(h.sum()))
     inner = ndi.distance_transform_edt(np.pad(hull, 1), sampling=spacing_yx)[1:-1, 1:-1]
     return dark & (inner > _FAT_BAND_MM), hull
-
-
-def _hull_image(mask: np.ndarray) -> np.ndarray:
-    """The filled convex hull of a 2D mask."""
-    coords = np.argwhere(mask & ~ndi.binary_erosion(mask)).astype(np.float64)
-    if len(coords) < 3 or np.linalg.matrix_rank(coords - coords[0]) < 2:
-        return mask.copy()
-    grid = np.argwhere(np.ones_like(mask)).astype(np.float64)
-    return _in_convex_hull(mask, grid).reshape(mask.shape)
 
 
 def _in_convex_hull(mask: np.ndarray, points: np.ndarray) -> np.ndarray:
