@@ -18,6 +18,7 @@ Splitting by group, never per image, keeps validation scores honest.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import re
 from collections import defaultdict
@@ -163,22 +164,35 @@ def class_mapping(data: Path, settings: PrepareSettings) -> dict[str, int]:
     return mapping
 
 
+@dataclass
+class _Looks:
+    """What grouping needs of each image of a folder, kept instead of the images themselves
+    (a 512x512 slice is 1 MB; its thumbnail 16 kB, its hash 8 bytes)."""
+
+    thumbs: list[np.ndarray] = field(default_factory=list)
+    shapes: list[tuple[int, ...]] = field(default_factory=list)
+    hashes: list[int] = field(default_factory=list)
+
+    def add(self, image: np.ndarray, with_thumbnail: bool) -> None:
+        if with_thumbnail:
+            self.thumbs.append(thumbnail(image))
+        self.shapes.append(image.shape)
+        self.hashes.append(perceptual_hash(image))
+
+
 def _group_folder(
-    images: list[np.ndarray],
+    looks: _Looks,
     numbered: list[tuple[Path, int]],
     prefix: str,
+    grouping: str,
     settings: PrepareSettings,
-    default_grouping: str,
-    default_block: int,
+    block_size: int,
 ) -> tuple[list[str], list[float]]:
     """Group ids for one folder's images (in scan order) and the similarity at each cut."""
-    grouping = grouping_method(settings, default_grouping)
     if grouping == "blocks":
-        return _block_ids(numbered, prefix, settings.block_size or default_block), []
-    thumbs = np.stack([thumbnail(image) for image in images])
-    runs, similarity = scan_runs(
-        thumbs, [image.shape for image in images], settings.grouping_settings
-    )
+        return _block_ids(numbered, prefix, block_size), []
+    thumbs = np.stack(looks.thumbs)
+    runs, similarity = scan_runs(thumbs, looks.shapes, settings.grouping_settings)
     return [f"{prefix}g{run:03d}" for run in runs], similarity
 
 
@@ -187,61 +201,54 @@ def grouping_method(settings: PrepareSettings, default: str) -> str:
     return settings.grouping or ("blocks" if settings.block_size else default)
 
 
-def _read_folder(
-    numbered: list[tuple[Path, int]],
-) -> tuple[list[np.ndarray], list[int]]:
-    images = [read_slice(path) for path, _ in numbered]
-    return images, [perceptual_hash(image) for image in images]
+def _regroup(records: list[SliceRecord], groups: list[str]) -> list[SliceRecord]:
+    """The records (written before their groups were known) with their group ids."""
+    return [dataclasses.replace(r, group_id=g) for r, g in zip(records, groups, strict=True)]
 
 
 def prepare_classfolders(
     data: Path, writer: SliceWriter, settings: PrepareSettings, warnings: list[str], summary: dict
 ) -> ScanOrdered:
     mapping = class_mapping(data, settings)
+    grouping = grouping_method(settings, "similarity")
+    block_size = settings.block_size or DEFAULT_BLOCK_SIZE["classfolders"]
+    source = f"classfolders:{data.name}"
     files: list[Path] = []
-    numbers: list[int] = []
     groups: list[str] = []
     hashes: list[int] = []
-    images: list[np.ndarray] = []
+    records: list[SliceRecord] = []
     order: list[list[int]] = []
     similarity: list[list[float]] = []
     for folder in sorted(mapping):
         numbered = _numbered(image_files(data / folder), warnings)
-        folder_images, folder_hashes = _read_folder(numbered)
+        looks = _Looks()
+        for path, number in numbered:  # each image is written as it is read
+            image = read_slice(path)
+            looks.add(image, with_thumbnail=grouping == "similarity")
+            records.append(
+                writer.add(
+                    f"{folder}_{path.stem}",
+                    "",
+                    number,
+                    image,
+                    None,
+                    mapping[folder],
+                    (float("nan"), float("nan")),
+                    source,
+                )
+            )
         folder_groups, folder_similarity = _group_folder(
-            folder_images,
-            numbered,
-            f"{slug(folder)}_",
-            settings,
-            "similarity",
-            DEFAULT_BLOCK_SIZE["classfolders"],
+            looks, numbered, f"{slug(folder)}_", grouping, settings, block_size
         )
         order.append(list(range(len(files), len(files) + len(numbered))))
         similarity.append(folder_similarity)
         files += [f for f, _ in numbered]
-        numbers += [n for _, n in numbered]
         groups += folder_groups
-        hashes += folder_hashes
-        images += folder_images
+        hashes += looks.hashes
     groups = _merge_duplicates(
         files, hashes, groups, settings.grouping_settings.max_hash_distance, summary
     )
-    source = f"classfolders:{data.name}"
-    records = []
-    for path, number, group, image in zip(files, numbers, groups, images, strict=True):
-        label = mapping[path.parent.name]
-        records.append(
-            writer.add(
-                f"{path.parent.name}_{path.stem}",
-                group,
-                number,
-                image,
-                None,
-                label,
-                (float("nan"), float("nan")),
-                source,
-            )
-        )
+    records = _regroup(records, groups)
     conflicts = [g for g, labels in _labels_per_group(records).items() if len(labels) > 1]
     if conflicts:
         warnings.append(f"identical images under different classes merged groups {conflicts}")
@@ -249,9 +256,7 @@ def prepare_classfolders(
     strata: dict[str, str] = {}
     for path, group in zip(files, groups, strict=True):
         strata.setdefault(group, path.parent.name)
-    return ScanOrdered(
-        records, files, strata, order, grouping_method(settings, "similarity"), similarity
-    )
+    return ScanOrdered(records, files, strata, order, grouping, similarity)
 
 
 def _labels_per_group(records: Iterable[SliceRecord]) -> dict[str, set[int]]:
@@ -288,29 +293,23 @@ def prepare_imagemask(
     numbered = _numbered(images, warnings)
     by_path = dict(zip(images, masks, strict=True))
     ordered_masks = [by_path[path] for path, _ in numbered]
-    arrays, hashes = _read_folder(numbered)
-    groups, similarity = _group_folder(
-        arrays, numbered, "", settings, "blocks", DEFAULT_BLOCK_SIZE["imagemask"]
-    )
-    files = [path for path, _ in numbered]
-    groups = _merge_duplicates(
-        files, hashes, groups, settings.grouping_settings.max_hash_distance, summary
-    )
+    grouping = grouping_method(settings, "blocks")
     source = f"imagemask:{data.name}"
+    looks = _Looks()
     records = []
-    for (path, number), mask_path, group, image in zip(
-        numbered, ordered_masks, groups, arrays, strict=True
-    ):
+    for (path, number), mask_path in zip(numbered, ordered_masks, strict=True):
+        image = read_slice(path)
         mask = read_slice(mask_path) >= 0.5
         if mask.shape != image.shape:
             raise InputError(
                 f"mask shape {mask.shape} differs from its image's {image.shape} ({path.name})",
                 mask_path,
             )
+        looks.add(image, with_thumbnail=grouping == "similarity")
         records.append(
             writer.add(
                 path.stem,
-                group,
+                "",
                 number,
                 image,
                 mask,
@@ -319,11 +318,23 @@ def prepare_imagemask(
                 source,
             )
         )
+    groups, similarity = _group_folder(
+        looks,
+        numbered,
+        "",
+        grouping,
+        settings,
+        settings.block_size or DEFAULT_BLOCK_SIZE["imagemask"],
+    )
+    files = [path for path, _ in numbered]
+    groups = _merge_duplicates(
+        files, looks.hashes, groups, settings.grouping_settings.max_hash_distance, summary
+    )
     return ScanOrdered(
-        records,
+        _regroup(records, groups),
         files + ordered_masks,
         None,
         [list(range(len(records)))],
-        grouping_method(settings, "blocks"),
+        grouping,
         [similarity],
     )
