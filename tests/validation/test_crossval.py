@@ -75,50 +75,43 @@ def test_metadata_table_holds_size_aspect_and_intensity(tmp_path: Path) -> None:
 
 def test_validate_folds_cli(tmp_path: Path, capsys) -> None:
     data = _patients(tmp_path / "data")
-    args = [
-        "validate",
-        "--train",
-        str(data),
-        "--folds",
-        "2",
-        "--out",
-        str(tmp_path / "cv"),
-        "--baselines",
-        "none",
-        "--n-boot",
-        "0",
-        *tiny_set_options("train.stage=cls"),
-    ]
-    assert main(args) == 0
+
+    def validate(out: str, *extra: str) -> int:
+        return main(
+            ["validate", "--train", str(data), "--folds", "2", "--out", str(tmp_path / out), *extra]
+        )
+
+    tiny_cls = tiny_set_options("train.stage=cls")
+    assert validate("cv", "--baselines", "none", "--n-boot", "0", *tiny_cls) == 0
     out = capsys.readouterr().out
     assert "| deep |" in out and "--checkpoint" in out
-    assert (
-        main(
-            [
-                "validate",
-                "--train",
-                str(data),
-                "--folds",
-                "2",
-                "--out",
-                str(tmp_path / "cv2"),
-                "--synthetic",
-            ]
+    assert validate("cv2", "--synthetic") == 2
+    assert validate("cv3", *tiny_set_options()) == 2  # a seg config
+
+
+def test_a_failed_cross_validation_leaves_nothing(tmp_path: Path, tiny_config, monkeypatch) -> None:
+    import lungcad.validation.crossval as crossval
+
+    data = _patients(tmp_path / "data")
+    calls = []
+    real_train = crossval.train
+
+    def train_then_fail(cfg):
+        calls.append(cfg)
+        if len(calls) == 2:
+            raise KeyboardInterrupt  # e.g. Ctrl-C during the second fold
+        return real_train(cfg)
+
+    monkeypatch.setattr(crossval, "train", train_then_fail)
+    with pytest.raises(KeyboardInterrupt):
+        cross_validate(
+            data, tmp_path / "cv", tiny_config(None, None, "train.stage=cls"), k=2, baselines=[]
         )
-        == 2
-    )
-    assert (
-        main(
-            [
-                "validate",
-                "--train",
-                str(data),
-                "--folds",
-                "2",
-                "--out",
-                str(tmp_path / "cv3"),
-                *tiny_set_options(),
-            ]
+    assert not (tmp_path / "cv").exists()
+    (tmp_path / "empty").mkdir()
+    calls.clear()
+    with pytest.raises(KeyboardInterrupt):
+        cross_validate(
+            data, tmp_path / "empty", tiny_config(None, None, "train.stage=cls"), k=2, baselines=[]
         )
-        == 2
-    )  # a seg config
+    assert (tmp_path / "empty").is_dir() and not any((tmp_path / "empty").iterdir())

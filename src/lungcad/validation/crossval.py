@@ -24,6 +24,7 @@ from __future__ import annotations
 import csv
 import io
 import logging
+import shutil
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -215,7 +216,8 @@ def cross_validate(
     Args:
         manifest: a prepared folder (or its manifest.csv); its own splits are ignored: every
             labelled (0/1) slice takes part, grouped by ``group_id``.
-        out_dir: the output folder (new or empty).
+        out_dir: the output folder (new or empty); on any error or interruption it is left
+            as it was found (nothing half-written).
         config: the deep model's training configuration (``data.manifest`` and
             ``train.out_dir`` are set per fold).
         k: number of folds.
@@ -240,57 +242,74 @@ def cross_validate(
     if unknown:
         raise InputError(f"unknown baselines {unknown}; choose from {MODEL_NAMES}", "--baselines")
     fold_of = assign_folds(records, k, seed)
+    created = not out.exists()
     out.mkdir(parents=True, exist_ok=True)
-    write_json_atomic(
-        out / "folds.json",
-        {
-            "k": k,
-            "seed": seed,
-            "manifest": str(csv_path),
-            "manifest_sha256": file_sha256(csv_path),
-            "fold_of": fold_of,
-            "created_at": utc_timestamp(),
-        },
-    )
-    predictions: dict[str, list[OutOfFold]] = {}
-    members: list[dict[str, Any]] = []
-    if deep:
-        predictions[DEEP], members = _fold_deep(records, root, fold_of, k, config, out, seed, say)
-    if baselines:
-        say(f"baselines: {features} features of {len(records)} slices")
-        X, _ = feature_table(records, root, kind=features, roi="lung")
-        for name in baselines:
-            predictions[name] = _fold_baselines(name, X, records, fold_of, k, seed)
-            say(f"baseline {name}: done")
-    meta = metadata_table(records, root)
-    for name in SHORTCUT_MODELS:
-        predictions[SHORTCUT_PREFIX + name] = _fold_baselines(name, meta, records, fold_of, k, seed)
-    metrics = {
-        name: oof_metrics(rows, n_boot=n_boot, seed=seed) for name, rows in predictions.items()
-    }
-    write_text_atomic(out / "oof_predictions.csv", _predictions_csv(predictions))
-    write_json_atomic(out / "cv_metrics.json", metrics)
-    n_groups = len(fold_of)
-    write_text_atomic(out / "results.md", results_markdown(metrics, k, n_groups))
-    if members:
-        deep_rows = predictions[DEEP]
-        # The ensemble's own threshold: chosen on the pooled out-of-fold probabilities (each
-        # patient once). Figures above never use it; held-back patients test it.
-        pooled = choose_threshold(
-            np.array([r.label for r in deep_rows]),
-            np.array([r.probability for r in deep_rows]),
-            method=config.train.threshold_method,
-        )
+    try:
         write_json_atomic(
-            out / ENSEMBLE_FILE,
+            out / "folds.json",
             {
-                "members": members,
-                "threshold": pooled,
-                "threshold_source": "out-of-fold",
-                "aggregation": "mean probability",
-                "config_hash": config_hash(config),
-                "config": config_to_dict(config),
+                "k": k,
+                "seed": seed,
+                "manifest": str(csv_path),
+                "manifest_sha256": file_sha256(csv_path),
+                "fold_of": fold_of,
                 "created_at": utc_timestamp(),
             },
         )
+        predictions: dict[str, list[OutOfFold]] = {}
+        members: list[dict[str, Any]] = []
+        if deep:
+            predictions[DEEP], members = _fold_deep(
+                records, root, fold_of, k, config, out, seed, say
+            )
+        if baselines:
+            say(f"baselines: {features} features of {len(records)} slices")
+            X, _ = feature_table(records, root, kind=features, roi="lung")
+            for name in baselines:
+                predictions[name] = _fold_baselines(name, X, records, fold_of, k, seed)
+                say(f"baseline {name}: done")
+        meta = metadata_table(records, root)
+        for name in SHORTCUT_MODELS:
+            predictions[SHORTCUT_PREFIX + name] = _fold_baselines(
+                name, meta, records, fold_of, k, seed
+            )
+        metrics = {
+            name: oof_metrics(rows, n_boot=n_boot, seed=seed) for name, rows in predictions.items()
+        }
+        write_text_atomic(out / "oof_predictions.csv", _predictions_csv(predictions))
+        write_json_atomic(out / "cv_metrics.json", metrics)
+        n_groups = len(fold_of)
+        write_text_atomic(out / "results.md", results_markdown(metrics, k, n_groups))
+        if members:
+            deep_rows = predictions[DEEP]
+            # The ensemble's own threshold: chosen on the pooled out-of-fold probabilities (each
+            # patient once). Figures above never use it; held-back patients test it.
+            pooled = choose_threshold(
+                np.array([r.label for r in deep_rows]),
+                np.array([r.probability for r in deep_rows]),
+                method=config.train.threshold_method,
+            )
+            write_json_atomic(
+                out / ENSEMBLE_FILE,
+                {
+                    "members": members,
+                    "threshold": pooled,
+                    "threshold_source": "out-of-fold",
+                    "aggregation": "mean probability",
+                    "config_hash": config_hash(config),
+                    "config": config_to_dict(config),
+                    "created_at": utc_timestamp(),
+                },
+            )
+    except BaseException:
+        # Nothing half-written: the folder was new or empty, so it is left as it was found.
+        if created:
+            shutil.rmtree(out, ignore_errors=True)
+        else:
+            for child in out.iterdir():
+                if child.is_dir():
+                    shutil.rmtree(child)
+                else:
+                    child.unlink()
+        raise
     return CrossValResult(metrics=metrics, predictions=predictions, out_dir=out)
