@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 
 from lungcad.service.app import ServiceSettings
-from tests.service_helpers import TOKEN
+from tests.service_helpers import TOKEN, hu_volume, nifti_bytes
 
 SettingsFactory = Callable[..., ServiceSettings]
 
@@ -28,3 +28,9 @@ def service_settings() -> SettingsFactory:
         return ServiceSettings(Path(data_dir), **options)
 
     return make
+
+
+@pytest.fixture(scope="session")
+def nifti(tmp_path_factory: pytest.TempPathFactory) -> bytes:
+    """A small HU study (``service_helpers.hu_volume``) as .nii.gz bytes, made once."""
+    return nifti_bytes(hu_volume(), tmp_path_factory.mktemp("nifti"))

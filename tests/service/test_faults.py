@@ -23,17 +23,11 @@ from tests.service_helpers import (
     TOKEN,
     FakePredictor,
     hu_volume,
-    nifti_bytes,
     submit,
     wait_for,
     zip_bytes,
     zip_folder,
 )
-
-
-@pytest.fixture(scope="module")
-def nifti(tmp_path_factory) -> bytes:
-    return nifti_bytes(hu_volume(), tmp_path_factory.mktemp("nifti"))
 
 
 @pytest.fixture(scope="module")

@@ -15,14 +15,9 @@ from lungcad.service.audit import AuditLog
 from lungcad.service.jobs.schema import FINISHED, JobStatus
 from lungcad.service.jobs.store import RESULT_FILE, JobStore
 from lungcad.service.jobs.workers import MAX_ATTEMPTS, JobWorkers, QueueFull
-from tests.service_helpers import FakePredictor, hu_volume, nifti_bytes, stage_nifti
+from tests.service_helpers import FakePredictor, stage_nifti
 
 USER = "tok-0123456789"
-
-
-@pytest.fixture(scope="module")
-def nifti(tmp_path_factory: pytest.TempPathFactory) -> bytes:
-    return nifti_bytes(hu_volume(), tmp_path_factory.mktemp("nifti"))
 
 
 @pytest.fixture()

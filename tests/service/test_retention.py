@@ -18,16 +18,9 @@ from tests.service_helpers import (
     AUTH,
     TOKEN,
     FakePredictor,
-    hu_volume,
-    nifti_bytes,
     submit,
     wait_for,
 )
-
-
-@pytest.fixture(scope="module")
-def nifti(tmp_path_factory) -> bytes:
-    return nifti_bytes(hu_volume(), tmp_path_factory.mktemp("nifti"))
 
 
 def _audit(data_dir: Path) -> list[dict]:
