@@ -47,6 +47,7 @@ from lungcad.data.lung_mask import lung_mask
 from lungcad.data.preprocessing import Letterbox, lung_bbox, to_unit_range
 from lungcad.errors import InputError
 from lungcad.evaluation.calibration import Calibration, decision_threshold, run_decision
+from lungcad.finding import StudyFinding
 from lungcad.inference.aggregate import aggregate_study
 from lungcad.inference.lesions import find_lesions
 from lungcad.lesion import Lesion
@@ -122,6 +123,11 @@ class StudyResult:
     model_info: dict[str, Any] = field(default_factory=dict)
     timings: dict[str, float] = field(default_factory=dict)
     warnings: list[str] = field(default_factory=list)
+
+    @property
+    def finding(self) -> StudyFinding:
+        """The study finding (decision, probability, threshold) as every writer reports it."""
+        return StudyFinding.decide(self.study_probability, self.threshold)
 
 
 class Predictor:
