@@ -230,13 +230,6 @@ def _choose_series(
             "only (values in HU). Choose a CT series.",
             folder,
         )
-    multi = next((h for h in groups[chosen] if h.frames > 1), None)
-    if multi is not None:
-        raise InputError(
-            f"multi-frame (enhanced) DICOM with {multi.frames} frames is not supported; convert "
-            "the series to one file per slice or to NIfTI (e.g. with dcm2niix).",
-            multi.path,
-        )
     return chosen
 
 
@@ -422,6 +415,10 @@ def read_dicom_series(path: str | Path, *, series_uid: str | None = None) -> Vol
     groups = _scan(folder)
     warnings: list[str] = []
     uid = _choose_series(folder, groups, series_uid, warnings)
+    if any(h.frames > 1 for h in groups[uid]):  # enhanced CT: one file holds every slice
+        from lungcad.io.dicom_multiframe import read_multiframe_ct
+
+        return read_multiframe_ct(folder, groups[uid], warnings)
     stack = _sort_and_check(folder, groups[uid])
     first = stack.headers[0]
     volume, grid_warnings, resampled = stack_to_volume(

@@ -126,13 +126,14 @@ def write_dicom_seg(
 
     # A highdicom Volume (the mask's own grid) or an array of frames in source order.
     frames: hd.Volume | np.ndarray
-    if source.meta.get("resampled"):
+    if source.meta.get("resampled") or source.meta.get("multiframe"):
         # Uneven spacing or gantry tilt was resampled on reading, so mask slices no longer sit
-        # on the CT images: store the mask on its own grid (highdicom writes each frame's
-        # position) in the CT's frame of reference, still referencing the source series.
+        # on the CT images (or the CT is one multi-frame file): store the mask on its own grid
+        # (highdicom writes each frame's position) in the CT's frame of reference, still
+        # referencing the source series.
         log.warning(
-            "%s: source series was resampled on reading; SEG frames keep the mask's "
-            "own grid instead of one frame per CT image",
+            "%s: source series was resampled on reading or is multi-frame; SEG frames keep "
+            "the mask's own grid instead of one frame per CT image",
             source.meta.get("source_path"),
         )
         frames = _as_highdicom_volume(grid, _frame_of_reference_uid(datasets[0], source, "SEG"))
