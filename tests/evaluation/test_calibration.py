@@ -16,6 +16,7 @@ from lungcad.evaluation.calibration import (
     CALIBRATION_FILE,
     Calibration,
     binary_nll,
+    calibrate_run,
     fit_calibration,
     load_calibration,
     save_calibration,
@@ -147,3 +148,16 @@ def test_calibration_of_another_checkpoint_is_refused(run_and_manifest, tmp_path
     save_calibration(Calibration("temperature", temperature=2.0), other)
     predictor = Predictor.from_checkpoint(other)
     assert predictor.threshold == pytest.approx(_sigmoid(np.log(0.8 / 0.2) / 2.0))
+
+
+def test_cli_calibrate_refuses_the_test_split(run_and_manifest, tmp_path, capsys) -> None:
+    """`lungcad calibrate --split test` is one line naming the option, exit 2, nothing written."""
+    _, manifest = run_and_manifest
+    run = make_run_folder(tmp_path / "run", threshold=0.3)
+    argv = ["calibrate", "--checkpoint", str(run), "--manifest", str(manifest)]
+    assert cli_main([*argv, "--split", "test"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "--split" in err and "test split" in err
+    assert not (run / CALIBRATION_FILE).exists()
+    with pytest.raises(InputError, match="never fitted on the test split"):
+        calibrate_run(run, manifest, split="test")

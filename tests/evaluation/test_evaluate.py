@@ -23,18 +23,18 @@ from sklearn.metrics import (
 )
 
 from lungcad.cli import main as cli_main
-from lungcad.data.manifest import read_manifest, write_manifest
+from lungcad.data.manifest import manifest_csv, read_manifest, write_manifest
 from lungcad.errors import InputError
-from lungcad.evaluation.calibration import Calibration, save_calibration
+from lungcad.evaluation.calibration import Calibration, calibrate_run, save_calibration
 from lungcad.evaluation.evaluate import evaluate_run, predict_slices
 from lungcad.evaluation.folder import EVALUATION_FILE, read_metrics
 from lungcad.evaluation.scoring import PREDICTION_COLUMNS, predicted_mask
 from lungcad.inference.predictor import Predictor
 from lungcad.metrics.bootstrap import CI_KEYS
-from lungcad.training.checkpoint import load_checkpoint
+from lungcad.training.checkpoint import file_sha256, load_checkpoint
 from lungcad.training.config import Config
 from lungcad.training.loop import train
-from tests.inference_helpers import SIZE
+from tests.inference_helpers import SIZE, make_run_folder
 
 torch.set_num_threads(1)
 
@@ -199,11 +199,47 @@ def test_threshold_comes_from_the_run_not_the_data(
     assert read_metrics(evaluated)["threshold"] == pytest.approx(stored)
     info = json.loads((evaluated / EVALUATION_FILE).read_text())["threshold"]
     assert info["source"] == "threshold.json" and info["tuned_on_evaluated_data"] is False
+    assert info["chosen_on_data"]["split"] == "val"
+    assert info["chosen_on_data"]["manifests"][0]["sha256"] == file_sha256(
+        manifest_csv(data["train"])
+    )
     # Another set with other labels and probabilities: the same threshold, again.
     other = evaluate_run(runs["cls"], data["train"], None, split="val", n_boot=0, device="cpu")
     assert other.metrics["threshold"] == pytest.approx(stored)
     assert other.info["data"]["same_manifest_as_training"]
     assert other.info["data"]["overlaps_training_data"]  # val rows are not held out
+    # ... and the threshold was chosen on exactly these rows: evaluation says so.
+    assert other.info["threshold"]["tuned_on_evaluated_data"] is True
+    test = evaluate_run(runs["cls"], data["train"], None, split="test", n_boot=0, device="cpu")
+    assert test.info["threshold"]["tuned_on_evaluated_data"] is False
+
+
+def test_calibration_fitted_on_the_evaluated_rows_is_reported(
+    runs: dict[str, Path], data: dict[str, Path], tmp_path: Path
+) -> None:
+    """calibration.json records the manifest (path + SHA-256) and split it was fitted on;
+    evaluating those rows reports the calibration and its threshold as tuned on them."""
+    run = tmp_path / "run"
+    shutil.copytree(runs["cls"], run)
+    cal = calibrate_run(run, data["train"], "temperature", split="val")
+    assert cal.info["manifests"] == [
+        {
+            "path": str(manifest_csv(data["train"])),
+            "sha256": file_sha256(manifest_csv(data["train"])),
+        }
+    ]
+    fitted = evaluate_run(run, data["train"], None, split="val", n_boot=0, device="cpu")
+    assert fitted.info["calibration"]["applied"]
+    assert fitted.info["calibration"]["fitted_on_evaluated_data"] is True
+    assert fitted.info["threshold"]["source"] == "calibration.json"
+    assert fitted.info["threshold"]["tuned_on_evaluated_data"] is True
+    for split, manifest in (("test", data["train"]), ("all", data["external"])):
+        held_out = evaluate_run(run, manifest, None, split=split, n_boot=0, device="cpu")
+        assert held_out.info["calibration"]["fitted_on_evaluated_data"] is False, split
+        assert held_out.info["threshold"]["tuned_on_evaluated_data"] is False, split
+    # Every row of the manifest includes the calibration's val rows.
+    everything = evaluate_run(run, data["train"], None, split="all", n_boot=0, device="cpu")
+    assert everything.info["calibration"]["fitted_on_evaluated_data"] is True
 
 
 def test_calibrated_run_is_scored_as_predict_scores_it(
@@ -296,3 +332,30 @@ def test_refuses_to_overwrite_a_foreign_folder(
     )
     with pytest.raises(InputError, match="no 'test' rows"):
         evaluate_run(runs["cls"], only_train, None, n_boot=0)
+
+
+def test_fold_ensemble_threshold_and_training_rows_are_reported(
+    data: dict[str, Path], tmp_path: Path
+) -> None:
+    """A fold ensemble's threshold was chosen on the out-of-fold predictions of every row of
+    its cross-validated manifest (folds.json), which also trained its members: evaluating any
+    split of that manifest is reported as such; another manifest is not."""
+    folder = tmp_path / "cv"
+    members = []
+    for fold in range(2):
+        make_run_folder(folder / f"fold{fold}" / "run", seed=fold)
+        members.append({"fold": fold, "run": f"fold{fold}/run", "threshold": 0.5})
+    (folder / "ensemble.json").write_text(
+        json.dumps({"members": members, "threshold": 0.4, "threshold_source": "out-of-fold"})
+    )
+    csv_path = manifest_csv(data["train"])
+    (folder / "folds.json").write_text(
+        json.dumps({"manifest": str(csv_path), "manifest_sha256": file_sha256(csv_path)})
+    )
+    cv = evaluate_run(folder, data["train"], None, split="test", n_boot=0, device="cpu")
+    assert cv.info["threshold"]["source"] == "ensemble.json"
+    assert cv.info["threshold"]["tuned_on_evaluated_data"] is True
+    assert cv.info["data"]["overlaps_training_data"] is True
+    external = evaluate_run(folder, data["external"], None, split="all", n_boot=0, device="cpu")
+    assert external.info["threshold"]["tuned_on_evaluated_data"] is False
+    assert external.info["data"]["overlaps_training_data"] is False

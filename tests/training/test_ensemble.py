@@ -43,6 +43,17 @@ def test_ensemble_averages_member_probabilities(tmp_path: Path) -> None:
         torch.testing.assert_close(torch.sigmoid(out[key]), expected, atol=1e-5, rtol=1e-4)
 
 
+def test_ensemble_records_the_cross_validated_rows(tmp_path: Path) -> None:
+    """folds.json beside ensemble.json names the manifest whose out-of-fold predictions chose
+    the threshold (and whose rows trained the members); without it they are unknown."""
+    folder = _ensemble(tmp_path / "cv")
+    assert load_ensemble(folder)[2]["ensemble"]["threshold_chosen_on"] is None
+    (folder / "folds.json").write_text(json.dumps({"manifest": "m.csv", "manifest_sha256": "ab"}))
+    entry = load_ensemble(folder)[2]["ensemble"]
+    rows = {"manifests": [{"path": "m.csv", "sha256": "ab"}], "split": "all"}
+    assert entry["threshold_chosen_on"] == entry["trained_on"] == rows
+
+
 def test_predictor_accepts_an_ensemble_folder(tmp_path: Path) -> None:
     folder = _ensemble(tmp_path / "cv", threshold=0.3)
     predictor = Predictor.from_checkpoint(folder, batch_size=2)

@@ -88,6 +88,9 @@ def test_cls_run_from_seg_run_with_frozen_encoder(
     assert result.status == "finished" and result.monitor == "val_mcc"
     threshold = json.loads((tmp_path / "cls" / "threshold.json").read_text())
     assert 0.0 <= threshold["threshold"] <= 1.0 and threshold["method"] == "mcc"
+    # Where it was chosen, for evaluation's provenance: the val split of the run's manifests.
+    run_manifests = json.loads((tmp_path / "cls" / "run.json").read_text())["manifests"]
+    assert threshold["split"] == "val" and threshold["manifests"] == run_manifests
     assert threshold["threshold"] == pytest.approx(result.threshold)
     for key in ("val_acc", "val_f1", "val_mcc", "val_auc", "val_threshold"):
         assert key in result.history[-1]

@@ -47,7 +47,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--split",
         default="val",
         choices=SPLITS,
-        help="split to fit on (default val; never the split you report on)",
+        help="split to fit on (default val; test is refused: results are reported on it)",
     )
     parser.add_argument(
         "--threshold-method",

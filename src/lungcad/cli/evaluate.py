@@ -3,7 +3,8 @@
 The data is a prepared folder (``lungcad prepare`` output, or its manifest.csv) or a raw
 dataset folder in any layout ``prepare`` reads (prepared into a temporary folder first).
 The decision threshold is the run's own (chosen on its validation split), never tuned on the
-evaluated data.
+evaluated data; evaluation.json records where it (and a calibration) was chosen and whether
+those rows are the evaluated ones (``tuned_on_evaluated_data``, ``fitted_on_evaluated_data``).
 
 Outputs in ``--out``: metrics.json (flat, with patient-level 95% CIs), predictions.csv,
 evaluation.json (provenance), confusion_matrix.png, roc.png, calibration.png, dice.png,
@@ -130,17 +131,22 @@ def run(args: argparse.Namespace) -> int:
         f"evaluated {info['checkpoint']['path']} on {data['n_slices']} slices "
         f"({data['n_groups']} groups, split {data['split']}) of {data['input']}"
     )
-    if info["threshold"]["value"] is not None:
+    threshold = info["threshold"]
+    if threshold["value"] is not None:
         print(
-            f"decision threshold {info['threshold']['value']:.3f} (from "
-            f"{info['threshold']['source']}, chosen on the run's validation split)"
+            f"decision threshold {threshold['value']:.3f} (from "
+            f"{threshold['source']}, chosen on {threshold['chosen_on']})"
         )
+        if threshold.get("tuned_on_evaluated_data"):
+            print("warning: the threshold was chosen on these rows: not a held-out result")
     calibration = info.get("calibration", {})
     if calibration.get("applied"):
         print(
             f"probabilities calibrated ({calibration['method']}, {calibration['file']}), "
             "as `lungcad predict` applies them"
         )
+        if calibration.get("fitted_on_evaluated_data"):
+            print("warning: the calibration was fitted on these rows: not a held-out result")
     for key in SUMMARY_KEYS:
         if key in metrics:
             print(f"  {key:<20}{_fmt(metrics, key)}")

@@ -405,32 +405,47 @@ def calibrate_run(
         run_dir: a run folder written by ``lungcad train`` (stage "cls" for a useful result).
         manifest: one or more prepared folders or manifest.csv files.
         method: ``"temperature"`` or ``"isotonic"``.
-        split: manifest split to fit on (validation; never the test split you report on).
+        split: manifest split to fit on: "val" (or "train"); "test" is refused, since
+            results are reported on it.
         batch_size: slices per forward pass.
         threshold_method: ``"mcc"`` or ``"youden"``; None uses the run's setting.
 
     Returns:
         The stored :class:`Calibration` (``info`` holds NLL, ECE and Brier before/after, the
-        old and new thresholds and the checkpoint's SHA-256).
+        old and new thresholds, the checkpoint's SHA-256, and the split and manifests (path
+        and SHA-256) it was fitted on, which ``lungcad evaluate`` compares with the data it
+        scores).
+
+    Raises:
+        InputError: ``split`` is "test" (before anything is read), or the split holds no
+            labelled slices.
     """
+    if split == "test":
+        raise InputError(
+            "calibration is never fitted on the test split, the split results are reported "
+            "on; use --split val",
+            "--split",
+        )
     from torch.utils.data import ConcatDataset, DataLoader
 
     from lungcad.data.dataset import SliceDataset
     from lungcad.data.manifest import filter_records, read_manifest
     from lungcad.metrics.classification import choose_threshold, expected_calibration_error
     from lungcad.models.forward import forward_logits
-    from lungcad.training.checkpoint import load_checkpoint
+    from lungcad.training.checkpoint import file_sha256, load_checkpoint
 
     model, config, info = load_checkpoint(run_dir)
     size = (config.model.image_size, config.model.image_size)
     entries = manifest if isinstance(manifest, list) else [manifest]
     parts: list[SliceDataset] = []
     names: list[str] = []
+    fitted_on: list[dict[str, str]] = []
     for entry in entries:
         path = Path(entry)
         csv_path = manifest_csv(path)
         records = filter_records(read_manifest(csv_path), split, labels=(0, 1))
         names.append(str(csv_path))
+        fitted_on.append({"path": str(csv_path), "sha256": file_sha256(csv_path)})
         if records:
             parts.append(SliceDataset(records, csv_path.parent, image_size=size))
     if not parts:
@@ -453,7 +468,7 @@ def calibrate_run(
     cal.info.update(
         {
             "split": split,
-            "manifests": names,
+            "manifests": fitted_on,
             "evaluated_on": "the fitting split (in-sample figures)",
             "ece_before": expected_calibration_error(y, before),
             "ece_after": expected_calibration_error(y, after),

@@ -12,7 +12,9 @@ example overlays).
 Honesty rules built in:
 
 * The decision threshold is the run's own (``threshold.json``, chosen on the validation
-  split during training); it is never tuned on the evaluated data. A run calibrated with
+  split during training); it is never tuned on the evaluated data, and ``evaluation.json``
+  says whether the rows it (or a calibration) was chosen on are the evaluated ones, computed
+  from the manifests' SHA-256 and splits (:mod:`lungcad.evaluation.info`). A run calibrated with
   ``lungcad calibrate`` (``calibration.json``) is scored exactly as ``lungcad predict`` scores
   it: calibrated probabilities and the calibrated threshold
   (:func:`lungcad.evaluation.calibration.run_decision`); ``evaluation.json`` records which applied.

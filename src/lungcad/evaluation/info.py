@@ -4,6 +4,13 @@ Provenance only: nothing here runs the network or scores anything. :func:`scored
 decides which metrics a run can honestly report; :func:`evaluation_info` assembles the
 document :func:`lungcad.evaluation.evaluate.evaluate_loaded` returns and
 :func:`lungcad.evaluation.folder.write_evaluation` stores.
+
+The honesty flags are computed, never written as constants: the rows a threshold was chosen
+on (``threshold.json``, a calibration's threshold, a fold ensemble's out-of-fold threshold)
+and the rows a calibration was fitted on are each a manifest's SHA-256 plus a split
+(:func:`data_source`); :func:`rows_overlap` compares them with the evaluated manifest and
+split, giving ``tuned_on_evaluated_data`` and ``fitted_on_evaluated_data`` (None when a file
+of an older lungcad does not say).
 """
 
 from __future__ import annotations
@@ -17,13 +24,14 @@ from typing import Any, NamedTuple
 from lungcad import __version__
 from lungcad.data.layouts.prepare import count_table
 from lungcad.data.manifest import SliceRecord
-from lungcad.evaluation.calibration import CALIBRATION_FILE, RunDecision
+from lungcad.evaluation.calibration import CALIBRATION_FILE, Calibration, RunDecision
 from lungcad.evaluation.data import EvaluationData
 from lungcad.evaluation.scoring import PIXEL_THRESHOLD
 from lungcad.io.folders import read_json_or_empty
 from lungcad.provenance import utc_timestamp
 from lungcad.training.checkpoint import THRESHOLD_FILE, file_sha256, software_versions
 from lungcad.training.config import Config, config_hash
+from lungcad.training.ensemble import ENSEMBLE_FILE
 
 log = logging.getLogger(__name__)
 
@@ -74,16 +82,96 @@ def scored_tasks(stage: str, run_info: Mapping[str, Any], data: EvaluationData) 
     return ScoredTasks(classify, segment, notes)
 
 
+def data_source(manifests: Sequence[Any] | None, split: str | None) -> dict[str, Any] | None:
+    """Which rows something was fitted or chosen on: manifests (path + SHA-256) and a split.
+
+    Args:
+        manifests: ``{"path", "sha256"}`` dicts (as ``run.json`` records them); a bare path
+            (a ``calibration.json`` of an older lungcad) keeps its path but no hash.
+        split: "train", "val", "test" or "all" (every row of the manifests).
+
+    Returns:
+        ``{"manifests": [{"path", "sha256"}], "split"}``, or None when nothing is known.
+    """
+    entries = [
+        {"path": m.get("path"), "sha256": m.get("sha256")}
+        if isinstance(m, Mapping)
+        else {"path": str(m), "sha256": None}
+        for m in manifests or []
+    ]
+    if not entries:
+        return None
+    return {"manifests": entries, "split": split}
+
+
+def rows_overlap(
+    source: Mapping[str, Any] | None, evaluated: Mapping[str, Any] | None
+) -> bool | None:
+    """Whether the rows of ``source`` include evaluated rows (both as :func:`data_source`).
+
+    Two sources share rows when they name a manifest with the same content (SHA-256) and
+    their splits meet: the same split, or "all" (or an unrecorded split) on either side.
+
+    Returns:
+        True or False; None when either side records no manifest hash (unknown).
+    """
+    if not source or not evaluated:
+        return None
+    hashes = {m.get("sha256") for m in source.get("manifests", [])} - {None}
+    evaluated_hashes = {m.get("sha256") for m in evaluated.get("manifests", [])} - {None}
+    if not hashes or not evaluated_hashes:
+        return None
+    if not hashes & evaluated_hashes:
+        return False
+    splits = {source.get("split"), evaluated.get("split")}
+    return len(splits) == 1 or bool(splits & {"all", None})
+
+
+def threshold_source(
+    stored: Mapping[str, Any], run_info: Mapping[str, Any]
+) -> dict[str, Any] | None:
+    """The rows a run's own threshold was chosen on.
+
+    ``threshold.json`` records them (``manifests``, ``split``); one written before it did was
+    still chosen by training on the validation split of the run's manifests (``run.json``).
+    """
+    if stored.get("manifests"):
+        return data_source(stored["manifests"], stored.get("split", "val"))
+    return data_source(run_info.get("manifests"), "val")
+
+
+def calibration_source(calibration: Calibration) -> dict[str, Any] | None:
+    """The rows a calibration was fitted on (``calibration.json``'s manifests and split)."""
+    return data_source(calibration.info.get("manifests"), calibration.info.get("split"))
+
+
 def threshold_info(
-    run_dir: Path, value: float, classify: bool, decision: RunDecision | None
+    run_dir: Path,
+    value: float,
+    classify: bool,
+    decision: RunDecision | None,
+    *,
+    evaluated: Mapping[str, Any] | None = None,
+    run_info: Mapping[str, Any] | None = None,
+    ensemble: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """Where the decision threshold came from (never the evaluated data).
+    """Where the decision threshold came from, and whether that was the evaluated data.
 
     Args:
         run_dir: the run folder (its ``threshold.json`` says how the threshold was chosen).
         value: the checkpoint's (uncalibrated) threshold.
         classify: whether classification is scored (else the value is None).
         decision: the run's calibrated decision, or None.
+        evaluated: the evaluated rows (:func:`data_source`); None: unknown.
+        run_info: the run's ``run.json`` (its manifests, for a ``threshold.json`` that does
+            not record its own).
+        ensemble: a fold ensemble's ``info["ensemble"]``: its threshold is the ensemble's own,
+            chosen on the pooled out-of-fold predictions.
+
+    Returns:
+        The ``threshold`` entry of ``evaluation.json``: ``chosen_on_data`` holds the rows it
+        was chosen on and ``tuned_on_evaluated_data`` whether they include evaluated rows
+        (None when unknown).
     """
     stored = read_json_or_empty(run_dir / THRESHOLD_FILE)
     info = {
@@ -93,8 +181,16 @@ def threshold_info(
         "chosen_on": stored.get("chosen_on", "validation split"),
         "epoch": stored.get("epoch"),
         "rule": stored.get("rule", "cancer if probability >= threshold"),
-        "tuned_on_evaluated_data": False,
     }
+    chosen = threshold_source(stored, run_info or {})
+    if ensemble is not None:
+        info.update(
+            source=ENSEMBLE_FILE,
+            method=ensemble.get("threshold_method"),
+            chosen_on="pooled out-of-fold predictions of the cross-validated patients",
+            epoch=None,
+        )
+        chosen = ensemble.get("threshold_chosen_on")
     cal = None if decision is None else decision.calibration
     if classify and decision is not None and cal is not None:
         split = cal.info.get("split", "validation")
@@ -112,35 +208,64 @@ def threshold_info(
                 epoch=None,
                 chosen_on=f"{split} split (calibrated probabilities)",
             )
+            chosen = calibration_source(cal)
+    info["chosen_on_data"] = chosen
+    info["tuned_on_evaluated_data"] = rows_overlap(chosen, evaluated) if classify else None
     return info
 
 
-def calibration_info(decision: RunDecision | None) -> dict[str, Any]:
-    """Whether (and which) calibration was applied to the probabilities."""
+def calibration_info(
+    decision: RunDecision | None, *, evaluated: Mapping[str, Any] | None = None
+) -> dict[str, Any]:
+    """Whether (and which) calibration was applied, and whether it was fitted on the
+    evaluated rows (``evaluated`` as :func:`data_source`; None: unknown)."""
     if decision is None:
         return {"applied": False, "reason": "no classification scored"}
     cal = decision.calibration
     if cal is None:
         return {"applied": False, "reason": f"the run has no {CALIBRATION_FILE}"}
+    source = calibration_source(cal)
     return {
         "applied": True,
         "file": CALIBRATION_FILE,
         "method": cal.method,
         "temperature": cal.temperature,
         "fitted_on": cal.info.get("split"),
+        "fitted_on_data": source,
+        "fitted_on_evaluated_data": rows_overlap(source, evaluated),
         "checkpoint_sha256": cal.info.get("checkpoint_sha256"),
         "threshold_source": decision.source,
     }
 
 
-def data_info(data: EvaluationData, run_info: Mapping[str, Any]) -> dict[str, Any]:
+def evaluated_source(data: EvaluationData) -> dict[str, Any]:
+    """The evaluated rows as :func:`data_source` describes them (manifest hash and split)."""
+    source = data_source(
+        [{"path": str(data.manifest), "sha256": file_sha256(data.manifest)}], data.split
+    )
+    assert source is not None  # one manifest given
+    return source
+
+
+def data_info(
+    data: EvaluationData,
+    run_info: Mapping[str, Any],
+    ensemble: Mapping[str, Any] | None = None,
+) -> dict[str, Any]:
     """The evaluated data: manifest hash, split, counts, and its overlap with training.
 
-    Logs a warning when the rows come from a training manifest and are not its test split.
+    A run trained on a manifest's train split (and stopped early on its val split) has seen
+    every split of it but the test split; a fold ensemble (``ensemble``: its
+    ``info["ensemble"]``) was trained on every labelled row of its cross-validated manifest.
+    Logs a warning when the evaluated rows overlap training.
     """
     sha = file_sha256(data.manifest)
     trained_on = {m.get("sha256") for m in run_info.get("manifests", [])}
     overlaps = sha in trained_on and data.split != "test"
+    cross_validated = (ensemble or {}).get("trained_on")
+    if rows_overlap(cross_validated, evaluated_source(data)):
+        trained_on.add(sha)
+        overlaps = True
     if overlaps:
         log.warning(
             "the evaluated %r rows come from a manifest this run was trained on; "
@@ -215,6 +340,30 @@ def evaluation_info(
         settings: ``n_boot``, ``seed``, ``batch_size``, ``device`` of the evaluation.
     """
     run_dir = Path(checkpoint_info["run_dir"])
+    ensemble = checkpoint_info.get("ensemble")
+    evaluated = evaluated_source(data)
+    threshold = threshold_info(
+        run_dir,
+        float(checkpoint_info["threshold"]),
+        tasks.classification,
+        decision,
+        evaluated=evaluated,
+        run_info=run_info,
+        ensemble=ensemble,
+    )
+    calibration = calibration_info(decision, evaluated=evaluated)
+    if threshold["tuned_on_evaluated_data"]:
+        log.warning(
+            "the decision threshold was chosen on the evaluated %r rows (%s): "
+            "these results are not held-out",
+            data.split,
+            threshold["chosen_on"],
+        )
+    if calibration.get("fitted_on_evaluated_data"):
+        log.warning(
+            "the calibration was fitted on the evaluated %r rows: these results are not held-out",
+            data.split,
+        )
     return {
         "kind": "lungcad-evaluation",
         "lungcad_version": __version__,
@@ -233,11 +382,9 @@ def evaluation_info(
             "training_manifests": run_info.get("manifests", []),
             "init_from": run_info.get("init_from"),
         },
-        "threshold": threshold_info(
-            run_dir, float(checkpoint_info["threshold"]), tasks.classification, decision
-        ),
-        "calibration": calibration_info(decision),
-        "data": data_info(data, run_info),
+        "threshold": threshold,
+        "calibration": calibration,
+        "data": data_info(data, run_info, ensemble),
         "tasks": {"classification": tasks.classification, "segmentation": tasks.segmentation},
         "notes": tasks.notes,
         "settings": {

@@ -28,6 +28,8 @@ from lungcad.training.checkpoint import load_checkpoint
 from lungcad.training.config import Config
 
 ENSEMBLE_FILE = "ensemble.json"
+#: Written by ``lungcad validate --folds`` beside ``ensemble.json``: the cross-validated manifest.
+FOLDS_FILE = "folds.json"
 
 
 def is_ensemble(path: str | Path) -> bool:
@@ -110,14 +112,32 @@ def load_ensemble(
             )
     info = dict(infos[0])
     info["threshold"] = threshold
+    cross_validated = _cross_validated_rows(folder)
     info["ensemble"] = {
         "folder": folder.name,
         "members": [str(e["run"]) for e in entries],
         "member_sha256": [i.get("sha256") for i in infos],
         "threshold_source": spec.get("threshold_source", "ensemble.json"),
+        "threshold_method": (spec.get("config") or {}).get("train", {}).get("threshold_method"),
+        # The threshold was chosen on the pooled out-of-fold predictions of every labelled row
+        # of the cross-validated manifest, and every one of those rows trained some member.
+        "threshold_chosen_on": cross_validated,
+        "trained_on": cross_validated,
         "aggregation": "mean probability",
     }
     return EnsembleNet(members).eval(), first, info
+
+
+def _cross_validated_rows(folder: Path) -> dict[str, Any] | None:
+    """The rows a cross-validation used, from ``folds.json`` beside ``ensemble.json``:
+    ``{"manifests": [{"path", "sha256"}], "split": "all"}`` (every split: the folds ignore the
+    manifest's own), or None when the folder has no readable ``folds.json``."""
+    try:
+        folds = json.loads((folder / FOLDS_FILE).read_text(encoding="utf-8"))
+        manifest = {"path": str(folds["manifest"]), "sha256": str(folds["manifest_sha256"])}
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    return {"manifests": [manifest], "split": "all"}
 
 
 def load_model(

@@ -372,6 +372,7 @@ def _train(
                 threshold=early.threshold,
                 versions=run_info["versions"],
                 resume_state={**opt.state_dict(), "early_stopping": early.as_dict()},
+                manifests=run_info["manifests"],
             )
             _report_epoch(row, cfg.optim.epochs, monitor, early, writer)
         last = epoch + 1 == cfg.optim.epochs

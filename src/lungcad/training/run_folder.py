@@ -136,6 +136,7 @@ def save_epoch(
     threshold: float | None,
     versions: dict[str, str],
     resume_state: dict[str, Any],
+    manifests: list[dict[str, Any]] | None = None,
 ) -> None:
     """Write an epoch's files (rank 0).
 
@@ -149,6 +150,9 @@ def save_epoch(
         versions: software versions (``checkpoint.software_versions``).
         resume_state: what only resuming needs (optimiser, scheduler, scaler and
             early-stopping state), stored in ``last.pt`` only.
+        manifests: the run's manifests (``{"path", "sha256"}``, as ``run.json`` has them):
+            ``threshold.json`` records that the threshold was chosen on their val split, so
+            an evaluation can tell whether it scores the rows the threshold was tuned on.
     """
     row = history[-1]
     write_metrics(run_dir, history)
@@ -171,6 +175,8 @@ def save_epoch(
                     "method": cfg.train.threshold_method,
                     "rule": "cancer if probability >= threshold",
                     "chosen_on": "validation split",
+                    "split": "val",
+                    "manifests": manifests or [],
                     "epoch": row["epoch"],
                     "val_mcc_at_threshold": row["val_mcc_at_threshold"],
                     "val_mcc_at_0.5": row["val_mcc"],

@@ -197,7 +197,10 @@ def evaluation_sections(folder: str | Path, *, brief: bool = False, level: int =
         "decision threshold": (
             f"{format_value(threshold.get('value'))} (from "
             f"{threshold.get('source')}, chosen on "
-            f"{threshold.get('chosen_on')}; never tuned on this data)"
+            f"{threshold.get('chosen_on')}"
+            + {True: "; chosen on this data)", False: "; not tuned on this data)"}.get(
+                threshold.get("tuned_on_evaluated_data"), "; whether on this data is not recorded)"
+            )
             if threshold.get("value") is not None
             else "n/a"
         ),
@@ -209,6 +212,13 @@ def evaluation_sections(folder: str | Path, *, brief: bool = False, level: int =
             f"{calibration.get('file')}), as `lungcad predict` does"
         )
     notes = [html_note(n) for n in info.get("notes", [])]
+    if threshold.get("tuned_on_evaluated_data") or calibration.get("fitted_on_evaluated_data"):
+        notes.append(
+            html_note(
+                "The decision threshold or the calibration was chosen on these slices "
+                f"(split {data.get('split')!r}): not a held-out result."
+            )
+        )
     if data.get("overlaps_training_data"):
         notes.append(
             html_note(
