@@ -3,8 +3,8 @@
 # tests and for trying `lungcad watch` by hand.
 #
 #   scripts/orthanc.sh install
-#       Install the Debian packages `orthanc` and `orthanc-dicomweb` when missing (needs root;
-#       idempotent). The packaged service is not started (no systemd here; see below).
+#       Install the Debian packages `orthanc`, `orthanc-dicomweb` and `curl` when missing
+#       (needs root; idempotent). The packaged service is not started (no systemd here; see below).
 #   scripts/orthanc.sh start DIR --http-port P [--dicom-port Q] [--user U --password PW]
 #                            [--timeout S]
 #       Start `Orthanc DIR/orthanc.json` in the background with its own configuration and
@@ -22,7 +22,8 @@
 # registered and unknown callers may not store, query or retrieve.
 set -euo pipefail
 
-PACKAGES=(orthanc orthanc-dicomweb)
+# curl: `start` and `status` ask the server's /system with it, and a minimal Debian lacks it.
+PACKAGES=(orthanc orthanc-dicomweb curl)
 PLUGIN_DIRS=(/usr/share/orthanc/plugins /usr/lib/orthanc/plugins /usr/local/share/orthanc/plugins)
 
 die() { echo "orthanc.sh: $*" >&2; exit 1; }
@@ -42,7 +43,9 @@ plugin_path() {
     return 1
 }
 
-installed() { command -v Orthanc >/dev/null 2>&1 && plugin_path >/dev/null; }
+installed() {
+    command -v Orthanc >/dev/null 2>&1 && command -v curl >/dev/null 2>&1 && plugin_path >/dev/null
+}
 
 cmd_install() {
     if installed; then

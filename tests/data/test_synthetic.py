@@ -190,7 +190,8 @@ def test_dicom_series_round_trip(tmp_path: Path, direction: np.ndarray) -> None:
 
 
 def test_dicom_series_is_a_valid_seg_source(tmp_path: Path) -> None:
-    hd = pytest.importorskip("highdicom")
+    import highdicom as hd  # a dependency of lungcad (the SEG and SR writers)
+
     phantom = make_phantom(2, matrix=40, shape_zyx=(8, 40, 40), size_mm=[20.0])
     files = write_dicom_series(phantom.volume, tmp_path / "ct")
     sources = [pydicom.dcmread(f) for f in files]

@@ -3,7 +3,8 @@
 Protocol details (retries, multipart parsing, STOW failures, the ledger) are tested against
 in-process fakes; everything else against a real Orthanc with the DICOMweb plugin on
 127.0.0.1, started once for the module by ``scripts/orthanc.sh`` (basic auth on) and stopped
-by the fixture's finaliser. Without Orthanc installed those tests skip, saying how to install.
+by the fixture's finaliser. Without Orthanc installed those tests skip, saying how to install
+(under CI=true they fail: tests/system_tools.py).
 """
 
 from __future__ import annotations
@@ -42,6 +43,7 @@ from lungcad.service.pacs.dicomweb import (
 from lungcad.service.pacs.process import PacsStudyResult, process_study
 from lungcad.service.pacs.watch import StudyLedger, watch_round
 from tests.inference_helpers import shared_trained_run
+from tests.system_tools import require_tool
 
 torch.set_num_threads(1)  # 2 shared cores: more threads only contend
 
@@ -97,17 +99,17 @@ class Orthanc:
 @pytest.fixture(scope="module")
 def orthanc(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Orthanc]:
     plugin = subprocess.run([str(SCRIPT), "plugin"], capture_output=True, text=True)
-    if shutil.which("Orthanc") is None or plugin.returncode != 0:
-        pytest.skip(
-            "Orthanc with its DICOMweb plugin is not installed; run "
-            "`scripts/orthanc.sh install` as root (`make test` does)"
-        )
+    require_tool(
+        shutil.which("Orthanc") is not None and plugin.returncode == 0,
+        "Orthanc with its DICOMweb plugin is not installed; run "
+        "`scripts/orthanc.sh install` as root (`make system-deps` does)",
+    )
     server = Orthanc(tmp_path_factory.mktemp("orthanc"))
     try:
         server.start()
     except subprocess.CalledProcessError as exc:
         server.stop()
-        pytest.skip(f"Orthanc could not be started on 127.0.0.1: {exc.stderr.strip()}")
+        require_tool(False, f"Orthanc could not be started on 127.0.0.1: {exc.stderr.strip()}")
     try:
         yield server
     finally:
