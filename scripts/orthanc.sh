@@ -6,11 +6,13 @@
 #       Install the Debian packages `orthanc`, `orthanc-dicomweb` and `curl` when missing
 #       (needs root; idempotent). The packaged service is not started (no systemd here; see below).
 #   scripts/orthanc.sh start DIR --http-port P [--dicom-port Q] [--user U --password PW]
-#                            [--timeout S]
+#                            [--modality NAME=AET@HOST:PORT ...] [--timeout S]
 #       Start `Orthanc DIR/orthanc.json` in the background with its own configuration and
 #       storage under DIR, the DICOMweb plugin at http://127.0.0.1:P/dicom-web/, and wait until
 #       it answers (default 30 s). Its pid is recorded in DIR/orthanc.pid, its log in
 #       DIR/orthanc.log. With --user/--password, HTTP basic authentication is required.
+#       Each --modality registers a DICOM node (e.g. lungcad listen) that may store into this
+#       Orthanc (its DICOM AE title is LUNGCADTEST) and that /modalities/NAME/store sends to.
 #       Starting an Orthanc that is already running from DIR is a no-op.
 #   scripts/orthanc.sh stop DIR      stop the Orthanc started from DIR (TERM, then KILL).
 #   scripts/orthanc.sh status DIR    exit 0 when the Orthanc of DIR runs and answers.
@@ -101,7 +103,7 @@ answers() {  # answers DIR: the Orthanc of DIR replies on its HTTP port with its
 cmd_start() {
     local dir="${1:-}"; [[ -n "$dir" && "$dir" != --* ]] || die "usage: start DIR --http-port P ..."
     shift
-    local http_port="" dicom_port="" user="" password="" timeout=30
+    local http_port="" dicom_port="" user="" password="" timeout=30 modalities=""
     while [[ $# -gt 0 ]]; do
         case "$1" in
             --http-port) http_port="$2"; shift 2 ;;
@@ -109,6 +111,11 @@ cmd_start() {
             --user) user="$2"; shift 2 ;;
             --password) password="$2"; shift 2 ;;
             --timeout) timeout="$2"; shift 2 ;;
+            --modality)
+                [[ "$2" =~ ^([A-Za-z0-9_-]+)=([A-Za-z0-9_-]{1,16})@([A-Za-z0-9.-]+):([0-9]+)$ ]] ||
+                    die "start: --modality NAME=AET@HOST:PORT expected; got $2"
+                modalities+="${modalities:+, }\"${BASH_REMATCH[1]}\" : [ \"${BASH_REMATCH[2]}\", \"${BASH_REMATCH[3]}\", ${BASH_REMATCH[4]} ]"
+                shift 2 ;;
             *) die "start: unknown option $1" ;;
         esac
     done
@@ -152,7 +159,7 @@ cmd_start() {
   "DicomServerEnabled" : $dicom_enabled,
   "DicomPort" : ${dicom_port:-4242},
   "DicomAet" : "LUNGCADTEST",
-  "DicomModalities" : {},
+  "DicomModalities" : { $modalities },
   "DicomAlwaysAllowEcho" : false,
   "DicomAlwaysAllowStore" : false,
   "DicomAlwaysAllowFind" : false,
