@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from lungcad.errors import InputError
-from lungcad.inference.lesions import MAX_LESIONS, find_lesions, lesions_to_dicts
+from lungcad.inference.lesions import MAX_LESIONS, find_lesions, lesion_labels, lesions_to_dicts
 from lungcad.lesion import Lesion
 from lungcad.volume import Volume
 
@@ -182,3 +182,54 @@ def test_too_many_components_keeps_the_largest(caplog):
     assert [les.voxel_count for les in few] == [96, 1, 1]
     with pytest.raises(InputError, match="max_lesions"):
         find_lesions(_volume(mask), max_lesions=0)
+
+
+def test_short_axis_of_an_ellipse_is_its_minor_axis():
+    # An axial ellipse with semi-axes 12 mm (x) and 5 mm (y): long axis 24 mm, short 10 mm, to
+    # within the pixel squares that stand out of the ellipse.
+    y, x = np.mgrid[0:60, 0:60].astype(np.float64)
+    inside = ((x - 30) * SPACING[2] / 12.0) ** 2 + ((y - 30) * SPACING[1] / 5.0) ** 2 <= 1.0
+    mask = np.zeros((3, 60, 60), np.float32)
+    mask[1] = inside
+    (lesion,) = find_lesions(_volume(mask))
+    assert 24.0 <= lesion.longest_axial_diameter_mm <= 24.0 + SPACING[2]
+    assert 10.0 <= lesion.short_axis_mm <= 10.0 + 2 * SPACING[1]
+    # A box of 10 x 20 pixels: the long axis is its diagonal, the short axis the box's width
+    # across that diagonal (2ab / diagonal).
+    (box,) = find_lesions(_volume(_box_mask()))
+    a, b = 10 * 0.6, 20 * 0.9
+    assert box.short_axis_mm == pytest.approx(2 * a * b / math.hypot(a, b))
+
+
+def test_side_of_the_body_and_label_image():
+    # A body of soft tissue (0 HU) in air, with one lesion on each side of its midline. LPS x
+    # grows to the patient's left, so the lesion at high x is in the left lung.
+    hu = np.full((6, 40, 80), -1000.0, np.float32)
+    hu[:, 5:35, 10:70] = 0.0  # body: columns 10..69, midline between columns 39 and 40
+    mask = np.zeros(hu.shape, np.float32)
+    mask[1:3, 15:20, 50:56] = 1  # larger: lesion 1, patient's left
+    mask[3:5, 15:18, 20:24] = 1  # lesion 2, patient's right
+    volume = _volume(hu)
+    lesions = find_lesions(volume.with_array(mask), hu=volume)
+    assert [les.side for les in lesions] == ["left", "right"]
+    assert find_lesions(volume.with_array(mask))[0].side is None  # no HU: no side
+    # Flipped storage (x runs to the patient's right): the sides follow the patient, not x.
+    flipped = Volume(
+        array=hu, spacing=SPACING, origin=ORIGIN, direction=np.diag([-1.0, 1.0, 1.0])
+    )
+    assert [les.side for les in find_lesions(flipped.with_array(mask), hu=flipped)] == [
+        "right",
+        "left",
+    ]
+    labels = lesion_labels(volume.with_array(mask), lesions)
+    assert labels.dtype == np.uint16
+    assert set(np.unique(labels)) == {0, 1, 2}
+    for lesion in lesions:
+        assert int((labels == lesion.id).sum()) == lesion.voxel_count
+        assert labels[lesion.anchor_zyx] == lesion.id
+    # A speck dropped by min_volume_mm3 stays 0; lesions of another mask are refused.
+    mask[5, 0, 0] = 1
+    kept = find_lesions(volume.with_array(mask), min_volume_mm3=10.0)
+    assert lesion_labels(volume.with_array(mask), kept)[5, 0, 0] == 0
+    with pytest.raises(InputError, match="anchor"):
+        lesion_labels(volume.with_array(np.zeros_like(mask)), lesions)

@@ -27,6 +27,7 @@ from lungcad.inference.predictor import Predictor
 from lungcad.io import read_image
 from lungcad.io.dicom_writer import write_dicom_series
 from lungcad.volume import reorient
+from tests.dicom_conformance import assert_conformant, assert_seg_matches_nifti
 from tests.inference_helpers import SIZE, shared_trained_run
 
 torch.set_num_threads(1)  # 2 shared cores: more threads only contend
@@ -154,8 +155,11 @@ def test_dicom_outputs_reference_the_series(predictor, studies, phantom, tmp_pat
     result.mask = result.mask.with_array(phantom.tumour_mask.astype(np.uint8))
     result.lesions = find_lesions(result.mask, volume, result.probability)
     paths = write_study_outputs(volume, result, tmp_path / "out", report=False, cam=False)
-    assert {"seg.dcm", "sr.dcm", "mask.nii.gz", "findings.json"} <= set(paths)
+    assert {"seg.dcm", "sr.dcm", "ko.dcm", "mask.nii.gz", "findings.json"} <= set(paths)
     assert "report.html" not in paths
+    # The IHE AIR-style set passes dciodvfy, and dcmqi rebuilds the SEG as mask.nii.gz.
+    assert_conformant(paths["seg.dcm"], paths["sr.dcm"], paths["ko.dcm"])
+    assert_seg_matches_nifti(paths["seg.dcm"], paths["mask.nii.gz"], tmp_path / "dcmqi")
     seg = hd.seg.segread(paths["seg.dcm"])
     (series,) = seg.ReferencedSeriesSequence
     assert series.SeriesInstanceUID == volume.meta["series_instance_uid"]
@@ -172,9 +176,23 @@ def test_dicom_outputs_reference_the_series(predictor, studies, phantom, tmp_pat
     sr = hd.sr.srread(paths["sr.dcm"])
     assert sr.StudyInstanceUID == volume.meta["study_instance_uid"]
     findings = json.loads(paths["findings.json"].read_text())
+    # findings.json records the UIDs the DICOM results share.
+    (segment,) = seg.SegmentSequence
+    assert findings["dicom"]["tracking_uids"] == {"1": segment.TrackingUID}
+    assert findings["dicom"]["files"] == ["ko.dcm", "seg.dcm", "sr.dcm"]
+    assert findings["dicom"]["frame_of_reference_created"] is False
+    (group,) = sr.content.get_volumetric_roi_measurement_groups()
+    assert group.tracking_uid == segment.TrackingUID
     assert findings["input"]["input_files"] == volume.shape[0]
     assert len(findings["input"]["input_sha256"]) == 64
     assert findings["lesions"][0]["volume_ml"] == pytest.approx(result.lesions[0].volume_ml)
+    # No lesion: no SEG (never an empty segment), but the SR and the key image of the most
+    # suspicious slice.
+    result.mask = result.mask.with_array(np.zeros_like(result.mask.array))
+    result.lesions = []
+    empty = write_study_outputs(volume, result, tmp_path / "empty", report=False, cam=False)
+    assert "seg.dcm" not in empty and {"sr.dcm", "ko.dcm"} <= set(empty)
+    assert_conformant(empty["sr.dcm"], empty["ko.dcm"])
 
 
 def test_mhd_and_png_studies(predictor, studies, phantom) -> None:

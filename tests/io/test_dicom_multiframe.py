@@ -17,8 +17,11 @@ import pytest
 from pydicom.uid import EnhancedCTImageStorage
 
 from lungcad.errors import InputError
+from lungcad.finding import StudyFinding
+from lungcad.inference.lesions import find_lesions, lesion_labels
 from lungcad.io import read_image
 from lungcad.io.dicom_outputs import write_dicom_seg, write_dicom_sr
+from tests.dicom_conformance import assert_conformant
 from tests.io.test_dicom import SPACING, ct_hu, slice_geometry, write_series
 
 
@@ -106,7 +109,9 @@ def test_seg_and_sr_reference_the_multiframe_ct(classic, tmp_path: Path) -> None
     volume = read_image(tmp_path / "mf")
     mask = np.zeros(volume.shape, np.uint8)
     mask[2:4, 3:7, 4:9] = 1
-    seg_path = write_dicom_seg(volume.with_array(mask), volume, tmp_path / "seg.dcm")
+    lesions = find_lesions(volume.with_array(mask))
+    labels = volume.with_array(lesion_labels(volume.with_array(mask), lesions))
+    seg_path = write_dicom_seg(labels, lesions, volume, tmp_path / "seg.dcm")
     seg = hd.seg.segread(seg_path)
     assert seg.ReferencedSeriesSequence[0].SeriesInstanceUID == source_ds.SeriesInstanceUID
     assert seg.FrameOfReferenceUID == source_ds.FrameOfReferenceUID
@@ -120,7 +125,10 @@ def test_seg_and_sr_reference_the_multiframe_ct(classic, tmp_path: Path) -> None
         z = round(float(item.PlanePositionSequence[0].ImagePositionPatient[2]), 3)
         got[z_of[z]] |= pixels[k].astype(np.uint8)
     np.testing.assert_array_equal(got, mask)
-    sr = pydicom.dcmread(write_dicom_sr([], 0.25, volume, tmp_path / "sr.dcm"))
+    finding = StudyFinding.decide(0.25, 0.5)
+    sr_path = write_dicom_sr([], finding, volume, tmp_path / "sr.dcm")
+    assert_conformant(seg_path, sr_path)
+    sr = pydicom.dcmread(sr_path)
     evidence = sr.CurrentRequestedProcedureEvidenceSequence[0].ReferencedSeriesSequence[0]
     assert evidence.ReferencedSOPSequence[0].ReferencedSOPInstanceUID == source_ds.SOPInstanceUID
 

@@ -458,9 +458,9 @@ def test_round_trip_stores_seg_and_sr_in_the_study(
         client.store(files)
         result = process_study(client, predictor, study_uid, tmp_path / "work")
         assert result.series_uid == ct_series and not result.reused_outputs
-        assert len(result.stored) == 2
+        assert len(result.stored) == 3  # SEG, SR and KOS
         series = client.search_series(study_uid)
-        assert sorted(str(s.Modality) for s in series) == ["CT", "SEG", "SR"]
+        assert sorted(str(s.Modality) for s in series) == ["CT", "KO", "SEG", "SR"]
         seg_series = next(s for s in series if s.Modality == "SEG")
         (seg_file,) = client.retrieve_series(
             study_uid, str(seg_series.SeriesInstanceUID), tmp_path / "seg"
@@ -470,13 +470,13 @@ def test_round_trip_stores_seg_and_sr_in_the_study(
         assert seg.ReferencedSeriesSequence[0].SeriesInstanceUID == ct_series
         assert str(seg.SOPInstanceUID) in result.stored
         # A repeated round trip (e.g. after a crash before the ledger was updated) sends the
-        # same objects again: the PACS still holds one SEG and one SR.
+        # same objects again: the PACS still holds one SEG, one SR and one KOS.
         again = process_study(client, predictor, study_uid, tmp_path / "work")
         assert again.reused_outputs and sorted(again.stored) == sorted(result.stored)
-        assert modalities(client, study_uid) == ["CT", "SEG", "SR"]
+        assert modalities(client, study_uid) == ["CT", "KO", "SEG", "SR"]
         assert (
             int(client.search_studies(study_uid=study_uid)[0].NumberOfStudyRelatedInstances)
-            == len(files) + 2
+            == len(files) + 3
         )
     assert not (tmp_path / "work" / "dicom").exists()  # no copy of the images is kept
 
@@ -515,7 +515,7 @@ def test_watch_once_processes_only_new_studies(
         assert watch(orthanc, run_dir, state, "--once", "--since", "20250601") == 0
         out = capsys.readouterr().out
         assert f"done    {first}" in out and "1 processed" in out
-        assert modalities(client, first) == ["CT", "SEG", "SR"]
+        assert modalities(client, first) == ["CT", "KO", "SEG", "SR"]
         assert json.loads((state / "ledger.json").read_text())["studies"][first]["status"] == "done"
 
         assert watch(orthanc, run_dir, state, "--once", "--since", "20250601") == 0
@@ -533,8 +533,8 @@ def test_watch_once_processes_only_new_studies(
         out = capsys.readouterr().out
         assert "0 processed, 0 failed, 0 already analysed, 1 still arriving" in out
         assert f"done    {second}" in out and first not in out and "1 processed" in out
-        assert modalities(client, first) == ["CT", "SEG", "SR"]  # nothing sent twice
-        assert modalities(client, second) == ["CT", "SEG", "SR"]
+        assert modalities(client, first) == ["CT", "KO", "SEG", "SR"]  # nothing sent twice
+        assert modalities(client, second) == ["CT", "KO", "SEG", "SR"]
 
     # A lost ledger: studies that already hold lungcad's SEG/SR are adopted, not redone.
     assert watch(orthanc, run_dir, tmp_path / "fresh", "--once", "--since", "20250601") == 0
@@ -631,4 +631,4 @@ def test_watch_loop_picks_up_new_studies_and_stops_cleanly(
                 process.communicate()
         assert process.returncode == 0, err
         assert f"done    {first}" in out and f"done    {second}" in out
-        assert modalities(client, second) == ["CT", "SEG", "SR"]
+        assert modalities(client, second) == ["CT", "KO", "SEG", "SR"]

@@ -3,9 +3,11 @@
 A predicted (or reference) tumour mask is split into 3D connected components (26-connectivity:
 voxels touching by a face, an edge or a corner belong to the same lesion). Each lesion gets
 the measurements a radiologist reads off a CT: its volume (mL), its longest axial diameter
-(mm, as with a caliper on one axial slice, RECIST style), where it is (voxel centroid and the
-patient LPS position in mm), which slices it spans, and, when given, its mean HU and the
-model's probability inside it.
+and the short axis perpendicular to it (mm, as with a caliper on one axial slice, RECIST
+style), where it is (voxel centroid, the patient LPS position in mm and, with HU, the side of
+the body), which slices it spans, and, when given, its mean HU and the model's probability
+inside it. :func:`lesion_labels` turns a mask and its lesions back into a label image (voxel
+value = lesion id), as the DICOM SEG stores one segment per lesion.
 
 All geometry comes from the mask's :class:`~lungcad.volume.Volume` (spacing in mm, origin and
 direction), so anisotropic voxels (e.g. 2.5 mm slices of 0.7 mm pixels) are measured right.
@@ -34,6 +36,8 @@ _STRUCTURE_26 = np.ones((3, 3, 3), dtype=bool)
 MAX_LESIONS = 1000
 # Voxels per z slab for whole-volume passes (bincount, binary check): bounds temporaries.
 _SLAB_VOXELS = 1 << 21
+# Body = HU above this (soft tissue, bone, table); its left-right extent gives the midline.
+_BODY_HU = -500.0
 
 
 def find_lesions(
@@ -115,17 +119,69 @@ def find_lesions(
     for label in keep:
         m = _measure(labels, int(label), boxes[label - 1], mask.spacing, hu_array, prob_array)
         centroid = np.asarray(m.pop("centroid_zyx"))
+        centroid_lps = tuple(float(c) for c in mask.index_to_physical(centroid)[0])
+        side = None
+        if hu_array is not None:
+            side = _side(mask, hu_array, m["diameter_slice"], centroid_lps[0])
         measured.append(
             {
                 "volume_ml": m["voxel_count"] * voxel_mm3 / 1000.0,
                 "centroid_zyx": tuple(float(c) for c in centroid),
-                "centroid_lps_mm": tuple(float(c) for c in mask.index_to_physical(centroid)[0]),
+                "centroid_lps_mm": centroid_lps,
+                "side": side,
                 **m,
             }
         )
     # Largest first; ties broken by position so the numbering is deterministic.
     measured.sort(key=lambda m: (-m["voxel_count"], m["centroid_zyx"]))
     return [Lesion(id=i, **m) for i, m in enumerate(measured, start=1)]
+
+
+def lesion_labels(mask: Volume, lesions: list[Lesion]) -> np.ndarray:
+    """The label image of ``lesions``: each lesion's voxels hold its id, all others 0.
+
+    The mask is labelled again with the same 26-connectivity, and each lesion's
+    ``anchor_zyx`` picks its component; components find_lesions dropped (too small, beyond
+    ``max_lesions``) stay 0.
+
+    Args:
+        mask: the binary mask (z, y, x) the lesions were found in.
+        lesions: :func:`find_lesions` of that mask.
+
+    Returns:
+        (z, y, x) uint16 label image (ids 1..n, at most 65535 lesions).
+
+    Raises:
+        InputError: a lesion's anchor is not a mask voxel (lesions of another mask).
+    """
+    array = np.asarray(mask.array)
+    labels, n = ndimage.label(array, structure=_STRUCTURE_26)
+    lookup = np.zeros(n + 1, dtype=np.uint16)
+    for lesion in lesions:
+        component = int(labels[lesion.anchor_zyx])
+        if component == 0:
+            raise InputError(
+                f"lesion {lesion.id}'s anchor voxel {lesion.anchor_zyx} is not in the mask; "
+                "the lesions were found in another mask.",
+                mask.meta.get("source_path"),
+            )
+        lookup[component] = lesion.id
+    return lookup[labels]
+
+
+def _side(mask: Volume, hu: np.ndarray, z: int, centroid_x_mm: float) -> str:
+    """``"left"`` or ``"right"``: the centroid's side of the body's midline on slice ``z``.
+
+    The midline is the middle of the body's (HU > -500) left-right extent in patient
+    coordinates (LPS x grows to the patient's left); a slice without body uses the whole slice.
+    """
+    body = hu[z] > _BODY_HU
+    rows, cols = np.nonzero(body) if body.any() else np.indices(body.shape).reshape(2, -1)
+    dz, dy, dx = mask.spacing
+    d = mask.direction  # columns: index axes (x, y, z)
+    x_mm = mask.origin[0] + d[0, 0] * cols * dx + d[0, 1] * rows * dy + d[0, 2] * z * dz
+    midline = 0.5 * (float(x_mm.min()) + float(x_mm.max()))
+    return "left" if centroid_x_mm > midline else "right"
 
 
 def _slabs(shape: tuple[int, ...]) -> list[slice]:
@@ -164,12 +220,16 @@ def _measure(
     cols = np.arange(box[2].start, box[2].stop)
     count, sum_z, sum_y, sum_x = 0, 0, 0, 0
     hu_sum, prob_sum, prob_max = 0.0, 0.0, -np.inf
-    best, best_z = 0.0, box[0].start
+    best, best_short, best_z = 0.0, 0.0, box[0].start
+    anchor: tuple[int, int, int] | None = None
     for z in range(box[0].start, box[0].stop):
         inside = labels[z, box[1], box[2]] == label
         n = int(np.count_nonzero(inside))
         if n == 0:
             continue
+        if anchor is None:
+            r, c = np.unravel_index(int(np.argmax(inside)), inside.shape)  # first True pixel
+            anchor = (z, int(rows[r]), int(cols[c]))
         count += n
         sum_z += z * n
         sum_y += int(inside.sum(axis=1) @ rows)
@@ -180,13 +240,15 @@ def _measure(
             values = prob_array[z, box[1], box[2]][inside]
             prob_sum += float(values.sum(dtype=np.float64))
             prob_max = max(prob_max, float(values.max()))
-        diameter = _axial_diameter(inside, spacing)
+        diameter, short = _axial_diameter(inside, spacing)
         if diameter > best:
-            best, best_z = diameter, z
+            best, best_short, best_z = diameter, short, z
     return {
         "voxel_count": count,
         "longest_axial_diameter_mm": best,
+        "short_axis_mm": best_short,
         "diameter_slice": best_z,
+        "anchor_zyx": anchor,
         "centroid_zyx": np.array([sum_z, sum_y, sum_x], dtype=np.float64) / count,
         "slice_range": (int(box[0].start), int(box[0].stop - 1)),
         "mean_hu": None if hu_array is None else hu_sum / count,
@@ -201,13 +263,22 @@ def lesions_to_dicts(lesions: list[Lesion]) -> list[dict[str, Any]]:
     return [{key: json_safe(value) for key, value in asdict(lesion).items()} for lesion in lesions]
 
 
-def _axial_diameter(inside: np.ndarray, spacing: tuple[float, float, float]) -> float:
-    """Longest in-plane caliper (Feret) diameter (mm) of one slice of a lesion.
+def _axial_diameter(
+    inside: np.ndarray, spacing: tuple[float, float, float]
+) -> tuple[float, float]:
+    """Long and short axis (mm) of one slice of a lesion.
+
+    The long axis is the longest in-plane caliper (Feret) diameter; the short axis is the
+    caliper width perpendicular to it (the extent of the pixel corners projected on the
+    perpendicular direction), as RECIST measures it.
 
     Args:
         inside: (y, x) bool array of the lesion on one slice (within its bounding box), with
             at least one True pixel.
         spacing: (z, y, x) voxel size in mm.
+
+    Returns:
+        ``(long_mm, short_mm)``.
     """
     dy, dx = spacing[1], spacing[2]
     rows = np.flatnonzero(inside.any(axis=1))
@@ -224,13 +295,13 @@ def _axial_diameter(inside: np.ndarray, spacing: tuple[float, float, float]) -> 
             for c, dc in ((first, -0.5), (last, 0.5))
         ]
     ) * (dy, dx)
-    return _max_pairwise_distance(points)
-
-
-def _max_pairwise_distance(points: np.ndarray) -> float:
-    """Largest distance between any two of ``points`` (N, 2), via their convex hull."""
     if len(points) > 16:
         # Pixel corners always span a full 2D rectangle, so the hull is never degenerate.
         points = points[ConvexHull(points).vertices]
     diff = points[:, None, :] - points[None, :, :]
-    return float(np.sqrt((diff**2).sum(axis=-1)).max())
+    distance = np.sqrt((diff**2).sum(axis=-1))
+    i, j = np.unravel_index(int(np.argmax(distance)), distance.shape)
+    longest = float(distance[i, j])
+    axis = diff[i, j] / longest
+    across = points @ np.array([-axis[1], axis[0]])  # projection on the perpendicular
+    return longest, float(across.max() - across.min())

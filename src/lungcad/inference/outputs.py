@@ -5,8 +5,10 @@
     mask.nii.gz         uint8 tumour mask in the input file's own geometry (orientation,
                         spacing, origin), so it overlays the input in any viewer
     probability.nii.gz  float32 tumour probability, same geometry
-    seg.dcm, sr.dcm     DICOM Segmentation and Comprehensive 3D SR (DICOM input only),
-                        referencing the source series
+    seg.dcm, sr.dcm,    DICOM input only, after IHE AI Results: Segmentation (one segment
+    ko.dcm              per lesion; none without lesions), Comprehensive 3D SR (lesions and
+                        the study finding) and Key Object Selection (key images), new series
+                        in the source study (``lungcad.io.dicom_outputs``)
     findings.json       study probability, decision, threshold, slice probabilities,
                         lesions, model info, input hashes, timings
     preview.png         montage of the slices with the most tumour, mask in red
@@ -218,8 +220,8 @@ def write_study_outputs(
         source: the input Volume the result was computed on (canonical, with its meta).
         result: the prediction.
         out_dir: the study's output folder (new, empty, or an earlier result to replace).
-        seg: write ``seg.dcm`` (DICOM input only).
-        sr: write ``sr.dcm`` (DICOM input only).
+        seg: write ``seg.dcm`` (DICOM input with lesions only).
+        sr: write ``sr.dcm`` and ``ko.dcm`` (DICOM input only).
         report: write ``report.html``.
         cam: write the Grad-CAM pictures (when the result has heat maps).
 
@@ -245,19 +247,26 @@ def write_study_outputs(
     with atomic_dir(out_dir) as tmp:
         write_mask(result.mask, tmp / "mask.nii.gz")
         write_image(result.probability, tmp / "probability.nii.gz")
-        if is_dicom and seg:
-            from lungcad.io.dicom_outputs import write_dicom_seg
+        dicom = None
+        if is_dicom and (seg or sr):
+            from lungcad.inference.lesions import lesion_labels
+            from lungcad.io.dicom_outputs import Algorithm, write_dicom_results
 
-            write_dicom_seg(result.mask, source, tmp / "seg.dcm", algorithm_version=version)
-        if is_dicom and sr:
-            from lungcad.io.dicom_outputs import write_dicom_sr
-
-            write_dicom_sr(
-                result.lesions,
-                result.study_probability,
+            # The IHE AI Results set: SEG (one segment per lesion; none without lesions),
+            # SR (lesions and the study finding) and KOS (key images), sharing their UIDs.
+            dicom = write_dicom_results(
                 source,
-                tmp / "sr.dcm",
-                algorithm_version=version,
+                result.mask.with_array(lesion_labels(result.mask, result.lesions)),
+                result.lesions,
+                result.finding,
+                tmp,
+                algorithm=Algorithm(
+                    version=version, configuration_hash=str(info.get("config_hash") or "")
+                ),
+                slice_probabilities=result.slice_probabilities,
+                seg=seg,
+                sr=sr,
+                kos=sr,
             )
         pictures = {"preview.png": preview_montage(source, result)}
         if cam:
@@ -267,6 +276,8 @@ def write_study_outputs(
         names = sorted(p.name for p in tmp.iterdir())
         names += [FINDINGS_FILE] + (["report.html"] if report else [])
         doc = findings(source, result, sorted(names))
+        if dicom is not None:
+            doc["dicom"] = dicom.to_dict()
         write_json_atomic(tmp / FINDINGS_FILE, doc)
         if report:
             write_study_report(tmp / "report.html", doc, pictures)

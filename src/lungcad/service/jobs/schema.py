@@ -87,7 +87,7 @@ def result_document(
         A JSON-ready dict: probability, decision, threshold, per-slice probabilities
         (None where a slice has no lung), lesions, shape and spacing, Grad-CAM slices,
         warnings, and download URLs under :data:`API_PREFIX` (None for outputs not written,
-        e.g. SEG and SR for NIfTI input).
+        e.g. SEG, SR and KOS for NIfTI input, SEG for a study without lesions).
     """
     base = f"{API_PREFIX}/jobs/{job_id}/files/"
 
@@ -113,6 +113,7 @@ def result_document(
             "probability": url("probability.nii.gz"),
             "seg": url("seg.dcm"),
             "sr": url("sr.dcm"),
+            "ko": url("ko.dcm"),
             "report": url("report.html"),
             "findings": url("findings.json"),
             "preview": url("preview.png"),

@@ -41,11 +41,14 @@ __all__ = [
 
 #: Manufacturer that lungcad writes into its SEG and SR objects.
 LUNGCAD_MANUFACTURER = "lungcad"
-OUTPUT_MODALITIES = ("SEG", "SR")
+OUTPUT_MODALITIES = ("SEG", "SR", "KO")
+#: The DICOM results lungcad stores back, when written (no SEG without a lesion, no KOS
+#: without a key image).
+DICOM_OUTPUTS = ("seg.dcm", "sr.dcm", "ko.dcm")
 
 
 def is_lungcad_output(series: pydicom.Dataset) -> bool:
-    """True for a SEG or SR series that lungcad wrote (by Manufacturer or SeriesDescription)."""
+    """True for a SEG, SR or KO series that lungcad wrote (by Manufacturer or SeriesDescription)."""
     if str(series.get("Modality", "")).upper() not in OUTPUT_MODALITIES:
         return False
     manufacturer = str(series.get("Manufacturer", "")).strip().lower()
@@ -110,7 +113,7 @@ def _fetch_ct(client: DicomWebClient, study_uid: str, images: Path) -> None:
 
 
 def _complete_outputs(out_dir: Path) -> dict[str, Path] | None:
-    names = ("findings.json", "seg.dcm", "sr.dcm")
+    names = ("findings.json", "sr.dcm")  # the folder is written atomically: all or nothing
     if all((out_dir / n).is_file() for n in names):
         return {p.name: p for p in sorted(out_dir.iterdir()) if p.is_file()}
     return None
@@ -119,7 +122,7 @@ def _complete_outputs(out_dir: Path) -> dict[str, Path] | None:
 def process_study(
     client: DicomWebClient, predictor: Predictor, study_uid: str, work_dir: str | Path
 ) -> PacsStudyResult:
-    """Fetch a study's CT, predict, write the outputs, and store the SEG and SR back.
+    """Fetch a study's CT, predict, write the outputs, and store the SEG, SR and KOS back.
 
     Steps, each resumable so a crash or PACS outage never loses work nor duplicates it:
 
@@ -127,7 +130,7 @@ def process_study(
     2. read it (``lungcad.io.read_image`` picks the CT series with most slices) and predict;
     3. ``write_study_outputs`` into ``work_dir/outputs`` (written atomically; when a complete
        earlier result is there, it is sent again instead, keeping its SOPInstanceUIDs);
-    4. STOW-RS ``seg.dcm`` and ``sr.dcm`` into the same study.
+    4. STOW-RS ``seg.dcm`` (when there are lesions), ``sr.dcm`` and ``ko.dcm`` into the study.
 
     Args:
         client: the PACS.
@@ -162,14 +165,14 @@ def process_study(
             )
         result = predictor.predict_volume(volume)
         outputs = write_study_outputs(volume, result, out_dir)
-        if "seg.dcm" not in outputs or "sr.dcm" not in outputs:
+        if "sr.dcm" not in outputs:
             raise InputError(
-                "no DICOM SEG/SR was written for this study (the input was not read as DICOM)",
+                "no DICOM SR was written for this study (the input was not read as DICOM)",
                 images,
             )
     else:
         log.info("study %s: sending the outputs of an earlier attempt again", study_uid)
-    stored = client.store([outputs["seg.dcm"], outputs["sr.dcm"]], study_uid=study_uid)
+    stored = client.store([outputs[n] for n in DICOM_OUTPUTS if n in outputs], study_uid=study_uid)
     doc = json.loads(outputs["findings.json"].read_text(encoding="utf-8"))
     shutil.rmtree(images, ignore_errors=True)  # the images stay on the PACS; keep no copy
     return PacsStudyResult(
