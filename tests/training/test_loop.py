@@ -1,4 +1,5 @@
-"""Training loop: tiny seg/cls runs, the run folder, exact resume, DDP on CPU (gloo)."""
+"""Training loop: tiny seg/cls runs, the run folder, exact resume (seg; cls after SIGKILL),
+DDP on CPU (gloo)."""
 
 from __future__ import annotations
 
@@ -6,10 +7,12 @@ import csv
 import json
 import math
 import os
+import signal
 import subprocess
 import sys
 import tempfile
 import textwrap
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -296,3 +299,122 @@ def test_early_stopping_state() -> None:
     stored = early.as_dict()
     assert stored == {"best": 0.4, "best_epoch": 2, "bad_epochs": 2, "threshold": 0.3}
     assert EarlyStopping.from_dict(stored) == early
+
+
+# The interrupted run of test_cls_resume_after_sigkill_equals_uninterrupted: `lungcad train`
+# in a child process whose optimiser step, at global step KILL_AT (mid-epoch), tells the parent
+# and then waits to be killed with SIGKILL (no handler, no clean-up: as a crash or the OOM
+# killer would end it).
+KILL_SCRIPT = textwrap.dedent("""
+    import sys, time
+    from pathlib import Path
+
+    import torch
+
+    torch.set_num_threads(1)
+    from lungcad.cli import main
+    from lungcad.training.optim import Optimisation
+
+    config, out, marker, kill_at = sys.argv[1], sys.argv[2], Path(sys.argv[3]), int(sys.argv[4])
+    step, steps = Optimisation.step, []
+
+    def step_then_wait(self, loss, params):
+        step(self, loss, params)
+        steps.append(1)
+        if len(steps) == kill_at:
+            marker.write_text(str(len(steps)))
+            time.sleep(600)
+
+    Optimisation.step = step_then_wait
+    sys.exit(main(["train", "cls", "--config", config, "--out", out]))
+""")
+
+
+def test_cls_resume_after_sigkill_equals_uninterrupted(
+    seg_run: Path, manifest: Path, tmp_path: Path, tiny_config: Callable[..., Config]
+) -> None:
+    """Stage cls from a seg run, class-balanced sampling, encoder frozen for epoch 1 and
+    fine-tuned after: killed with SIGKILL in the middle of epoch 2 (the first with the
+    encoder unfrozen), then resumed, it ends equal to the run that was never interrupted
+    (every weight and BatchNorm statistic, optimiser moments, metrics history, threshold)."""
+    steps_per_epoch = 3
+    cfg = tiny_config(
+        manifest,
+        tmp_path / "full",
+        "train.stage=cls",
+        f"train.init_from={seg_run}",
+        "data.balanced_sampling=true",
+        "data.batch_size=2",
+        f"train.max_steps_per_epoch={steps_per_epoch}",
+        "optim.freeze_encoder_epochs=1",
+        "optim.epochs=3",
+        "optim.warmup_epochs=0.5",
+        "model.cls_dropout=0.3",
+    )
+    full = train(cfg)
+    assert full.status == "finished"
+
+    part, marker = tmp_path / "part", tmp_path / "killed_at"
+    config_file = tmp_path / "cls.yaml"
+    config_file.write_text(config_to_yaml(cfg))
+    script = tmp_path / "kill_train.py"
+    script.write_text(KILL_SCRIPT)
+    kill_at = steps_per_epoch + 2  # epoch 2, step 2 of 3
+    child = subprocess.Popen(
+        [sys.executable, str(script), str(config_file), str(part), str(marker), str(kill_at)],
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        deadline = time.monotonic() + 120
+        while not marker.exists() and child.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert marker.exists(), f"the child never reached step {kill_at}: {child.poll()}"
+        child.send_signal(signal.SIGKILL)
+        _, stderr = child.communicate(timeout=30)
+    finally:
+        if child.poll() is None:
+            child.kill()
+            child.communicate()
+    assert child.returncode == -signal.SIGKILL, stderr[-2000:]
+    # Killed mid-epoch: one finished epoch on disk, the run still marked as running.
+    assert json.loads((part / "run.json").read_text())["status"] == "running"
+    assert len(json.loads((part / "metrics.json").read_text())) == 1
+    assert read_checkpoint(part / "last.pt")["epoch"] == 1
+
+    assert cli_main(["train", "cls", "--resume", str(part)]) == 0
+
+    a, b = read_checkpoint(tmp_path / "full" / "last.pt"), read_checkpoint(part / "last.pt")
+    for key, value in full.model.state_dict().items():
+        assert torch.equal(value, b["model"][key]), key
+    best_a, best_b = (
+        read_checkpoint(tmp_path / "full" / "best.pt"),
+        read_checkpoint(part / "best.pt"),
+    )
+    for key, value in best_a["model"].items():
+        assert torch.equal(value, best_b["model"][key]), key
+    assert _strip_time(b["history"]) == _strip_time(full.history) == _strip_time(a["history"])
+    assert len(b["history"]) == 3
+    assert a["early_stopping"] == b["early_stopping"]
+    assert a["scheduler"]["last_epoch"] == b["scheduler"]["last_epoch"] == 3 * steps_per_epoch
+    state_a, state_b = a["optimizer"]["state"], b["optimizer"]["state"]
+    assert state_a.keys() == state_b.keys()
+    for key, value in state_a.items():
+        for name in ("exp_avg", "exp_avg_sq"):
+            assert torch.equal(value[name], state_b[key][name]), (key, name)
+    threshold = json.loads((part / "threshold.json").read_text())
+    assert (
+        threshold["threshold"]
+        == json.loads((tmp_path / "full" / "threshold.json").read_text())["threshold"]
+    )
+    run = json.loads((part / "run.json").read_text())
+    assert run["status"] == "finished" and len(run["resumed_at"]) == 1
+    # The encoder did train after the unfreeze (else the test would not cross it).
+    seg = read_checkpoint(seg_run)["model"]
+    assert any(
+        not torch.equal(value, seg[key])
+        for key, value in b["model"].items()
+        if key.startswith("encoder.")
+    )
