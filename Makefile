@@ -18,8 +18,8 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q -e '.[dev,radiomics]'
 	touch $(STAMP)
 
-# Debian packages the PACS, DICOM network and browser tests use (Orthanc + DICOMweb plugin,
-# dcmtk, Chromium).
+# Debian packages the PACS, DICOM network, conformance and browser tests use (Orthanc +
+# DICOMweb plugin, dcmtk, dicom3tools, Chromium).
 # Each installer is idempotent. On a user's machine a failed install warns and the tests that
 # need the tool skip, saying why; under CI=true (.ci/run) it fails the build, as those tests
 # would (tests/system_tools.py). Add an installer as one more `$(call system_dep,...)` line
@@ -27,6 +27,7 @@ $(STAMP): pyproject.toml
 ORTHANC_INSTALL ?= scripts/orthanc.sh install
 BROWSER_INSTALL ?= scripts/install_browser.sh
 DCMTK_INSTALL ?= scripts/dcmtk.sh
+DICOM3TOOLS_INSTALL ?= scripts/dicom3tools.sh
 IS_CI := $(filter 1 true yes,$(shell echo '$(CI)' | tr 'A-Z' 'a-z'))
 system_dep = $(1) || { echo "$(2) ($(if $(IS_CI),CI=true: the build fails,they will be skipped))" >&2; $(if $(IS_CI),exit 1,true); }
 
@@ -34,6 +35,7 @@ system-deps:
 	@$(call system_dep,$(ORTHANC_INSTALL),Orthanc unavailable: the PACS tests need it)
 	@$(call system_dep,$(BROWSER_INSTALL),Chromium unavailable: the browser tests need it)
 	@$(call system_dep,$(DCMTK_INSTALL),dcmtk unavailable: the lungcad listen tests need it)
+	@$(call system_dep,$(DICOM3TOOLS_INSTALL),dicom3tools unavailable: the DICOM conformance tests need dciodvfy)
 
 demo: $(STAMP)
 	$(VENV)/bin/lungcad demo --out demo_output
