@@ -7,6 +7,15 @@ Example::
 Writes ``RUN/calibration.json`` (the map from logits to probabilities and the decision
 threshold re-chosen on the calibrated validation probabilities); ``lungcad predict`` applies
 it from then on. Delete the file to go back to uncalibrated probabilities.
+
+With ``--studies VAL`` (validation studies in the MSD layout) it chooses the **study**
+threshold instead: the predictor runs on every study and the threshold on the study
+probabilities is chosen by ``--threshold-method``; it is written as
+``RUN/study_threshold.json`` (with the studies it was chosen on), and ``lungcad predict``
+decides 3D studies with it from then on. Run it after any ``--manifest`` calibration, which
+changes the study probabilities (a stale study threshold is refused)::
+
+    lungcad calibrate --checkpoint runs/cls --studies cohort_val/msd
 """
 
 from __future__ import annotations
@@ -32,10 +41,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--manifest",
-        required=True,
+        default=None,
         action="append",
         metavar="DIR_OR_CSV",
-        help="prepared data (folder or manifest.csv); repeat to combine sets",
+        help="prepared data (folder or manifest.csv); repeat to combine sets (or give --studies)",
+    )
+    parser.add_argument(
+        "--studies",
+        default=None,
+        metavar="DIR",
+        help="validation studies (3D, MSD layout): choose the study-level threshold on them "
+        "and write RUN/study_threshold.json, instead of a slice calibration",
     )
     parser.add_argument(
         "--method",
@@ -59,6 +75,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Fit, store and summarise the calibration."""
+    from lungcad.errors import InputError
+
+    if (args.manifest is None) == (args.studies is None):
+        raise InputError(
+            "give either --manifest (slice calibration) or --studies (study threshold)",
+            "--manifest",
+        )
+    if args.studies is not None:
+        return _run_studies(args)
     from lungcad.evaluation.calibration import CALIBRATION_FILE, calibrate_run
 
     cal = calibrate_run(
@@ -85,4 +110,24 @@ def run(args: argparse.Namespace) -> int:
     )
     run_dir = Path(args.checkpoint)
     print(f"wrote {(run_dir if run_dir.is_dir() else run_dir.parent) / CALIBRATION_FILE}")
+    return 0
+
+
+def _run_studies(args: argparse.Namespace) -> int:
+    """``--studies``: choose and store the study threshold."""
+    from lungcad.inference.study_evaluation import choose_run_study_threshold
+
+    chosen = choose_run_study_threshold(args.checkpoint, args.studies, method=args.threshold_method)
+    st, on = chosen.threshold, chosen.threshold.chosen_on
+    fit = st.info["in_sample"]
+    print(
+        f"study threshold {st.threshold:.4f} ({st.method}) chosen on {on['n_studies']} "
+        f"validation studies ({on['n_positive']} with tumour) of {on['input']}; "
+        f"the slice threshold was {st.info['slice_threshold']:.4f}"
+    )
+    print(
+        f"  in-sample: sensitivity {fit['sensitivity']:.3f}, specificity "
+        f"{fit['specificity']:.3f}, AUC {fit['auc']:.3f} (not held-out figures)"
+    )
+    print(f"wrote {chosen.path}")
     return 0

@@ -9,6 +9,13 @@ those rows are the evaluated ones (``tuned_on_evaluated_data``, ``fitted_on_eval
 Outputs in ``--out``: metrics.json (flat, with patient-level 95% CIs), predictions.csv,
 evaluation.json (provenance), confusion_matrix.png, roc.png, calibration.png, dice.png,
 examples/*.png and examples.png (overlays). ``lungcad report OUT`` renders them as HTML.
+
+With ``--studies DIR`` (3D studies in the MSD layout, e.g. a ``lungcad synth`` cohort) the
+whole-study predictor of ``lungcad predict`` runs on every study instead
+(:mod:`lungcad.inference.study_evaluation`): per-study sensitivity, specificity and AUC with
+patient bootstrap CIs, 3D Dice and HD95 (mm; a missed tumour counts as Dice 0 and as the
+volume's diagonal), lesion sensitivity and false positives per study, in study_metrics.json,
+per_study.csv, study_evaluation.json and roc.png.
 """
 
 from __future__ import annotations
@@ -28,6 +35,7 @@ EPILOG = """examples:
   lungcad evaluate --checkpoint runs/cls --data prepared/hospB --split all --out eval/hospB
   lungcad evaluate --checkpoint runs/cls --data iqothnccd_extra --out eval/iq \\
       --positive "Malignant cases" --negative "Normal cases,Bengin cases"
+  lungcad evaluate --checkpoint runs/cls --studies cohort_test/msd --out eval/studies
 """
 
 SUMMARY_KEYS = (
@@ -52,9 +60,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_checkpoint_option(parser)
     parser.add_argument(
         "--data",
-        required=True,
+        default=None,
         metavar="PATH",
-        help="prepared folder / manifest.csv, or a raw dataset folder",
+        help="prepared folder / manifest.csv, or a raw dataset folder (or give --studies)",
+    )
+    parser.add_argument(
+        "--studies",
+        default=None,
+        metavar="DIR",
+        help="3D studies in the MSD layout (imagesTr/labelsTr NIfTI): score whole-study "
+        "decisions and 3D masks as `lungcad predict` makes them, instead of --data slices",
     )
     parser.add_argument(
         "--out",
@@ -110,6 +125,12 @@ def _fmt(metrics: dict[str, float], key: str) -> str:
 
 def run(args: argparse.Namespace) -> int:
     """Evaluate and print the main metrics; 0 on success."""
+    from lungcad.errors import InputError
+
+    if (args.data is None) == (args.studies is None):
+        raise InputError("give either --data (slices) or --studies (3D studies)", "--data")
+    if args.studies is not None:
+        return _run_studies(args)
     from lungcad.evaluation.evaluate import evaluate_run
 
     result = evaluate_run(
@@ -156,4 +177,59 @@ def run(args: argparse.Namespace) -> int:
         f"wrote {result.out_dir} (metrics.json, predictions.csv, plots); "
         f"render it with `lungcad report {result.out_dir} --out report.html`"
     )
+    return 0
+
+
+STUDY_SUMMARY = (
+    ("sensitivity", "sensitivity"),
+    ("specificity", "specificity"),
+    ("auc", "auc"),
+    ("mcc", "mcc"),
+    ("dice", "dice (3D)"),
+    ("hd95_mm", "hd95 (mm)"),
+    ("lesion_sensitivity", "lesion sensitivity"),
+    ("fp_per_study", "FP lesions / study"),
+)
+
+
+def _run_studies(args: argparse.Namespace) -> int:
+    """``--studies``: whole-study evaluation (lungcad.inference.study_evaluation)."""
+    from lungcad.errors import InputError
+    from lungcad.inference.study_evaluation import evaluate_studies
+
+    if args.tta:
+        raise InputError("--tta applies to --data slices, not to --studies", "--tta")
+
+    result = evaluate_studies(
+        args.checkpoint,
+        args.studies,
+        args.out,
+        n_boot=args.n_boot,
+        seed=args.seed,
+        device=args.device,
+        batch_size=args.batch_size,
+    )
+    info, metrics = result.info, result.metrics
+    threshold = info["threshold"]
+    print(
+        f"evaluated {info['checkpoint']['path']} on {info['data']['n_studies']} studies "
+        f"({info['data']['n_with_tumour']} with tumour) of {info['data']['input']}"
+    )
+    print(
+        f"study decision threshold {threshold['value']:.3f} ({threshold['source']}, "
+        f"{threshold['level']} level; chosen on {threshold['chosen_on']})"
+    )
+    for key, label in STUDY_SUMMARY:
+        if key in metrics:
+            print(f"  {label:<20}{_fmt(metrics, key)}")
+    if "n_missed_tumours" in metrics:
+        print(
+            f"  missed tumours      {metrics['n_missed_tumours']:.0f} of "
+            f"{metrics['n_with_tumour']:.0f} studies (Dice 0, HD95 = volume diagonal); "
+            f"lesions found {metrics['n_detected_lesions']:.0f} of "
+            f"{metrics['n_ref_lesions']:.0f}"
+        )
+    for note in info["notes"]:
+        print(f"note: {note}")
+    print(f"wrote {result.out_dir} (study_metrics.json, per_study.csv, study_evaluation.json)")
     return 0

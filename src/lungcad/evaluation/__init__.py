@@ -4,5 +4,7 @@ Modules: ``evaluate`` (``evaluate_run``: the forward pass and the run), ``data``
 to evaluate), ``scoring`` (metric tables from predictions), ``info`` (the provenance in
 ``evaluation.json``), ``folder`` (the evaluation folder: its files, writer and reader),
 ``plots`` (confusion, ROC, calibration, Dice figures), ``calibration`` (temperature / isotonic
-calibration and the decision threshold).
+calibration and the decision threshold). Whole 3D studies: ``study_data`` (which studies),
+``studies`` (per-study scores and the study metrics), ``study_folder`` (the study evaluation
+folder), ``study_threshold`` (the study decision threshold, ``study_threshold.json``).
 """

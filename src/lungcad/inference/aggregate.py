@@ -4,9 +4,14 @@ from __future__ import annotations
 
 import numpy as np
 
+#: The default extent (mm along z) that the top-k slices of a study probability span.
+AGGREGATION_EXTENT_MM = 5.0
+
 
 def aggregate_study(
-    slice_probabilities: np.ndarray, spacing_z_mm: float, extent_mm: float = 5.0
+    slice_probabilities: np.ndarray,
+    spacing_z_mm: float,
+    extent_mm: float = AGGREGATION_EXTENT_MM,
 ) -> tuple[float, int]:
     """Study probability: the mean of the top-k slice probabilities, k spanning ``extent_mm``.
 
@@ -15,9 +20,11 @@ def aggregate_study(
     see the same anatomy, so treating them as independent evidence inflates the probability
     further. Requiring the evidence to span about ``extent_mm`` along z (k = extent / slice
     spacing, at least 1) matches how a nodule looks (a 5 mm nodule crosses 2 slices at
-    2.5 mm, 5 at 1 mm) and keeps the result on the scale of the slice probabilities, so the
-    slice-level threshold chosen on validation still applies; with one slice (a 2D image)
-    it is that slice's probability.
+    2.5 mm, 5 at 1 mm) and keeps the result on the scale of the slice probabilities; with one
+    slice (a 2D image) it is that slice's probability. The scale is not the distribution: a
+    study's top-k mean runs higher than a typical slice's probability, so a 3D study is
+    decided with a threshold chosen on validation studies (``study_threshold.json``,
+    :mod:`lungcad.evaluation.study_threshold`) when the run has one.
 
     Args:
         slice_probabilities: ``(z,)`` probabilities; NaN for slices not evaluated.

@@ -20,7 +20,9 @@ Pipeline (per study, on the canonical LPS volume):
    grid; the mask is ``probability >= 0.5`` inside the lung box (with its margin);
 6. per-slice cancer probabilities from ``cls_logits`` (through ``calibration.json`` when the
    run has one), aggregated to a study probability (:func:`aggregate_study`), compared with
-   the run's threshold; lesions are measured with ``lesions.find_lesions``.
+   the run's study threshold (``study_threshold.json``, chosen on validation studies by
+   ``lungcad calibrate --studies``) for a 3D study, or with its slice threshold for a 2D image
+   or a run without one; lesions are measured with ``lesions.find_lesions``.
 
 Results stay on the input's canonical grid; writers put them back in the file's own
 orientation, so ``mask.nii.gz`` lies exactly on the input image.
@@ -47,8 +49,14 @@ from lungcad.data.lung_mask import lung_mask
 from lungcad.data.preprocessing import Letterbox, lung_bbox, to_unit_range
 from lungcad.errors import InputError
 from lungcad.evaluation.calibration import Calibration, decision_threshold, run_decision
+from lungcad.evaluation.study_threshold import (
+    STUDY_THRESHOLD_FILE,
+    StudyThreshold,
+    load_study_threshold,
+    model_folder,
+)
 from lungcad.finding import StudyFinding
-from lungcad.inference.aggregate import aggregate_study
+from lungcad.inference.aggregate import AGGREGATION_EXTENT_MM, aggregate_study
 from lungcad.inference.lesions import find_lesions
 from lungcad.lesion import Lesion
 from lungcad.models.forward import forward_logits, probabilities
@@ -149,6 +157,9 @@ class Predictor:
             default because training slices are whole slices; cropping changes the scale the
             model sees.
         aggregation_extent_mm: see :func:`aggregate_study`.
+        study_threshold: the threshold for 3D studies, chosen on validation studies
+            (:mod:`lungcad.evaluation.study_threshold`); None decides them with the slice
+            threshold. :meth:`from_checkpoint` loads the run's ``study_threshold.json``.
         channels_last: NHWC memory layout for the torch backend (faster CPU convolutions).
         device: torch device for the torch backend.
     """
@@ -165,7 +176,8 @@ class Predictor:
         calibration: Calibration | None = None,
         lung_margin_mm: float = 10.0,
         crop_to_lungs: bool = False,
-        aggregation_extent_mm: float = 5.0,
+        aggregation_extent_mm: float = AGGREGATION_EXTENT_MM,
+        study_threshold: StudyThreshold | None = None,
         channels_last: bool = True,
         device: str | torch.device = "cpu",
     ) -> None:
@@ -209,6 +221,16 @@ class Predictor:
             # Module.to accepts memory_format at run time; torch's stubs do not list it.
             self.model = self.model.to(self.device, memory_format=layout)  # type: ignore[call-overload]
         self.threshold, self.threshold_source = self._threshold()
+        if study_threshold is not None and not math.isclose(
+            study_threshold.extent_mm, self.aggregation_extent_mm
+        ):
+            raise InputError(
+                f"the study threshold was chosen for an aggregation over "
+                f"{study_threshold.extent_mm:g} mm, not {self.aggregation_extent_mm:g} mm",
+                STUDY_THRESHOLD_FILE,
+            )
+        #: The threshold of 3D studies' decisions (None: the slice threshold decides them).
+        self.study_threshold = study_threshold
 
     # ------------------------------------------------------------------ construction
 
@@ -256,6 +278,7 @@ class Predictor:
             ensemble, config, info = load_ensemble(run_dir, map_location=device)
             # The ensemble's threshold was chosen on its pooled out-of-fold probabilities;
             # per-member calibrations do not apply to the averaged probability.
+            options = _with_study_threshold(options, run_dir, info, None)
             return cls(ensemble, config, info, batch_size=batch_size, device=device, **options)
         model, config, info = load_checkpoint(run_dir, map_location=device)
         calibration = run_decision(info).calibration  # the threshold: see __init__
@@ -263,6 +286,7 @@ class Predictor:
             from lungcad.inference.export import ensure_onnx_export
 
             onnx_path = ensure_onnx_export(info, onnx_path)
+        options = _with_study_threshold(options, run_dir, info, calibration)
         return cls(
             model,
             config,
@@ -274,6 +298,16 @@ class Predictor:
             device=device,
             **options,
         )
+
+    def decision_threshold(self, n_slices: int) -> tuple[float, str]:
+        """The threshold that decides a study of ``n_slices`` slices, and where it comes from.
+
+        A 3D study is decided with the study threshold when the run has one; a 2D image
+        (one slice), whose probability is that slice's, with the slice threshold.
+        """
+        if self.study_threshold is not None and n_slices > 1:
+            return self.study_threshold.threshold, STUDY_THRESHOLD_FILE
+        return self.threshold, self.threshold_source
 
     def _threshold(self) -> tuple[float, str]:
         # The rule of calibration.run_decision, for the calibration this predictor was given.
@@ -297,6 +331,23 @@ class Predictor:
             "stage": ck.get("stage"),
             "threshold": self.threshold,
             "threshold_source": self.threshold_source,
+            # 3D studies are decided with this threshold (2D images with the one above).
+            "study_threshold": (
+                {
+                    "value": self.threshold,
+                    "source": self.threshold_source,
+                    "level": "slice (no study_threshold.json: not chosen for studies)",
+                }
+                if self.study_threshold is None
+                else {
+                    "value": self.study_threshold.threshold,
+                    "source": STUDY_THRESHOLD_FILE,
+                    "level": "study",
+                    "method": self.study_threshold.method,
+                    "chosen_on": self.study_threshold.chosen_on.get("input"),
+                    "n_studies": self.study_threshold.chosen_on.get("n_studies"),
+                }
+            ),
             "calibration": None
             if self.calibration is None
             else {
@@ -414,6 +465,7 @@ class Predictor:
         study_probability, k = aggregate_study(
             slice_probs, volume.spacing[0], self.aggregation_extent_mm
         )
+        threshold, threshold_source = self.decision_threshold(z_count)
         tumour = probability >= MASK_THRESHOLD
         if lung_field is not None:
             # A lung tumour lies in the lung field: predictions outside the lung box (with
@@ -444,8 +496,8 @@ class Predictor:
             probability=prob_volume,
             slice_probabilities=slice_probs,
             study_probability=study_probability,
-            is_cancer=bool(study_probability >= self.threshold),
-            threshold=self.threshold,
+            is_cancer=bool(study_probability >= threshold),
+            threshold=threshold,
             lesions=lesions,
             lung_slices=np.asarray(slices, dtype=np.int64),
             cam=cam_volume,
@@ -455,6 +507,7 @@ class Predictor:
                 "method": "mean of top-k slice probabilities",
                 "k": k,
                 "extent_mm": self.aggregation_extent_mm,
+                "threshold_source": threshold_source,
             },
             model_info=self.info,
             timings=timings,
@@ -573,3 +626,16 @@ def _share_geometry(volume: Volume, array: np.ndarray) -> Volume:
         intensity="windowed",
         meta=copy.deepcopy(volume.meta),
     )
+
+def _with_study_threshold(
+    options: dict[str, Any],
+    checkpoint: str | Path,
+    info: dict[str, Any],
+    calibration: Calibration | None,
+) -> dict[str, Any]:
+    """``options`` with the model folder's checked ``study_threshold.json`` (unless given)."""
+    if "study_threshold" in options:  # given by the caller (None: decide with slices)
+        return options
+    extent = float(options.get("aggregation_extent_mm", AGGREGATION_EXTENT_MM))
+    found = load_study_threshold(model_folder(checkpoint), info, calibration, extent)
+    return {**options, "study_threshold": found}

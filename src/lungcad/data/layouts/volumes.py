@@ -158,6 +158,19 @@ def slice_labels(
     return np.where(pixels == 0, 0, np.where(area_mm2 >= min_area_mm2, 1, -1)).astype(np.int64)
 
 
+def msd_cases(data: Path) -> list[tuple[str, Path, Path]]:
+    """The cases of an MSD Task06 folder as ``(case id, image, label)``, as ``prepare`` reads them.
+
+    The ``training`` list of ``dataset.json`` when it has one, else ``imagesTr/*.nii*`` paired
+    with ``labelsTr/`` by name; the case id is the image's name without ``.nii(.gz)``.
+
+    Raises:
+        InputError: ``dataset.json`` is not valid or lists no case.
+        MissingInputError: a listed image or label is missing.
+    """
+    return _msd_cases(data)
+
+
 def _msd_cases(data: Path) -> list[tuple[str, Path, Path]]:
     meta_path = data / "dataset.json"
     try:
