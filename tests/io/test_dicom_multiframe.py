@@ -21,7 +21,8 @@ from lungcad.finding import StudyFinding
 from lungcad.inference.lesions import find_lesions, lesion_labels
 from lungcad.io import read_image
 from lungcad.io.dicom_outputs import write_dicom_seg, write_dicom_sr
-from tests.dicom_conformance import assert_conformant
+from lungcad.io.writers import write_mask
+from tests.dicom_conformance import assert_conformant, assert_seg_matches_nifti
 from tests.io.test_dicom import SPACING, ct_hu, slice_geometry, write_series
 
 
@@ -128,6 +129,8 @@ def test_seg_and_sr_reference_the_multiframe_ct(classic, tmp_path: Path) -> None
     finding = StudyFinding.decide(0.25, 0.5)
     sr_path = write_dicom_sr([], finding, volume, tmp_path / "sr.dcm")
     assert_conformant(seg_path, sr_path)
+    write_mask(labels, tmp_path / "labels.nii.gz")
+    assert_seg_matches_nifti(seg_path, tmp_path / "labels.nii.gz", tmp_path / "dcmqi")
     sr = pydicom.dcmread(sr_path)
     evidence = sr.CurrentRequestedProcedureEvidenceSequence[0].ReferencedSeriesSequence[0]
     assert evidence.ReferencedSOPSequence[0].ReferencedSOPInstanceUID == source_ds.SOPInstanceUID

@@ -18,15 +18,20 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from http import HTTPStatus
+from io import BytesIO
 from pathlib import Path
+from urllib.parse import parse_qs, urlsplit
 
 import highdicom as hd
-import httpx
 import numpy as np
 import pydicom
 import pytest
+import requests
+import tenacity
 import torch
+from dicomweb_client.api import DICOMwebClient
 
 from lungcad.cli import main as cli_main
 from lungcad.data.synthetic.phantom import make_phantom
@@ -157,20 +162,58 @@ def modalities(client: DicomWebClient, study_uid: str) -> list[str]:
 
 # -- protocol, against fakes ---------------------------------------------------------------
 
+Answer = tuple[int, dict[str, str], bytes]  # status, headers, body
+
+
+class Trickle(BytesIO):
+    """A response body that comes 7 bytes per read, so multipart boundaries split."""
+
+    def read(self, n: int | None = -1) -> bytes:
+        return super().read(7 if n is None or n < 0 or n > 7 else n)
+
+
+class FakeAdapter(requests.adapters.BaseAdapter):
+    """A requests transport answering from ``handler(request)``, or raising what it raises."""
+
+    def __init__(self, handler: Callable[[requests.PreparedRequest], Answer]) -> None:
+        super().__init__()
+        self.handler = handler
+
+    def send(self, request, **kwargs) -> requests.Response:
+        status, headers, body = self.handler(request)
+        response = requests.Response()
+        response.status_code, response.url, response.request = status, request.url, request
+        response.reason = HTTPStatus(status).phrase
+        response.headers.update(headers)
+        response.raw = Trickle(body)
+        return response
+
+    def close(self) -> None:
+        pass
+
+
+def fake_session(handler: Callable[[requests.PreparedRequest], Answer]) -> requests.Session:
+    session = requests.Session()
+    session.mount("http://", FakeAdapter(handler))
+    return session
+
+
+JSON = {"Content-Type": "application/dicom+json"}
+
 
 def test_retries_5xx_with_exponential_backoff_and_jitter() -> None:
     answers = iter([503, 502, 200])
     pauses: list[float] = []
 
-    def handler(request: httpx.Request) -> httpx.Response:
-        return httpx.Response(next(answers), json=[])
+    def handler(request: requests.PreparedRequest) -> Answer:
+        return next(answers), JSON, b"[]"
 
     policy = RetryPolicy(attempts=4, base_delay_s=0.4, max_delay_s=10.0)
     client = DicomWebClient(
         "http://127.0.0.1:1/dicom-web",
         retry=policy,
         sleep=pauses.append,
-        transport=httpx.MockTransport(handler),
+        session=fake_session(handler),
         seed=1,
     )
     assert client.search_studies() == []
@@ -183,18 +226,18 @@ def test_retries_5xx_with_exponential_backoff_and_jitter() -> None:
 
 
 def test_pacs_that_stays_down_gives_one_clear_error() -> None:
-    calls: list[httpx.Request] = []
+    calls: list[requests.PreparedRequest] = []
 
-    def handler(request: httpx.Request) -> httpx.Response:
+    def handler(request: requests.PreparedRequest) -> Answer:
         calls.append(request)
-        return httpx.Response(503, text="Service Unavailable")
+        return 503, {}, b"Service Unavailable"
 
     pauses: list[float] = []
     client = DicomWebClient(
         "http://127.0.0.1:1/dicom-web",
         sleep=pauses.append,
         retry=RetryPolicy(attempts=3, base_delay_s=0.1),
-        transport=httpx.MockTransport(handler),
+        session=fake_session(handler),
     )
     with pytest.raises(PacsUnavailableError, match=r"after 3 attempts.*HTTP 503"):
         client.search_series("1.2.3")
@@ -215,16 +258,16 @@ def test_unreachable_port_retries_then_clear_error(tmp_path: Path) -> None:
 
 
 def test_auth_failure_is_not_retried_and_token_is_sent() -> None:
-    seen: list[httpx.Request] = []
+    seen: list[requests.PreparedRequest] = []
 
-    def handler(request: httpx.Request) -> httpx.Response:
+    def handler(request: requests.PreparedRequest) -> Answer:
         seen.append(request)
-        return httpx.Response(401)
+        return 401, {}, b""
 
     client = DicomWebClient(
         "http://127.0.0.1:1/dicom-web",
         token="tok-123",
-        transport=httpx.MockTransport(handler),
+        session=fake_session(handler),
         sleep=lambda s: None,
     )
     with pytest.raises(PacsError, match="refused the credentials") as err:
@@ -232,8 +275,37 @@ def test_auth_failure_is_not_retried_and_token_is_sent() -> None:
     assert not isinstance(err.value, PacsUnavailableError)
     (request,) = seen
     assert request.headers["Authorization"] == "Bearer tok-123"
-    assert request.url.params["StudyDate"] == "20240101-20240131"
-    assert request.url.params["ModalitiesInStudy"] == "CT"
+    params = parse_qs(urlsplit(request.url).query)
+    assert params["StudyDate"] == ["20240101-20240131"] and params["ModalitiesInStudy"] == ["CT"]
+
+
+def test_timeouts_are_retried_by_tenacity_around_dicomweb_client() -> None:
+    """The protocol is dicomweb-client's (its own status-only retrying off), the retries
+    tenacity's: a read timeout, then a connection drop, then the answer."""
+    failures: list[Exception] = [requests.ReadTimeout("slow"), requests.ConnectionError("reset")]
+    pauses: list[float] = []
+
+    def handler(request: requests.PreparedRequest) -> Answer:
+        if failures:
+            raise failures.pop(0)
+        series = pydicom.Dataset()
+        series.SeriesInstanceUID, series.Modality = "1.2.3.4", "CT"
+        return 200, JSON, json.dumps([series.to_json_dict()]).encode()
+
+    client = DicomWebClient(
+        "http://127.0.0.1:1/dicom-web",
+        session=fake_session(handler),
+        sleep=pauses.append,
+        retry=RetryPolicy(attempts=3, base_delay_s=0.2),
+    )
+    assert isinstance(client._web, DICOMwebClient) and client._web._max_attempts == 1
+    (series,) = client.search_series("1.2.3")
+    assert series.Modality == "CT" and len(pauses) == 2
+    failures[:] = [requests.ReadTimeout("slow")] * 3
+    with pytest.raises(PacsUnavailableError, match=r"after 3 attempts.*timed out") as err:
+        client.search_series("1.2.3")
+    assert isinstance(err.value.__cause__, requests.ReadTimeout)
+    assert tenacity.__name__ == "tenacity"  # the retry library named in docs/dependencies.md
 
 
 @pytest.mark.parametrize(
@@ -266,25 +338,19 @@ def test_wado_multipart_is_parsed_as_a_stream(phantom, tmp_path: Path) -> None:
         + boundary
         + b"--\r\n"
     )
-    chunks = [body[i : i + 7] for i in range(0, len(body), 7)]  # boundaries split across reads
 
-    def handler(request: httpx.Request) -> httpx.Response:
+    def handler(request: requests.PreparedRequest) -> Answer:
         assert "multipart/related" in request.headers["Accept"]
-        if request.url.path.endswith("/9.9.9"):
-            return httpx.Response(200, content=b"{}", headers={"Content-Type": "text/json"})
-        return httpx.Response(
-            200,
-            content=iter(chunks),
-            headers={
-                "Content-Type": f'multipart/related; type="application/dicom"; '
-                f"boundary={boundary.decode()}"
-            },
-        )
+        assert "transfer-syntax=*" in request.headers["Accept"]  # as stored, not transcoded
+        if urlsplit(request.url).path.endswith("/9.9.9"):
+            return 200, {"Content-Type": "text/json"}, b"{}"
+        content_type = f'multipart/related; type="application/dicom"; boundary={boundary.decode()}'
+        return 200, {"Content-Type": content_type}, body  # read 7 bytes at a time (Trickle)
 
-    client = DicomWebClient("http://127.0.0.1:1/dicom-web", transport=httpx.MockTransport(handler))
+    client = DicomWebClient("http://127.0.0.1:1/dicom-web", session=fake_session(handler))
     got = client.retrieve_study("1.2.3", tmp_path / "got")
-    expected = {f"{pydicom.dcmread(f).SOPInstanceUID}.dcm": f.read_bytes() for f in files}
-    assert {p.name: p.read_bytes() for p in got} == expected
+    expected = {f"{pydicom.dcmread(f).SOPInstanceUID}.dcm": pydicom.dcmread(f) for f in files}
+    assert {p.name: pydicom.dcmread(p) for p in got} == expected
     assert sorted(p.name for p in (tmp_path / "got").iterdir()) == sorted(expected)
     with pytest.raises(PacsError, match="multipart/related"):
         client.retrieve_study("9.9.9", tmp_path / "bad")
@@ -306,13 +372,17 @@ def test_stow_refusal_names_the_instance_and_reason(tmp_path: Path) -> None:
         }
     }
 
-    def handler(request: httpx.Request) -> httpx.Response:
+    def handler(request: requests.PreparedRequest) -> Answer:
         assert request.headers["Content-Type"].startswith("multipart/related")
-        return httpx.Response(409, json=failed)
+        return 409, JSON, json.dumps(failed).encode()
 
     path = tmp_path / "x.dcm"
-    path.write_bytes(b"not really dicom")
-    client = DicomWebClient("http://127.0.0.1:1/dicom-web", transport=httpx.MockTransport(handler))
+    ds = pydicom.Dataset()
+    ds.SOPClassUID, ds.SOPInstanceUID = "1.2.840.10008.5.1.4.1.1.88.34", "1.2.3.4"
+    ds.ensure_file_meta()
+    ds.file_meta.TransferSyntaxUID = pydicom.uid.ExplicitVRLittleEndian
+    ds.save_as(path, enforce_file_format=True)
+    client = DicomWebClient("http://127.0.0.1:1/dicom-web", session=fake_session(handler))
     with pytest.raises(PacsError, match=r"refused 1 instance.*1\.2\.3\.4 \(reason 272\)"):
         client.store([path])
 

@@ -1,40 +1,42 @@
-"""A small DICOMweb client: QIDO-RS search, WADO-RS retrieve, STOW-RS store.
+"""lungcad's DICOMweb client: QIDO-RS search, WADO-RS retrieve, STOW-RS store, with retries.
 
 :class:`DicomWebClient` speaks the three DICOMweb services a CAD node needs, against Orthanc's
-DICOMweb plugin or any conforming server:
+DICOMweb plugin or any conforming server. The protocol is the field's client library,
+`dicomweb-client <https://github.com/ImagingDataCommons/dicomweb-client>`_ (URLs, query
+strings, ``multipart/related`` encoding and streamed decoding); the retries are
+`tenacity <https://tenacity.readthedocs.io>`_'s. What lungcad adds around them:
 
-* QIDO-RS  ``GET  {base}/studies``, ``/studies/{uid}/series``  (search, DICOM JSON answers),
-* WADO-RS  ``GET  {base}/studies/{uid}[/series/{uid}]`` (``multipart/related`` of
-  ``application/dicom`` parts, parsed as a stream straight to files),
-* STOW-RS  ``POST {base}/studies`` (``multipart/related`` upload).
+* typed errors: :class:`PacsUnavailableError` (down or overloaded, worth retrying later) and
+  :class:`PacsError` (refused: credentials, not found, a STOW failure with each instance's
+  reason), with a message that says where, how often and what to check;
+* a retry policy that covers connection errors and timeouts as well as 408/429/5xx answers,
+  with exponential back-off and jitter (:class:`RetryPolicy`), each retry logged; the
+  library's own retrying (status codes only, no jitter, silent) is switched off;
+* WADO-RS straight into files named by SOPInstanceUID, nothing half-written on failure;
+* UIDs checked before they go into a request path (:func:`check_uid`).
 
-Every request has a timeout and is retried on connection errors, timeouts and 5xx/429 answers
-with exponential backoff and jitter (:class:`RetryPolicy`); when the server stays down the
-caller gets one :class:`PacsUnavailableError` that says where, how often and why.
+``docs/dependencies.md`` says what the two libraries do not do that lungcad needs.
 """
 
 from __future__ import annotations
 
 import datetime as _dt
-import json
 import logging
 import random
 import re
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
-from urllib.parse import urlsplit
+from typing import Any, TypeVar
 
-import httpx
 import pydicom
-from python_multipart.multipart import MultipartParser, parse_options_header
+import requests
+from dicomweb_client.api import DICOMwebClient
+from tenacity import RetryCallState, RetryError, Retrying, retry_if_exception, stop_after_attempt
 
 from lungcad.errors import InputError, MissingInputError
-
-if TYPE_CHECKING:  # the callbacks' TypedDict exists for type checkers only
-    from python_multipart.multipart import MultipartCallbacks
 
 log = logging.getLogger(__name__)
 
@@ -46,27 +48,27 @@ __all__ = [
     "check_uid",
 ]
 
-DICOM_JSON = "application/dicom+json"
-#: Ask for the instances as stored (``transfer-syntax=*``), not transcoded by the server.
-WADO_ACCEPT = 'multipart/related; type="application/dicom"; transfer-syntax=*'
+#: Retrieve instances as stored (``transfer-syntax=*``), not transcoded by the server.
+WADO_MEDIA_TYPES = (("application/dicom", "*"),)
 #: Answers worth retrying: the server is overloaded, restarting or timed out.
 RETRY_STATUS = frozenset({408, 429, 500, 502, 503, 504})
-_STUDY_FIELDS = (
+_STUDY_FIELDS = [
     "StudyDate",
     "StudyDescription",
     "ModalitiesInStudy",
     "PatientID",
     "NumberOfStudyRelatedSeries",
     "NumberOfStudyRelatedInstances",
-)
-_SERIES_FIELDS = (
+]
+_SERIES_FIELDS = [
     "Modality",
     "SeriesDescription",
     "Manufacturer",
     "SeriesNumber",
     "NumberOfSeriesRelatedInstances",
-)
+]
 _UID = re.compile(r"^[0-9]+(\.[0-9]+)*$")
+T = TypeVar("T")
 
 
 class PacsError(RuntimeError):
@@ -83,7 +85,9 @@ class RetryPolicy:
 
     Attempt ``n`` (0-based) that fails is followed by a pause of ``d/2 + uniform(0, d/2)``
     seconds with ``d = min(max_delay_s, base_delay_s * 2**n)`` ("equal jitter": exponential
-    growth, and many clients restarting together do not retry in lock step).
+    growth, and many clients restarting together do not retry in lock step). tenacity's
+    ``wait_exponential_jitter`` adds its jitter on top of the cap instead, so the policy is
+    this one function, given to tenacity as its wait.
 
     Attributes:
         attempts: tries in all (>= 1).
@@ -107,10 +111,6 @@ class RetryPolicy:
         return d / 2 + rng.uniform(0.0, d / 2)
 
 
-class _Retry(Exception):
-    """Internal: an answer that should be retried (5xx, 429, 408)."""
-
-
 def _dicom_date(value: _dt.date | str, name: str) -> str:
     if isinstance(value, _dt.date):
         return value.strftime("%Y%m%d")
@@ -132,6 +132,24 @@ def check_uid(uid: str, name: str = "--study") -> str:
     return uid
 
 
+def _transient(exc: BaseException) -> bool:
+    """Worth another attempt: no connection, a timeout, or a 408/429/5xx answer."""
+    if isinstance(exc, requests.HTTPError):
+        return exc.response is not None and exc.response.status_code in RETRY_STATUS
+    return isinstance(exc, requests.ConnectionError | requests.Timeout)
+
+
+def _describe(exc: BaseException) -> str:
+    if isinstance(exc, requests.Timeout):
+        return f"timed out ({type(exc).__name__})"
+    if isinstance(exc, requests.ConnectionError):
+        return f"connection failed ({exc})"
+    if isinstance(exc, requests.HTTPError) and exc.response is not None:
+        r = exc.response
+        return f"HTTP {r.status_code} {r.reason or ''} {r.text[:300].strip()}".strip()
+    return str(exc) or type(exc).__name__
+
+
 class DicomWebClient:
     """DICOMweb (QIDO-RS, WADO-RS, STOW-RS) client with timeouts, auth and retries.
 
@@ -139,9 +157,9 @@ class DicomWebClient:
         url: DICOMweb root, e.g. ``http://127.0.0.1:8042/dicom-web``.
         username, password: HTTP basic authentication (both or neither).
         token: bearer token (instead of basic authentication).
-        timeout_s: seconds allowed to connect and between bytes of an answer.
+        timeout_s: seconds allowed to read an answer (connecting: at most 10 s of it).
         retry: the :class:`RetryPolicy`.
-        transport: an httpx transport (tests use ``httpx.MockTransport``).
+        session: the ``requests.Session`` to use (tests mount a fake adapter on one).
         sleep: the pause function (tests pass a recorder).
         seed: seed of the jitter's random numbers (None: unpredictable).
 
@@ -158,12 +176,12 @@ class DicomWebClient:
         token: str | None = None,
         timeout_s: float = 30.0,
         retry: RetryPolicy | None = None,
-        transport: httpx.BaseTransport | None = None,
+        session: requests.Session | None = None,
         sleep: Callable[[float], None] = time.sleep,
         seed: int | None = None,
     ) -> None:
-        parts = urlsplit(url)
-        if parts.scheme not in ("http", "https") or not parts.hostname:
+        match = re.fullmatch(r"(https?)://([^/:]+)(:\d+)?(/.*)?", url)
+        if match is None:
             raise InputError(
                 f"expected a DICOMweb URL like http://127.0.0.1:8042/dicom-web; got {url!r}",
                 "--pacs",
@@ -182,21 +200,16 @@ class DicomWebClient:
         self.retry = retry or RetryPolicy()
         self._sleep = sleep
         self._rng = random.Random(seed)
-        headers = {"User-Agent": "lungcad-dicomweb"}
+        self._session = session or requests.Session()
+        self._session.headers["User-Agent"] = "lungcad-dicomweb"
         if token:
-            headers["Authorization"] = f"Bearer {token}"
-        self._http = httpx.Client(
-            base_url=self.url + "/",
-            headers=headers,
-            transport=transport,
-            auth=(
-                httpx.BasicAuth(username, password)
-                if username is not None and password is not None  # both or neither (above)
-                else None
-            ),
-            timeout=httpx.Timeout(timeout_s, connect=min(timeout_s, 10.0)),
-            follow_redirects=False,
+            self._session.headers["Authorization"] = f"Bearer {token}"
+        if username is not None and password is not None:
+            self._session.auth = (username, password)
+        self._web = DICOMwebClient(
+            self.url, session=self._session, timeout=(min(timeout_s, 10.0), timeout_s)
         )
+        self._web.set_http_retry_params(retry=False)  # tenacity retries, see _with_retries
 
     def __enter__(self) -> DicomWebClient:
         return self
@@ -206,74 +219,69 @@ class DicomWebClient:
 
     def close(self) -> None:
         """Close the connection pool."""
-        self._http.close()
+        self._session.close()
 
     # -- plumbing ---------------------------------------------------------------------------
 
-    def _with_retries(self, what: str, call: Callable[[], Any]) -> Any:
-        """Run ``call`` (one HTTP exchange) until it succeeds or the retries are spent."""
+    def _with_retries(self, what: str, call: Callable[[], T]) -> T:
+        """Run ``call`` (one exchange with the PACS) until it succeeds or the retries are
+        spent; answers that are not worth retrying become :class:`PacsError` at once."""
         start = time.monotonic()
-        for attempt in range(self.retry.attempts):
+
+        def checked() -> T:
             try:
                 return call()
-            except (httpx.TransportError, _Retry) as exc:
-                reason = _describe(exc)
-                if attempt + 1 == self.retry.attempts:
-                    raise PacsUnavailableError(
-                        f"{what}: the PACS at {self.url} did not answer usefully after "
-                        f"{self.retry.attempts} attempts over {time.monotonic() - start:.1f} s "
-                        f"(last error: {reason}). Check that the PACS (Orthanc) is running and "
-                        "that --pacs names its DICOMweb root."
-                    ) from exc
-                pause = self.retry.delay(attempt, self._rng)
-                log.warning(
-                    "%s: %s; retry %d/%d in %.2f s",
-                    what,
-                    reason,
-                    attempt + 1,
-                    self.retry.attempts - 1,
-                    pause,
-                )
-                self._sleep(pause)
-        raise AssertionError("unreachable")  # pragma: no cover
+            except requests.HTTPError as exc:
+                if _transient(exc):
+                    raise
+                raise self._refusal(exc, what) from exc
+            except InputError:
+                raise
+            except ValueError as exc:  # dicomweb-client: not multipart, bad JSON, ...
+                raise PacsError(f"{what}: the PACS sent an unusable answer: {exc}") from exc
 
-    def _check(self, response: httpx.Response, what: str) -> None:
-        """Raise for an error answer: _Retry for transient ones, PacsError for the rest."""
-        status = response.status_code
-        if status < 400:
-            return
-        if not response.is_closed:
-            response.read()
-        body = response.text[:300].strip()
-        if status in RETRY_STATUS:
-            raise _Retry(f"HTTP {status} {response.reason_phrase} {body}".strip())
+        def before_sleep(state: RetryCallState) -> None:
+            exc = state.outcome.exception() if state.outcome else None
+            log.warning(
+                "%s: %s; retry %d/%d in %.2f s",
+                what,
+                _describe(exc) if exc else "?",
+                state.attempt_number,
+                self.retry.attempts - 1,
+                state.next_action.sleep if state.next_action else 0.0,
+            )
+
+        retrying = Retrying(
+            stop=stop_after_attempt(self.retry.attempts),
+            wait=lambda state: self.retry.delay(state.attempt_number - 1, self._rng),
+            retry=retry_if_exception(_transient),
+            sleep=self._sleep,
+            before_sleep=before_sleep,
+        )
+        try:
+            return retrying(checked)
+        except RetryError as exc:
+            last = exc.last_attempt.exception()
+            raise PacsUnavailableError(
+                f"{what}: the PACS at {self.url} did not answer usefully after "
+                f"{self.retry.attempts} attempts over {time.monotonic() - start:.1f} s "
+                f"(last error: {_describe(last) if last else '?'}). Check that the PACS "
+                "(Orthanc) is running and that --pacs names its DICOMweb root."
+            ) from last
+
+    def _refusal(self, exc: requests.HTTPError, what: str) -> PacsError:
+        status = exc.response.status_code if exc.response is not None else 0
         if status in (401, 403):
-            raise PacsError(
+            return PacsError(
                 f"{what}: the PACS at {self.url} refused the credentials "
                 f"(HTTP {status}); check --user/--password or --token"
             )
         if status == 404:
-            raise PacsError(
+            return PacsError(
                 f"{what}: not found on the PACS at {self.url} (HTTP 404); check the "
                 "UID and that --pacs names the DICOMweb root (e.g. .../dicom-web)"
             )
-        raise PacsError(f"{what}: the PACS at {self.url} answered HTTP {status}: {body}")
-
-    def _get_json(self, path: str, params: dict[str, Any], what: str) -> list[dict[str, Any]]:
-        def call() -> list[dict[str, Any]]:
-            response = self._http.get(path, params=params, headers={"Accept": DICOM_JSON})
-            self._check(response, what)
-            if response.status_code == 204 or not response.content.strip():
-                return []
-            try:
-                data = response.json()
-            except json.JSONDecodeError as exc:
-                raise PacsError(f"{what}: the PACS answered with invalid JSON: {exc}") from exc
-            if not isinstance(data, list):
-                raise PacsError(f"{what}: expected a JSON list of datasets; got {type(data)}")
-            return data
-
-        return self._with_retries(what, call)
+        return PacsError(f"{what}: the PACS at {self.url} answered {_describe(exc)}")
 
     # -- QIDO-RS ----------------------------------------------------------------------------
 
@@ -301,41 +309,55 @@ class DicomWebClient:
             One pydicom Dataset per study (StudyInstanceUID, StudyDate, ModalitiesInStudy,
             NumberOfStudyRelatedInstances, ...).
         """
-        params: dict[str, Any] = {"includefield": ",".join(_STUDY_FIELDS)}
+        filters: dict[str, Any] = {}
         if study_uid:
-            params["StudyInstanceUID"] = study_uid
+            filters["StudyInstanceUID"] = check_uid(study_uid, "study UID")
         if modality:
-            params["ModalitiesInStudy"] = modality
+            filters["ModalitiesInStudy"] = modality
         if patient_id:
-            params["PatientID"] = patient_id
+            filters["PatientID"] = patient_id
         if date_from is not None or date_to is not None:
             low = "" if date_from is None else _dicom_date(date_from, "--since")
             high = "" if date_to is None else _dicom_date(date_to, "--until")
-            params["StudyDate"] = f"{low}-{high}"
-        return self._paged("studies", params, page_size, "QIDO-RS study search")
+            filters["StudyDate"] = f"{low}-{high}"
+        return self._paged(
+            lambda limit, offset: self._web.search_for_studies(
+                fields=_STUDY_FIELDS, search_filters=filters, limit=limit, offset=offset
+            ),
+            page_size,
+            "QIDO-RS study search",
+        )
 
     def search_series(
         self, study_uid: str, *, modality: str | None = None
     ) -> list[pydicom.Dataset]:
         """QIDO-RS series search within one study (Modality, SeriesDescription, Manufacturer,
         NumberOfSeriesRelatedInstances, ...)."""
-        params: dict[str, Any] = {"includefield": ",".join(_SERIES_FIELDS)}
-        if modality:
-            params["Modality"] = modality
+        uid = check_uid(study_uid, "study UID")
+        filters = {"Modality": modality} if modality else {}
         return self._paged(
-            f"studies/{check_uid(study_uid, 'study UID')}/series",
-            params,
+            lambda limit, offset: self._web.search_for_series(
+                study_instance_uid=uid,
+                fields=_SERIES_FIELDS,
+                search_filters=filters,
+                limit=limit,
+                offset=offset,
+            ),
             1000,
             f"QIDO-RS series search in study {study_uid}",
         )
 
     def _paged(
-        self, path: str, params: dict[str, Any], page_size: int, what: str
+        self, search: Callable[[int, int], Any], page_size: int, what: str
     ) -> list[pydicom.Dataset]:
+        """Every page of a search (dicomweb-client's ``get_remaining`` would ask once more for
+        an empty page and keep duplicates a paging server repeats)."""
         found: dict[str, pydicom.Dataset] = {}
         offset = 0
         while True:
-            page = self._get_json(path, {**params, "limit": page_size, "offset": offset}, what)
+            page = self._with_retries(what, partial(search, page_size, offset))
+            if not isinstance(page, list):
+                raise PacsError(f"{what}: expected a JSON list of datasets; got {type(page)}")
             for item in page:
                 ds = pydicom.Dataset.from_json(item)
                 key = str(ds.get("SeriesInstanceUID") or ds.get("StudyInstanceUID") or len(found))
@@ -348,42 +370,44 @@ class DicomWebClient:
 
     def retrieve_study(self, study_uid: str, out_dir: str | Path) -> list[Path]:
         """WADO-RS: every instance of a study into ``out_dir`` (``<SOPInstanceUID>.dcm``)."""
+        uid = check_uid(study_uid, "study UID")
         return self._retrieve(
-            f"studies/{check_uid(study_uid, 'study UID')}",
+            lambda: self._web.iter_study(uid, media_types=WADO_MEDIA_TYPES),
             Path(out_dir),
             f"WADO-RS retrieve of study {study_uid}",
         )
 
     def retrieve_series(self, study_uid: str, series_uid: str, out_dir: str | Path) -> list[Path]:
         """WADO-RS: every instance of one series into ``out_dir`` (``<SOPInstanceUID>.dcm``)."""
-        path = (
-            f"studies/{check_uid(study_uid, 'study UID')}"
-            f"/series/{check_uid(series_uid, 'series UID')}"
+        study, series = check_uid(study_uid, "study UID"), check_uid(series_uid, "series UID")
+        return self._retrieve(
+            lambda: self._web.iter_series(study, series, media_types=WADO_MEDIA_TYPES),
+            Path(out_dir),
+            f"WADO-RS retrieve of series {series_uid}",
         )
-        return self._retrieve(path, Path(out_dir), f"WADO-RS retrieve of series {series_uid}")
 
-    def _retrieve(self, path: str, out_dir: Path, what: str) -> list[Path]:
+    def _retrieve(
+        self, instances: Callable[[], Iterable[pydicom.Dataset]], out_dir: Path, what: str
+    ) -> list[Path]:
+        """Write each streamed instance as it comes (one in memory at a time); a failed or
+        retried attempt removes what it wrote."""
         out_dir.mkdir(parents=True, exist_ok=True)
 
         def call() -> list[Path]:
-            sink = _PartSink(out_dir)
+            written: list[Path] = []
             try:
-                with self._http.stream("GET", path, headers={"Accept": WADO_ACCEPT}) as response:
-                    self._check(response, what)
-                    kind, options = parse_options_header(response.headers.get("content-type"))
-                    boundary = options.get(b"boundary")
-                    if kind != b"multipart/related" or not boundary:
-                        raise PacsError(
-                            f"{what}: expected multipart/related with a boundary; "
-                            f"got {response.headers.get('content-type')!r}"
-                        )
-                    parser = MultipartParser(boundary, sink.callbacks())
-                    for chunk in response.iter_bytes():
-                        parser.write(chunk)
-                    parser.finalize()
-                return sink.finish(what)
+                for ds in instances():
+                    uid = ds.get("SOPInstanceUID")
+                    if not uid:
+                        raise PacsError(f"{what}: a part of the answer is not a DICOM instance")
+                    path = out_dir / f".part{len(written):05d}.tmp"
+                    written.append(path)
+                    ds.save_as(path, enforce_file_format=True)
+                    written[-1] = path.replace(out_dir / f"{check_uid(str(uid), 'SOP UID')}.dcm")
+                return written
             except BaseException:
-                sink.discard()  # a retry starts from scratch; nothing half-written stays
+                for path in written:
+                    path.unlink(missing_ok=True)
                 raise
 
         return self._with_retries(what, call)
@@ -405,63 +429,40 @@ class DicomWebClient:
 
         Raises:
             MissingInputError: a file does not exist.
+            InputError: a file is not DICOM.
             PacsError: the PACS refused some instance (its reasons are in the message).
         """
-        parts = []
-        for f in files:
-            f = Path(f)
+        datasets = []
+        for f in map(Path, files):
             if not f.is_file():
                 raise MissingInputError("DICOM file to store does not exist", f)
-            parts.append(f.read_bytes())
-        if not parts:
-            return []
-        boundary = f"lungcad-{random.getrandbits(64):016x}"
-        body = (
-            b"".join(
-                b"--" + boundary.encode() + b"\r\nContent-Type: application/dicom\r\n"
-                b"Content-Length: " + str(len(p)).encode() + b"\r\n\r\n" + p + b"\r\n"
-                for p in parts
-            )
-            + b"--"
-            + boundary.encode()
-            + b"--\r\n"
-        )
-        content_type = f'multipart/related; type="application/dicom"; boundary={boundary}'
-        path = f"studies/{check_uid(study_uid, 'study UID')}" if study_uid else "studies"
-        what = f"STOW-RS store of {len(parts)} instance(s)"
-
-        def call() -> dict[str, Any]:
-            response = self._http.post(
-                path, content=body, headers={"Content-Type": content_type, "Accept": DICOM_JSON}
-            )
-            if response.status_code != 409:  # 409: all failed, and the body says why
-                self._check(response, what)
-            if not response.content.strip():
-                return {}
             try:
-                answer = response.json()
-            except json.JSONDecodeError as exc:
-                raise PacsError(
-                    f"{what}: the PACS answered HTTP {response.status_code} with "
-                    f"invalid JSON: {response.text[:200]!r}"
-                ) from exc
-            return answer if isinstance(answer, dict) else {}
+                datasets.append(pydicom.dcmread(f))
+            except pydicom.errors.InvalidDicomError as exc:
+                raise InputError(f"not a DICOM file; cannot store it ({exc})", f) from exc
+        if not datasets:
+            return []
+        uid = check_uid(study_uid, "study UID") if study_uid else None
+        what = f"STOW-RS store of {len(datasets)} instance(s)"
+
+        def call() -> pydicom.Dataset:
+            try:
+                return self._web.store_instances(datasets, study_instance_uid=uid)
+            except requests.HTTPError as exc:
+                # 409: every instance failed, and the answer says why (FailedSOPSequence).
+                if exc.response is not None and exc.response.status_code == 409:
+                    try:
+                        return pydicom.Dataset.from_json(exc.response.json())
+                    except ValueError:
+                        pass
+                raise
 
         return _stow_outcome(self._with_retries(what, call), what)
 
 
-def _describe(exc: BaseException) -> str:
-    if isinstance(exc, httpx.ConnectError):
-        return f"connection failed ({exc})"
-    if isinstance(exc, httpx.TimeoutException):
-        return f"timed out ({type(exc).__name__})"
-    return str(exc) or type(exc).__name__
-
-
-def _stow_outcome(answer: dict[str, Any], what: str) -> list[str]:
+def _stow_outcome(answer: pydicom.Dataset, what: str) -> list[str]:
     """SOPInstanceUIDs stored, from a STOW-RS answer; PacsError when any instance failed."""
-    ds = pydicom.Dataset.from_json(answer) if answer else pydicom.Dataset()
-    failed = ds.get("FailedSOPSequence") or []
+    failed = answer.get("FailedSOPSequence") or []
     if failed:
         reasons = ", ".join(
             f"{item.get('ReferencedSOPInstanceUID', '?')} (reason {item.get('FailureReason', '?')})"
@@ -470,79 +471,6 @@ def _stow_outcome(answer: dict[str, Any], what: str) -> list[str]:
         raise PacsError(f"{what}: the PACS refused {len(failed)} instance(s): {reasons}")
     return [
         str(item.ReferencedSOPInstanceUID)
-        for item in ds.get("ReferencedSOPSequence") or []
+        for item in answer.get("ReferencedSOPSequence") or []
         if "ReferencedSOPInstanceUID" in item
     ]
-
-
-class _PartSink:
-    """Streams the parts of a WADO-RS answer to files, then names them by SOPInstanceUID."""
-
-    def __init__(self, out_dir: Path) -> None:
-        self.out_dir = out_dir
-        self.paths: list[Path] = []
-        self._file: Any = None
-        self._header = b""
-        self._headers: dict[bytes, bytes] = {}
-
-    def callbacks(self) -> MultipartCallbacks:
-        return {
-            "on_part_begin": self._begin,
-            "on_header_field": self._field,
-            "on_header_value": self._value,
-            "on_headers_finished": self._open,
-            "on_part_data": self._data,
-            "on_part_end": self._end,
-        }
-
-    def _begin(self) -> None:
-        self._headers, self._header = {}, b""
-
-    def _field(self, data: bytes, start: int, end: int) -> None:
-        self._header += data[start:end]
-
-    def _value(self, data: bytes, start: int, end: int) -> None:
-        key = self._header.strip().lower()
-        self._headers[key] = self._headers.get(key, b"") + data[start:end]
-
-    def _open(self) -> None:
-        self._header = b""
-        kind = parse_options_header(self._headers.get(b"content-type", b""))[0]
-        if kind not in (b"application/dicom", b""):
-            log.warning("WADO-RS: skipping a part of type %s", kind.decode(errors="replace"))
-            return
-        path = self.out_dir / f".part{len(self.paths):05d}.tmp"
-        self.paths.append(path)
-        self._file = path.open("wb")
-
-    def _data(self, data: bytes, start: int, end: int) -> None:
-        if self._file is not None:
-            self._file.write(data[start:end])
-
-    def _end(self) -> None:
-        if self._file is not None:
-            self._file.close()
-            self._file = None
-
-    def finish(self, what: str) -> list[Path]:
-        """Rename the parts to ``<SOPInstanceUID>.dcm`` after checking each is DICOM."""
-        final = []
-        for path in self.paths:
-            try:
-                uid = str(pydicom.dcmread(path, stop_before_pixels=True).SOPInstanceUID)
-            except Exception as exc:
-                self.discard()
-                raise PacsError(
-                    f"{what}: a part of the answer is not a DICOM instance ({exc})"
-                ) from exc
-            final.append(path.replace(self.out_dir / f"{uid}.dcm"))
-        self.paths = []
-        return final
-
-    def discard(self) -> None:
-        if self._file is not None:
-            self._file.close()
-            self._file = None
-        for path in self.paths:
-            path.unlink(missing_ok=True)
-        self.paths = []

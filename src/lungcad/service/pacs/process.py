@@ -188,7 +188,7 @@ def process_study(
 
 
 def lungcad_output_series(client: DicomWebClient, study_uid: str) -> list[pydicom.Dataset]:
-    """The SEG/SR series in a study that lungcad wrote (see :func:`is_lungcad_output`)."""
+    """The SEG/SR/KO series in a study that lungcad wrote (see :func:`is_lungcad_output`)."""
     return [s for s in client.search_series(study_uid) if is_lungcad_output(s)]
 
 

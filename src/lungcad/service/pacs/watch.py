@@ -318,9 +318,10 @@ class RoundReport:
 
 
 def _has_lungcad_outputs(client: DicomWebClient, study_uid: str) -> bool:
-    """True when the study already holds both a lungcad SEG and a lungcad SR."""
+    """True when the study already holds a lungcad SR (written for every analysed study; the
+    SEG only when there are lesions)."""
     found = {str(s.get("Modality", "")).upper() for s in lungcad_output_series(client, study_uid)}
-    return {"SEG", "SR"} <= found
+    return "SR" in found
 
 
 PredictorSource = Any  # a Predictor, or a zero-argument callable that loads one
