@@ -43,6 +43,7 @@ _SETTING_OPTIONS = (
     "negative_ratio",
     "min_negatives",
     "min_tumour_area_mm2",
+    "pixel_spacing_mm",
 )
 
 
@@ -151,6 +152,14 @@ def add_prepare_options(
         f"covers at least this many mm^2 (default {_SETTINGS.min_tumour_area_mm2:g}); slices "
         "with less keep their mask but get label -1 (unknown), so the classifier skips them. "
         "0: any tumour voxel makes the slice 1",
+    )
+    group.add_argument(
+        "--pixel-spacing",
+        dest="pixel_spacing_mm",
+        type=float,
+        metavar="MM",
+        help="2D sets: the pixel size of the images in mm, when the data set states it "
+        "(e.g. 2 for the MSD lung patches); recorded so segmentation runs at that scale",
     )
 
 

@@ -6,7 +6,8 @@ A's held-out test split (internal) and each external dataset in full, trains and
 traditional-ML baselines on the same data, and writes the gap table (gap.md, gap.json,
 gap.png) with every part's folder and validation.json (see lungcad.validation.protocol).
 
-``--folds K`` instead cross-validates on dataset A alone: grouped K-fold folds over its
+``--folds K`` instead cross-validates on dataset A alone (a seg config: stage 1, see
+:mod:`lungcad.validation.seg_crossval`; a cls config: stage 2): grouped K-fold folds over its
 patient groups (its own splits are ignored), the deep model trained once per fold, the
 baselines and a shortcut audit (a classifier on acquisition metadata alone) on the same
 folds, every figure out-of-fold with patient-group CIs; the K fold runs form an ensemble that
@@ -223,10 +224,24 @@ def _cross_validate(args: argparse.Namespace, config: Config, models: list[str])
             "--folds cross-validates --train alone; drop --external, --synthetic and --cls-config",
             "--folds",
         )
-    if config.train.stage != "cls":
-        raise InputError(
-            "--folds trains the classifier: give a cls config (train.stage: cls)", "--config"
+    if config.train.stage == "seg":
+        from lungcad.validation.seg_crossval import cross_validate_segmentation
+
+        seg = cross_validate_segmentation(
+            args.train,
+            args.out,
+            config,
+            k=args.folds,
+            seed=args.seed,
+            n_boot=args.n_boot,
+            progress=lambda line: log.info("%s", line),
         )
+        print((seg.out_dir / "results.md").read_text(encoding="utf-8"), end="")
+        print(
+            f"wrote {seg.out_dir} (results.md, seg_cv_metrics.json, oof_segmentation.csv, "
+            f"ensemble.json, fold*/run)"
+        )
+        return 0
     result = cross_validate(
         args.train,
         args.out,

@@ -8,6 +8,9 @@ so a typo cannot wipe a data set.
 from __future__ import annotations
 
 import json
+import shutil
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -54,3 +57,28 @@ def read_json_or_empty(path: str | Path) -> Any:
     """
     path = Path(path)
     return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
+
+
+@contextmanager
+def removed_on_failure(out: Path) -> Iterator[Path]:
+    """Create ``out`` (new or empty, as :func:`check_output_dir` with no marker allows) and, if
+    the body raises or is interrupted, leave it as it was found: a new folder is removed, an
+    empty one is emptied. Nothing half-written stays behind.
+
+    Yields:
+        ``out``, now an existing folder.
+    """
+    created = not out.exists()
+    out.mkdir(parents=True, exist_ok=True)
+    try:
+        yield out
+    except BaseException:
+        if created:
+            shutil.rmtree(out, ignore_errors=True)
+        else:
+            for child in out.iterdir():
+                if child.is_dir() and not child.is_symlink():
+                    shutil.rmtree(child)
+                else:
+                    child.unlink()
+        raise

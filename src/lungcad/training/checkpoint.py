@@ -300,7 +300,13 @@ def initial_weights(model: LungCADNet, config: Config) -> dict[str, Any]:
             )
         model.load_state_dict(payload["model"], strict=True)
         log.info("initialised from %s (epoch %s)", config.train.init_from, payload.get("epoch"))
-        return {"init_from": config.train.init_from, "init_from_sha256": payload["sha256"]}
+        return {
+            "init_from": config.train.init_from,
+            "init_from_sha256": payload["sha256"],
+            # The decoder keeps segmenting at the scale the segmentation run learnt.
+            "init_from_input_domain": payload.get("seg_input_domain")
+            or payload.get("input_domain"),
+        }
     if config.model.pretrained:
         load_pretrained_encoder(model, config.model.pretrained)
         return {
@@ -370,6 +376,9 @@ def load_checkpoint(
         "metrics": payload.get("metrics", {}),
         "versions": payload.get("versions", {}),
         "threshold": 0.5 if threshold is None else float(threshold),
+        # Where the inputs came from (lungcad.training.domain); None in older checkpoints.
+        "input_domain": payload.get("input_domain"),
+        "seg_input_domain": payload.get("seg_input_domain"),
     }
     return LoadedCheckpoint(model=model, config=config, info=info)
 

@@ -29,6 +29,7 @@ from lungcad.data.manifest import SliceRecord, filter_records, manifest_csv, rea
 from lungcad.errors import InputError
 from lungcad.training.config import Config
 from lungcad.training.distributed import DistInfo, ShardedWeightedSampler
+from lungcad.training.domain import InputDomain, domain_of_records
 
 __all__ = ["TrainingData", "build_data"]
 
@@ -47,6 +48,8 @@ class TrainingData:
         manifests: the manifest.csv paths read, for provenance.
         pos_weight: stage "cls": the BCE positive-class weight ``n_neg / n_pos`` of the
             training split; None means 1 (stage "seg", or ``data.balanced_sampling``).
+        domain: intensity kind and model-pixel size of the training slices, recorded in the
+            checkpoint (:mod:`lungcad.training.domain`).
     """
 
     train_records: list[SliceRecord]
@@ -57,6 +60,7 @@ class TrainingData:
     generator: torch.Generator
     manifests: list[str]
     pos_weight: float | None
+    domain: InputDomain
 
 
 def build_data(cfg: Config, ddp: DistInfo) -> TrainingData:
@@ -66,8 +70,9 @@ def build_data(cfg: Config, ddp: DistInfo) -> TrainingData:
         InputError: no manifest, no usable slices in a split, or (stage "cls") a split
             with only one class.
     """
-    train_records, train_set, manifests = _load_split(cfg, cfg.data.train_split)
-    val_records, val_set, _ = _load_split(cfg, cfg.data.val_split)
+    train_records, train_set, manifests, roots = _load_split(cfg, cfg.data.train_split)
+    val_records, val_set, _, _ = _load_split(cfg, cfg.data.val_split)
+    domain = domain_of_records(list(zip(train_records, roots, strict=True)), cfg.model.image_size)
     pos_weight = None
     if cfg.train.stage == "cls":
         for name, recs in (("train", train_records), ("val", val_records)):
@@ -99,11 +104,15 @@ def build_data(cfg: Config, ddp: DistInfo) -> TrainingData:
         generator,
         manifests,
         pos_weight,
+        domain,
     )
 
 
-def _load_split(cfg: Config, split: str) -> tuple[list[SliceRecord], ConcatDataset, list[str]]:
-    """Filtered records of one split from all manifests, their Dataset, and manifest paths."""
+def _load_split(
+    cfg: Config, split: str
+) -> tuple[list[SliceRecord], ConcatDataset, list[str], list[Path]]:
+    """Filtered records of one split from all manifests, their Dataset, the manifest paths,
+    and each record's prepared folder."""
     if not cfg.data.manifest:
         raise InputError(
             "no manifest given; pass --manifest DIR (a folder written by `lungcad prepare`) "
@@ -118,6 +127,7 @@ def _load_split(cfg: Config, split: str) -> tuple[list[SliceRecord], ConcatDatas
     records: list[SliceRecord] = []
     parts: list[Dataset] = []
     paths: list[str] = []
+    roots: list[Path] = []
     for entry in cfg.data.manifest:
         path = Path(entry)
         csv_path = manifest_csv(path)
@@ -131,6 +141,7 @@ def _load_split(cfg: Config, split: str) -> tuple[list[SliceRecord], ConcatDatas
         paths.append(str(csv_path))
         if kept:
             records += kept
+            roots += [csv_path.parent] * len(kept)
             parts.append(SliceDataset(kept, csv_path.parent, image_size=size, augment=augment))
     if not records:
         what = "with a tumour mask " if require_mask else "with a label 0/1 " if labels else ""
@@ -139,7 +150,7 @@ def _load_split(cfg: Config, split: str) -> tuple[list[SliceRecord], ConcatDatas
             "Check the manifest's split/mask_path/label columns, data.sources and the stage.",
             path="data.manifest",
         )
-    return records, ConcatDataset(parts), paths
+    return records, ConcatDataset(parts), paths, roots
 
 
 def _loader(

@@ -277,6 +277,16 @@ def _train(
             "monitor": monitor,
         }
     )
+    own_domain = data.domain.to_dict()
+    domains = {
+        "input_domain": own_domain,
+        # The decoder's scale: this run's for stage seg, the init_from run's for stage cls
+        # (None without one: its decoder never learnt to segment).
+        "seg_input_domain": own_domain
+        if stage == "seg"
+        else run_info.get("init_from_input_domain"),
+    }
+    run_info["input_domain"] = own_domain
     if ddp.main:
         start_run(run_dir, cfg, run_info)
         log.info(
@@ -373,6 +383,7 @@ def _train(
                 versions=run_info["versions"],
                 resume_state={**opt.state_dict(), "early_stopping": early.as_dict()},
                 manifests=run_info["manifests"],
+                domains=domains,
             )
             _report_epoch(row, cfg.optim.epochs, monitor, early, writer)
         last = epoch + 1 == cfg.optim.epochs

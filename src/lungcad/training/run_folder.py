@@ -137,6 +137,7 @@ def save_epoch(
     versions: dict[str, str],
     resume_state: dict[str, Any],
     manifests: list[dict[str, Any]] | None = None,
+    domains: dict[str, Any] | None = None,
 ) -> None:
     """Write an epoch's files (rank 0).
 
@@ -153,6 +154,8 @@ def save_epoch(
         manifests: the run's manifests (``{"path", "sha256"}``, as ``run.json`` has them):
             ``threshold.json`` records that the threshold was chosen on their val split, so
             an evaluation can tell whether it scores the rows the threshold was tuned on.
+        domains: ``input_domain`` and ``seg_input_domain`` (:mod:`lungcad.training.domain`),
+            stored in both checkpoints.
     """
     row = history[-1]
     write_metrics(run_dir, history)
@@ -164,6 +167,7 @@ def save_epoch(
         "versions": versions,
         "threshold": threshold,
         "stage": cfg.train.stage,
+        **(domains or {}),
     }
     if improved:
         save_checkpoint(run_dir / BEST, common)

@@ -24,7 +24,6 @@ from __future__ import annotations
 import csv
 import io
 import logging
-import shutil
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,11 +35,10 @@ from lungcad.data.manifest import SliceRecord, manifest_csv, read_manifest
 from lungcad.errors import InputError
 from lungcad.evaluation.evaluate import evaluate_run
 from lungcad.io.atomic import write_json_atomic, write_text_atomic
-from lungcad.io.folders import check_output_dir
+from lungcad.io.folders import check_output_dir, removed_on_failure
 from lungcad.io.images import load_slice_array
 from lungcad.metrics.classification import choose_threshold
 from lungcad.provenance import utc_timestamp
-from lungcad.training.checkpoint import file_sha256
 from lungcad.training.config import Config, apply_overrides, config_hash, config_to_dict
 from lungcad.training.loop import train
 from lungcad.validation.baselines.choices import MODEL_NAMES
@@ -52,6 +50,7 @@ from lungcad.validation.folds import (
     fold_records,
     oof_metrics,
     write_fold_manifest,
+    write_folds_json,
 )
 
 log = logging.getLogger(__name__)
@@ -242,20 +241,8 @@ def cross_validate(
     if unknown:
         raise InputError(f"unknown baselines {unknown}; choose from {MODEL_NAMES}", "--baselines")
     fold_of = assign_folds(records, k, seed)
-    created = not out.exists()
-    out.mkdir(parents=True, exist_ok=True)
-    try:
-        write_json_atomic(
-            out / "folds.json",
-            {
-                "k": k,
-                "seed": seed,
-                "manifest": str(csv_path),
-                "manifest_sha256": file_sha256(csv_path),
-                "fold_of": fold_of,
-                "created_at": utc_timestamp(),
-            },
-        )
+    with removed_on_failure(out):
+        write_folds_json(out, csv_path, fold_of, k, seed)
         predictions: dict[str, list[OutOfFold]] = {}
         members: list[dict[str, Any]] = []
         if deep:
@@ -301,15 +288,4 @@ def cross_validate(
                     "created_at": utc_timestamp(),
                 },
             )
-    except BaseException:
-        # Nothing half-written: the folder was new or empty, so it is left as it was found.
-        if created:
-            shutil.rmtree(out, ignore_errors=True)
-        else:
-            for child in out.iterdir():
-                if child.is_dir():
-                    shutil.rmtree(child)
-                else:
-                    child.unlink()
-        raise
     return CrossValResult(metrics=metrics, predictions=predictions, out_dir=out)

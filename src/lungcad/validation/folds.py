@@ -34,20 +34,27 @@ from lungcad.data.manifest import (
     write_manifest,
 )
 from lungcad.errors import InputError
+from lungcad.io.atomic import write_json_atomic
 from lungcad.metrics.bootstrap import classification_metrics_with_ci
 from lungcad.metrics.classification import classification_metrics
+from lungcad.provenance import utc_timestamp
+from lungcad.training.checkpoint import file_sha256
 
 #: Share of each fold's training groups kept for validation (early stopping, threshold).
 DEFAULT_VAL_FRACTION = 0.2
 
 
-def assign_folds(records: Sequence[SliceRecord], k: int, seed: int = 0) -> dict[str, int]:
+def assign_folds(
+    records: Sequence[SliceRecord], k: int, seed: int = 0, *, stratify: bool = True
+) -> dict[str, int]:
     """Assign every group to one of ``k`` folds, stratified by group label.
 
     Args:
         records: manifest records (any split; ``split`` is ignored).
         k: number of folds (2 or more, at most the number of groups of the rarer label).
         seed: seed of the shuffle.
+        stratify: balance the group labels across folds. False for segmentation, whose
+            groups are nearly all tumour patients: then only ``k <= number of groups`` holds.
 
     Returns:
         group id -> fold index ``0..k-1``.
@@ -60,13 +67,20 @@ def assign_folds(records: Sequence[SliceRecord], k: int, seed: int = 0) -> dict[
     counts = Counter(1 if labels[g] == 1 else 0 for g in groups)
     if k < 2:
         raise InputError(f"folds must be 2 or more; got {k}", "--folds")
+    if not stratify:
+        if len(groups) < k:
+            raise InputError(
+                f"{k} folds need at least {k} groups; found {len(groups)}. Use fewer folds",
+                "--folds",
+            )
+        counts = Counter({0: k, 1: k})  # every label is taken as one below
     if min(counts[0], counts[1]) < k:
         raise InputError(
             f"{k} folds need at least {k} groups of each label; found {counts[1]} cancerous "
             f"and {counts[0]} other groups. Use fewer folds",
             "--folds",
         )
-    y = np.array([1 if labels[g] == 1 else 0 for g in groups])
+    y = np.array([1 if labels[g] == 1 and stratify else 0 for g in groups])
     splitter = StratifiedGroupKFold(n_splits=k, shuffle=True, random_state=seed)
     fold_of: dict[str, int] = {}
     for fold, (_, held) in enumerate(splitter.split(np.zeros(len(groups)), y, groups)):
@@ -105,6 +119,24 @@ def fold_records(
     ]
     check_no_group_leakage(out)
     return out
+
+
+def write_folds_json(
+    out: Path, csv_path: Path, fold_of: Mapping[str, int], k: int, seed: int
+) -> None:
+    """Write ``out/folds.json``: group -> fold, k, seed and the manifest with its sha256, so a
+    reader can check which patients each fold held out."""
+    write_json_atomic(
+        out / "folds.json",
+        {
+            "k": k,
+            "seed": seed,
+            "manifest": str(csv_path),
+            "manifest_sha256": file_sha256(csv_path),
+            "fold_of": dict(fold_of),
+            "created_at": utc_timestamp(),
+        },
+    )
 
 
 def write_fold_manifest(records: Sequence[SliceRecord], root: Path, folder: Path) -> Path:

@@ -233,7 +233,7 @@ def prepare_classfolders(
                     image,
                     None,
                     mapping[folder],
-                    (float("nan"), float("nan")),
+                    _pixel_spacing(settings),
                     source,
                 )
             )
@@ -314,7 +314,7 @@ def prepare_imagemask(
                 image,
                 mask,
                 int(mask.any()),
-                (float("nan"), float("nan")),
+                _pixel_spacing(settings),
                 source,
             )
         )
@@ -338,3 +338,9 @@ def prepare_imagemask(
         grouping,
         [similarity],
     )
+
+
+def _pixel_spacing(settings: PrepareSettings) -> tuple[float, float]:
+    """(y, x) pixel spacing in mm of a 2D set's images: ``--pixel-spacing`` or unknown (NaN)."""
+    mm = settings.pixel_spacing_mm
+    return (float("nan"), float("nan")) if mm is None else (float(mm), float(mm))

@@ -6,6 +6,7 @@ these defaults without loading the image stack.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 from lungcad.data.choices import GROUPINGS, LAYOUTS, SLICE_MODES
@@ -84,6 +85,10 @@ class PrepareSettings:
             classifier neither learns it as cancerous nor as non-cancerous (stage ``cls`` and
             the metrics use labels 0/1 only). 0 labels every slice with a tumour voxel 1. Not
             used for 2D sets (their pixel size is unknown).
+        pixel_spacing_mm: 2D sets: the pixel size of every image in mm, when the data set's
+            description gives it (e.g. 2 for the MSD lung patches, resampled to 2 mm). It
+            lets a model trained on the set segment CT at the same physical scale. None:
+            unknown (JPEG/PNG files carry no spacing).
     """
 
     layout: str = "auto"
@@ -99,11 +104,19 @@ class PrepareSettings:
     negative_ratio: float = 1.0
     min_negatives: int = 8
     min_tumour_area_mm2: float = DEFAULT_MIN_TUMOUR_AREA_MM2
+    pixel_spacing_mm: float | None = None
 
     def __post_init__(self) -> None:
         if self.layout not in ("auto", *LAYOUTS):
             raise InputError(
                 f"layout must be 'auto' or one of {LAYOUTS}; got {self.layout!r}", "--layout"
+            )
+        if self.pixel_spacing_mm is not None and not (
+            math.isfinite(self.pixel_spacing_mm) and 0 < self.pixel_spacing_mm <= 20
+        ):
+            raise InputError(
+                f"pixel spacing must be in (0, 20] mm; got {self.pixel_spacing_mm}",
+                "--pixel-spacing",
             )
         if self.slices not in SLICE_MODES:
             raise InputError(
