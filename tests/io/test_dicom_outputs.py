@@ -482,6 +482,7 @@ def _uneven_series(folder: Path) -> None:
     for g, z in zip(geometry, [0, 2.5, 5, 7.5, 10.5, 13, 15.5, 18], strict=True):
         g["position"] = np.asarray(g["position"]) + [0.0, 0.0, z - g["position"][2] + 100.25]
     write_series(folder, ct_hu(shape=(8, 20, 24)), geometry)
+    _edit_series(folder, _nominal_spacing)
 
 
 def _tilted_series(folder: Path) -> None:
@@ -489,6 +490,13 @@ def _tilted_series(folder: Path) -> None:
     for k, g in enumerate(geometry):
         g["position"] = g["position"] + [0, k * 0.35, 0]  # gantry tilt: origins drift in y
     write_series(folder, ct_hu(shape=(8, 20, 24)), geometry)
+    _edit_series(folder, _nominal_spacing)
+
+
+def _nominal_spacing(ds: pydicom.Dataset) -> None:
+    # Scanners state the nominal spacing, which highdicom would copy into the SEG; after
+    # resampling (2.5714 mm for the uneven series) it is not the SEG frames' spacing.
+    ds.SpacingBetweenSlices = "2.5"
 
 
 def _flipped_series(folder: Path) -> None:
@@ -520,7 +528,7 @@ def test_seg_round_trips_through_dcmqi_to_the_nifti_mask(build, tmp_path):
     seg_path = result.paths["seg.dcm"]
     seg = hd.seg.segread(seg_path)
     # Pixel Measures of the SEG's own frames: the resampled grid's spacing, not the CT's
-    # SliceThickness (9.9 mm in these files) or its uneven steps.
+    # SliceThickness (9.9 mm in these files), SpacingBetweenSlices (2.5) or uneven steps.
     (measures,) = seg.SharedFunctionalGroupsSequence[0].PixelMeasuresSequence
     assert float(measures.SpacingBetweenSlices) == pytest.approx(source.spacing[0], rel=1e-6)
     assert float(measures.SliceThickness) == pytest.approx(source.spacing[0], rel=1e-6)
