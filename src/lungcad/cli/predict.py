@@ -75,7 +75,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="Grad-CAM heat maps for this many most suspicious slices (0: none)",
     )
     parser.add_argument("--no-seg", action="store_true", help="do not write seg.dcm")
-    parser.add_argument("--no-sr", action="store_true", help="do not write sr.dcm")
+    parser.add_argument("--no-sr", action="store_true", help="do not write sr.dcm and ko.dcm")
     parser.add_argument("--no-report", action="store_true", help="do not write report.html")
 
 
