@@ -75,7 +75,8 @@ def _system_deps(ci: str | None, orthanc: str) -> subprocess.CompletedProcess[st
     # The real installers are replaced: `false` is an install that fails, `true` one that works.
     return subprocess.run(
         [str(make), "-s", "-C", str(ROOT), "system-deps"]
-        + [f"ORTHANC_INSTALL={orthanc}", "BROWSER_INSTALL=true"],
+        + [f"ORTHANC_INSTALL={orthanc}", "BROWSER_INSTALL=true"]
+        + ["DCMTK_INSTALL=true", "DICOM3TOOLS_INSTALL=true"],
         capture_output=True,
         text=True,
         env=env,
