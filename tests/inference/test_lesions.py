@@ -214,9 +214,7 @@ def test_side_of_the_body_and_label_image():
     assert [les.side for les in lesions] == ["left", "right"]
     assert find_lesions(volume.with_array(mask))[0].side is None  # no HU: no side
     # Flipped storage (x runs to the patient's right): the sides follow the patient, not x.
-    flipped = Volume(
-        array=hu, spacing=SPACING, origin=ORIGIN, direction=np.diag([-1.0, 1.0, 1.0])
-    )
+    flipped = Volume(array=hu, spacing=SPACING, origin=ORIGIN, direction=np.diag([-1.0, 1.0, 1.0]))
     assert [les.side for les in find_lesions(flipped.with_array(mask), hu=flipped)] == [
         "right",
         "left",

@@ -263,9 +263,7 @@ def lesions_to_dicts(lesions: list[Lesion]) -> list[dict[str, Any]]:
     return [{key: json_safe(value) for key, value in asdict(lesion).items()} for lesion in lesions]
 
 
-def _axial_diameter(
-    inside: np.ndarray, spacing: tuple[float, float, float]
-) -> tuple[float, float]:
+def _axial_diameter(inside: np.ndarray, spacing: tuple[float, float, float]) -> tuple[float, float]:
     """Long and short axis (mm) of one slice of a lesion.
 
     The long axis is the longest in-plane caliper (Feret) diameter; the short axis is the
