@@ -238,5 +238,6 @@ def run(args: argparse.Namespace) -> int:
     print("  previews/                 lung-mask previews of every synthetic study")
     print("  validation/gap.md         deep model vs baselines, train/internal/external")
     print("  validation_report.html    the validation report (tables, plots, provenance)")
-    print(f"  prediction/{case['case_id']}/  mask.nii.gz, seg.dcm, sr.dcm, report.html, Grad-CAM")
+    print(f"  prediction/{case['case_id']}/  mask.nii.gz, sr.dcm, ko.dcm (seg.dcm with lesions),")
+    print("                            report.html, Grad-CAM")
     return 0
