@@ -17,6 +17,9 @@ How a folder is read (the field's usual pitfalls in brackets):
 5. Pixels are decoded by SimpleITK's GDCM reader (it handles compressed transfer syntaxes;
    pydicom is the fallback) and each slice's own RescaleSlope/RescaleIntercept maps them to
    HU, float32.
+6. A series stored as one multi-frame file (Enhanced or Legacy Converted Enhanced CT) is read
+   by :mod:`lungcad.io.dicom_multiframe`, whose frames go through steps 3 and 4 unchanged;
+   unsupported multi-frame variants are refused with the reason.
 """
 
 from __future__ import annotations
