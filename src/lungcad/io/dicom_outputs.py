@@ -193,6 +193,7 @@ class Algorithm:
         return [f"configuration sha256 {self.configuration_hash or 'unknown'}"]
 
     def for_seg(self) -> hd.AlgorithmIdentificationSequence:
+        """The SEG segments' Segmentation Algorithm Identification (family: AI)."""
         return hd.AlgorithmIdentificationSequence(
             name=self.name,
             family=codes.cid7162.ArtificialIntelligence,
@@ -202,11 +203,13 @@ class Algorithm:
         )
 
     def for_sr(self) -> hd.sr.AlgorithmIdentification:
+        """The SR groups' algorithm name, version and parameters (TID 4019)."""
         return hd.sr.AlgorithmIdentification(
             name=self.name, version=self.version, parameters=self.parameters()
         )
 
     def observer(self) -> hd.sr.ObserverContext:
+        """The SR's and KOS's observer: this algorithm as a device, with its stable UID."""
         return hd.sr.ObserverContext(
             observer_type=codes.DCM.Device,
             observer_identifying_attributes=hd.sr.DeviceObserverIdentifyingAttributes(
