@@ -19,6 +19,7 @@ from typing import Any
 import numpy as np
 import SimpleITK as sitk
 
+from lungcad.finding import StudyFinding
 from lungcad.inference.lesions import find_lesions
 from lungcad.inference.predictor import StudyResult
 from lungcad.service.jobs.schema import API_PREFIX, FINISHED
@@ -82,9 +83,7 @@ class FakePredictor:
             mask=mask_v,
             probability=prob_v,
             slice_probabilities=slice_probs,
-            study_probability=self.probability,
-            is_cancer=self.probability >= 0.5,
-            threshold=0.5,
+            finding=StudyFinding.decide(self.probability, 0.5),
             lesions=find_lesions(mask_v, volume, prob_v),
             lung_slices=np.arange(z),
             cam=volume.with_array(cam, intensity="windowed"),
@@ -161,12 +160,17 @@ def submit(client: Any, data: bytes, filename: str, headers: dict[str, str] | No
 
 
 def wait_for(
-    client: Any, job_id: str, statuses: Collection[str] = FINISHED, timeout: float = 60.0
+    client: Any,
+    job_id: str,
+    statuses: Collection[str] = FINISHED,
+    timeout: float = 60.0,
+    headers: dict[str, str] | None = None,
 ) -> dict[str, Any]:
-    """Poll a job until its status is one of ``statuses``; returns the job document."""
+    """Poll a job (as ``headers``' client, default :data:`AUTH`'s) until its status is one of
+    ``statuses``; returns the job document."""
     deadline = time.monotonic() + timeout
     while True:
-        job = client.get(f"{API_PREFIX}/jobs/{job_id}", headers=AUTH).json()
+        job = client.get(f"{API_PREFIX}/jobs/{job_id}", headers=headers or AUTH).json()
         if job["status"] in statuses:
             return job
         if time.monotonic() > deadline:

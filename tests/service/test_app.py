@@ -115,26 +115,6 @@ def test_health_ready_and_openapi(service) -> None:
     assert client.get("/health").headers["x-content-type-options"] == "nosniff"
 
 
-def test_auth_on_every_api_endpoint(service) -> None:
-    client, _ = service
-    for path in (
-        f"{API_PREFIX}/model",
-        f"{API_PREFIX}/jobs",
-        f"{API_PREFIX}/jobs/" + "0" * 32,
-        f"{API_PREFIX}/jobs/" + "0" * 32 + "/slices/0.png",
-    ):
-        missing = client.get(path)
-        assert missing.status_code == 401, path
-        assert missing.headers["www-authenticate"].startswith("Bearer")
-        wrong = client.get(path, headers={"Authorization": "Bearer " + TOKEN[:-1] + "X"})
-        assert wrong.status_code == 401, path
-        basic = client.get(path, headers={"Authorization": "Basic " + TOKEN})
-        assert basic.status_code == 401, path
-    assert client.post(f"{API_PREFIX}/studies", files={"file": ("a.zip", b"x")}).status_code == 401
-    other = {"Authorization": f"Bearer {OTHER_TOKEN}"}
-    assert client.get(f"{API_PREFIX}/jobs", headers=other).status_code == 200
-
-
 def test_model_info(service, predictor) -> None:
     client, _ = service
     info = client.get(f"{API_PREFIX}/model", headers=AUTH).json()
@@ -190,7 +170,7 @@ def test_slice_pngs(service, finished_jobs, phantom) -> None:
     for window in ("lung", "mediastinal", "bone"):
         response = client.get(f"{base}/2.png?window={window}&overlay=1&cam=1", headers=AUTH)
         assert response.status_code == 200 and response.headers["content-type"] == "image/png"
-        assert "max-age" in response.headers["cache-control"]
+        assert response.headers["cache-control"] == "no-store"  # patient data: no cache
         image = Image.open(io.BytesIO(response.content))
         assert image.size == (SIZE, SIZE) and image.mode in ("RGB", "L")
         seen.add(response.content)

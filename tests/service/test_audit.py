@@ -4,14 +4,18 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 import threading
 from pathlib import Path
 
 import pytest
 
+import lungcad.service.audit as audit_module
+from lungcad.finding import StudyFinding
 from lungcad.service.audit import AUDIT_FILE, SALT_FILE, AuditLog, result_summary
 
 STUDY_UID = "1.2.826.0.1.3680043.8.498.1"
+SERVICE_DOC = Path(__file__).resolve().parents[2] / "docs" / "service.md"
 
 
 def lines(data_dir: Path) -> list[dict]:
@@ -25,7 +29,7 @@ def test_records_are_json_lines_with_only_the_given_fields(tmp_path: Path) -> No
         "job_done",
         user="tok-0123456789",
         job_id="f" * 32,
-        result=result_summary(0.8312345, True, 2),
+        result=result_summary(StudyFinding.decide(0.8312345, 0.5), 2),
     )
     first, second = lines(tmp_path)
     assert set(first) == {"time", "user", "action", "model_version"}
@@ -80,3 +84,13 @@ def test_concurrent_records_are_whole_lines(tmp_path: Path) -> None:
         thread.join()
     records = lines(tmp_path)
     assert len(records) == 100 and {r["action"] for r in records} == {"result_viewed"}
+
+
+def test_the_audit_log_is_the_file_the_docs_name(tmp_path: Path) -> None:
+    """docs/service.md tells an auditor where to look; the service writes exactly there."""
+    named = re.search(r"audit log \(`DATA_DIR/([^`]+)`", SERVICE_DOC.read_text(encoding="utf-8"))
+    assert named is not None, "docs/service.md no longer names the audit log's file"
+    assert named[1] == AUDIT_FILE
+    AuditLog.open(tmp_path).record("service_started", user="system")
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted({named[1], SALT_FILE})
+    assert f"``DATA_DIR/{AUDIT_FILE}``" in (audit_module.__doc__ or "")

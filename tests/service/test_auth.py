@@ -9,11 +9,19 @@ from fastapi import Depends, FastAPI
 from fastapi.testclient import TestClient
 
 from lungcad.errors import InputError
-from lungcad.service.auth import ANONYMOUS, TOKEN_ENV, bearer_dependency, load_tokens, token_id
+from lungcad.service.auth import (
+    ANONYMOUS,
+    TOKEN_ENV,
+    ApiClient,
+    bearer_dependency,
+    load_clients,
+    load_tokens,
+    token_id,
+)
 from tests.service_helpers import OTHER_TOKEN, TOKEN
 
 
-def whoami_app(tokens: frozenset[str], *, enabled: bool = True) -> TestClient:
+def whoami_app(tokens: frozenset[str] | dict[str, str], *, enabled: bool = True) -> TestClient:
     """A one-endpoint app returning the user the dependency names."""
     require_token = bearer_dependency(tokens, enabled=enabled)
     app = FastAPI()
@@ -45,6 +53,45 @@ def test_token_file_and_environment_are_merged_and_a_short_line_is_named(tmp_pat
     path.write_text(f"{TOKEN}\nshort\n")
     with pytest.raises(InputError, match="line 2"):
         load_tokens(path, env={})
+
+
+def test_token_file_names_clients_and_admins(tmp_path: Path) -> None:
+    third = "third-token-0123456789abcdef"
+    path = tmp_path / "tokens.txt"
+    path.write_text(
+        f"{TOKEN}  client=ris-gateway\n"
+        f"{OTHER_TOKEN} client=ris-gateway  # rotated: the same client, the same jobs\n"
+        f"{third} client=it-admin role=admin\n"
+    )
+    path.chmod(0o600)
+    clients = load_clients(path, env={TOKEN_ENV: "plain-env-token-0123456789"})
+    assert clients == {
+        TOKEN: ApiClient("ris-gateway"),
+        OTHER_TOKEN: ApiClient("ris-gateway"),
+        third: ApiClient("it-admin", admin=True),
+        "plain-env-token-0123456789": ApiClient(token_id("plain-env-token-0123456789")),
+    }
+    assert load_tokens(path, env={}) == {TOKEN, OTHER_TOKEN, third}
+    for line, words in (
+        (f"{TOKEN} role=root", "role=admin"),
+        (f"{TOKEN} client=", "client=NAME"),
+        (f"{TOKEN} client=a/b", "client=NAME"),
+        (f"{TOKEN} admin", "cannot read 'admin'"),
+        (f"{TOKEN} client=a\n{TOKEN} client=b", "given twice"),
+    ):
+        path.write_text(line + "\n")
+        with pytest.raises(InputError, match=words) as err:
+            load_clients(path, env={})
+        assert str(path) in str(err.value) and TOKEN not in str(err.value)
+
+
+def test_dependency_names_the_caller_by_client_id() -> None:
+    client = whoami_app({TOKEN: "ris-gateway", OTHER_TOKEN: ""})
+    who = {
+        token: client.get("/whoami", headers={"Authorization": f"Bearer {token}"}).json()["user"]
+        for token in (TOKEN, OTHER_TOKEN)
+    }
+    assert who == {TOKEN: "ris-gateway", OTHER_TOKEN: token_id(OTHER_TOKEN)}
 
 
 def test_token_id_is_stable_and_short() -> None:

@@ -115,8 +115,14 @@ def test_failures_say_whether_the_input_or_the_service_is_at_fault(
     assert crash["status"] is JobStatus.FAILED
     assert crash["error"].startswith("internal error (RuntimeError: model exploded")
     assert bad["status"] is JobStatus.FAILED and str(store.data_dir) not in bad["error"]
-    records = [json.loads(x) for x in (store.data_dir / "audit.log").read_text().splitlines()]
-    reasons = {r["job_id"]: r.get("reason") for r in records if r["action"] == "job_failed"}
+    # The status turns "failed" just before the audit record is written: wait for the record.
+    deadline = time.monotonic() + 10.0
+    while True:
+        records = [json.loads(x) for x in (store.data_dir / "audit.log").read_text().splitlines()]
+        reasons = {r["job_id"]: r.get("reason") for r in records if r["action"] == "job_failed"}
+        if len(reasons) == 2 or time.monotonic() > deadline:
+            break
+        time.sleep(0.02)
     assert reasons == {crashed: "internal_error", unreadable: "input_error"}
     assert (store.job_dir(unreadable) / "upload").is_dir()  # kept: the job did not succeed
 

@@ -10,6 +10,7 @@ by the fixture's finaliser. Without Orthanc installed those tests skip, saying h
 from __future__ import annotations
 
 import json
+import logging
 import os
 import random
 import shutil
@@ -39,6 +40,7 @@ from lungcad.errors import InputError
 from lungcad.inference.predictor import Predictor
 from lungcad.io import read_image
 from lungcad.io.dicom_writer import write_dicom_series
+from lungcad.service.audit import SALT_FILE, load_salt
 from lungcad.service.pacs.dicomweb import (
     DicomWebClient,
     PacsError,
@@ -47,6 +49,7 @@ from lungcad.service.pacs.dicomweb import (
 )
 from lungcad.service.pacs.process import PacsStudyResult, process_study
 from lungcad.service.pacs.watch import StudyLedger, watch_round
+from lungcad.service.redact import study_tag
 from tests.inference_helpers import shared_trained_run
 from tests.system_tools import require_tool
 
@@ -54,6 +57,11 @@ torch.set_num_threads(1)  # 2 shared cores: more threads only contend
 
 SCRIPT = Path(__file__).resolve().parents[2] / "scripts" / "orthanc.sh"
 USER, PASSWORD = "lungcad", "test-secret"
+
+
+def tag_of(state: Path, uid: str) -> str:
+    """How the watcher names a study in its output: the tag keyed by its state folder's salt."""
+    return study_tag(uid, load_salt(state / SALT_FILE))
 
 
 def free_port() -> int:
@@ -442,6 +450,38 @@ class ArrivingPacs:
         return []  # no lungcad outputs yet
 
 
+def test_watcher_logs_name_studies_by_a_salted_tag_never_the_uid(
+    tmp_path: Path, monkeypatch, caplog
+) -> None:
+    uid = "1.2.826.0.1.3680043.8.498.7310499"
+
+    def failing(client, predictor, study_uid, work):
+        raise RuntimeError(f"cannot read {work}/DOE_JANE/IM1.dcm of study {study_uid}")
+
+    monkeypatch.setattr("lungcad.service.pacs.watch.process_study", failing)
+    pacs = ArrivingPacs()
+    pacs.counts = {uid: 3}
+    with (
+        caplog.at_level(logging.DEBUG, logger="lungcad"),
+        StudyLedger(tmp_path / "state", max_attempts=2, retry_after_s=0.0) as ledger,
+    ):
+        watch_round(pacs, lambda: "model", ledger, tmp_path / "work", settle_s=0.0)
+        pacs.counts[uid] = 4  # more images came
+        watch_round(pacs, lambda: "model", ledger, tmp_path / "work", settle_s=0.0)
+        tag = ledger.tag(uid)
+        assert ledger.get(uid)["status"] == "gave_up"
+    assert tag == tag_of(tmp_path / "state", uid) and uid not in tag
+    assert f"study {tag} failed: RuntimeError: cannot read <path> of study <uid>" in caplog.text
+    assert f"study {tag}: 3 -> 4 instances" in caplog.text
+    assert f"study {tag}: giving up after 2 failed attempts" in caplog.text
+    for secret in (uid, "DOE_JANE", str(tmp_path)):
+        assert secret not in caplog.text, secret
+    # The full error stays in the ledger, in the state folder that only its owner may read.
+    ledger_doc = json.loads((tmp_path / "state" / "ledger.json").read_text())
+    assert uid in ledger_doc["studies"][uid]["last_error"]
+    assert (tmp_path / "state").stat().st_mode & 0o077 == 0
+
+
 def test_watch_waits_until_a_study_stops_arriving(tmp_path: Path, monkeypatch) -> None:
     processed: list[str] = []
 
@@ -584,7 +624,8 @@ def test_watch_once_processes_only_new_studies(
         client.store(files)
         assert watch(orthanc, run_dir, state, "--once", "--since", "20250601") == 0
         out = capsys.readouterr().out
-        assert f"done    {first}" in out and "1 processed" in out
+        assert f"done    {tag_of(state, first)}" in out and "1 processed" in out
+        assert first not in out  # studies are named by their tag, never by the UID
         assert modalities(client, first) == ["CT", "KO", "SEG", "SR"]
         assert json.loads((state / "ledger.json").read_text())["studies"][first]["status"] == "done"
 
@@ -602,7 +643,8 @@ def test_watch_once_processes_only_new_studies(
         )
         out = capsys.readouterr().out
         assert "0 processed, 0 failed, 0 already analysed, 1 still arriving" in out
-        assert f"done    {second}" in out and first not in out and "1 processed" in out
+        assert f"done    {tag_of(state, second)}" in out and "1 processed" in out
+        assert tag_of(state, first) not in out
         assert modalities(client, first) == ["CT", "KO", "SEG", "SR"]  # nothing sent twice
         assert modalities(client, second) == ["CT", "KO", "SEG", "SR"]
 
@@ -635,7 +677,8 @@ def test_orthanc_down_keeps_the_study_pending(
         orthanc.start()
     capsys.readouterr()
     assert watch(orthanc, run_dir, state, "--once", "--since", "20250701") == 0
-    assert f"done    {study_uid}" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert f"done    {tag_of(state, study_uid)}" in out and study_uid not in out
     entry = json.loads((state / "ledger.json").read_text())["studies"][study_uid]
     assert entry["status"] == "done" and entry["result"]["stored"]
 
@@ -700,5 +743,8 @@ def test_watch_loop_picks_up_new_studies_and_stops_cleanly(
                 process.kill()
                 process.communicate()
         assert process.returncode == 0, err
-        assert f"done    {first}" in out and f"done    {second}" in out
+        assert (
+            f"done    {tag_of(state, first)}" in out and f"done    {tag_of(state, second)}" in out
+        )
+        assert first not in out + err and second not in out + err
         assert modalities(client, second) == ["CT", "KO", "SEG", "SR"]

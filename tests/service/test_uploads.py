@@ -24,7 +24,6 @@ from lungcad.service.uploads import (
     extract_zip,
     prepare_study,
     receive_upload,
-    relative_message,
 )
 from tests.service_helpers import hu_volume, nifti_bytes, zip_bytes
 
@@ -162,10 +161,3 @@ def test_a_nifti_declaring_too_many_voxels_is_413(tmp_path: Path) -> None:
     with pytest.raises(UploadRejected) as err:
         prepare_study(upload, max_files=1, max_unpacked_bytes=MB // 2)
     assert err.value.status_code == 413 and err.value.reason == "too_large"
-
-
-def test_relative_message_hides_server_paths(tmp_path: Path) -> None:
-    folder = tmp_path / "jobs" / "abc" / "upload"
-    message = f"{folder}/series/0003.dcm: slice missing; see {folder.resolve()}"
-    assert relative_message(message, folder) == "upload/series/0003.dcm: slice missing; see upload"
-    assert relative_message("no path here", folder) == "no path here"

@@ -43,7 +43,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--token-file",
         metavar="FILE",
-        help="API tokens, one per line (also read: $LUNGCAD_API_TOKENS)",
+        help=(
+            "API tokens, one per line, each optionally followed by client=NAME (the owner of "
+            "its jobs) and role=admin (sees every job); also read: $LUNGCAD_API_TOKENS"
+        ),
     )
     parser.add_argument(
         "--insecure-no-auth",
@@ -98,6 +101,10 @@ def run(args: argparse.Namespace) -> int:
 
     from lungcad.inference.predictor import Predictor
     from lungcad.service.app import ServiceSettings, create_app
+    from lungcad.service.redact import redact_log_handlers
+
+    # Library log lines (the DICOM reader names files and series) lose paths and UIDs.
+    redact_log_handlers()
 
     settings = ServiceSettings.from_sources(
         args.data_dir,

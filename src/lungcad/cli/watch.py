@@ -157,23 +157,35 @@ def _client(args: argparse.Namespace):
     )
 
 
-def _print_outcome(uid, result, error) -> None:
+def _print_outcome(tag, result, error) -> None:
+    """One line per study, naming it by its ledger tag (a UID identifies a patient)."""
+    from lungcad.service.redact import redact
+
     if result is not None:
-        decision = "cancer suspected" if result.is_cancer else "no cancer suspected"
+        if result.study_probability is None:  # no decision: say which and why
+            decision = f"{str(result.status).upper()}: {result.reason}"
+        else:
+            status = result.status or (
+                "cancer suspected" if result.is_cancer else "no cancer suspected"
+            )
+            decision = f"p={result.study_probability:.3f} {status}"
         again = " (earlier outputs re-sent)" if result.reused_outputs else ""
         print(
-            f"done    {uid}: p={result.study_probability:.3f} {decision}, "
+            f"done    {tag}: {decision}, "
             f"{result.n_lesions} lesion(s); stored SEG + SR{again}",
             flush=True,
         )
     else:
-        print(f"FAILED  {uid}: {error}", flush=True)
+        print(f"FAILED  {tag}: {redact(error)}", flush=True)
 
 
 def run(args: argparse.Namespace) -> int:
     from lungcad.errors import InputError
     from lungcad.service.pacs.dicomweb import PacsError, PacsUnavailableError
     from lungcad.service.pacs.watch import StudyLedger, watch_round
+    from lungcad.service.redact import redact, redact_log_handlers
+
+    redact_log_handlers()  # library log lines (readers, PACS client) lose paths and UIDs
 
     if args.interval <= 0:
         raise InputError(f"--interval must be > 0 seconds; got {args.interval}", "--interval")
@@ -236,16 +248,16 @@ def run(args: argparse.Namespace) -> int:
                     study_uids=args.study,
                     since=args.since,
                     force=args.force,
-                    on_result=_print_outcome,
+                    on_result=lambda uid, r, e: _print_outcome(ledger.tag(uid), r, e),
                     should_stop=stop.is_set,
                     settle_s=args.settle_seconds,
                 )
             except PacsUnavailableError as exc:
-                log.error("%s", exc)
+                log.error("%s", redact(str(exc)))
                 if args.once or args.study:
                     return EXIT_UNAVAILABLE
             except PacsError as exc:
-                log.error("%s", exc)
+                log.error("%s", redact(str(exc)))
                 if args.once or args.study:
                     return EXIT_FAILED
             else:
@@ -258,7 +270,7 @@ def run(args: argparse.Namespace) -> int:
                     flush=True,
                 )
                 if report.unavailable:
-                    log.error("%s", report.unavailable)
+                    log.error("%s", redact(report.unavailable))
                     code = EXIT_UNAVAILABLE
                 elif report.failed:
                     code = EXIT_FAILED

@@ -9,8 +9,10 @@
     ko.dcm              per lesion; none without lesions), Comprehensive 3D SR (lesions and
                         the study finding) and Key Object Selection (key images), new series
                         in the source study (``lungcad.io.dicom_outputs``)
-    findings.json       study probability, decision, threshold, slice probabilities,
-                        lesions, model info, input hashes, timings
+    findings.json       the study finding (decision with probability and threshold, or
+                        "cannot assess" / "no classifier" with the reason), the input
+                        checks, slice probabilities, lesions, model info, input hashes,
+                        timings
     preview.png         montage of the slices with the most tumour, mask in red
     cam_zNNNN.png       Grad-CAM heat maps of the most suspicious slices
     report.html         self-contained HTML report (pictures embedded)
@@ -45,9 +47,20 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-__all__ = ["FINDINGS_FILE", "findings", "input_hashes", "preview_montage", "write_study_outputs"]
+__all__ = [
+    "FINDINGS_FILE",
+    "SERVER_PATH_KEYS",
+    "findings",
+    "input_hashes",
+    "preview_montage",
+    "write_study_outputs",
+]
 
 FINDINGS_FILE = "findings.json"
+#: Keys of ``Predictor.info`` that are server file paths: never written into findings.json or
+#: the report (which travel to clients and PACS), nor served by the REST API. The checkpoint
+#: is named by its SHA-256, the input by the SHA-256 of its files.
+SERVER_PATH_KEYS = ("checkpoint_path", "onnx_path")
 PREVIEW_SLICES = 6
 TILE = 256  # preview tile side in pixels
 _RED = np.array([1.0, 0.15, 0.1])
@@ -92,8 +105,7 @@ def findings(source: Volume, result: StudyResult, outputs: list[str]) -> dict[st
     return {
         "lungcad_version": __version__,
         "created_utc": utc_timestamp(),
-        "input": {
-            "path": meta.get("source_path"),
+        "input": {  # no path: it names the server's folders and, for uploads, the client's files
             "format": meta.get("format"),
             "shape_zyx": list(source.shape),
             "spacing_zyx_mm": list(source.spacing),
@@ -105,17 +117,17 @@ def findings(source: Volume, result: StudyResult, outputs: list[str]) -> dict[st
             "series_instance_uid": meta.get("series_instance_uid"),
             **{f"input_{k}": v for k, v in input_hashes(source).items()},
         },
+        # The finding: status/decision, is_cancer, probability and threshold (None unless
+        # assessed) and the reason when there is no decision (lungcad.finding).
         "study": {
-            "probability": float(result.study_probability),
-            "is_cancer": bool(result.is_cancer),
-            "decision": "cancer suspected" if result.is_cancer else "no cancer suspected",
-            "threshold": float(result.threshold),
+            **result.finding.to_dict(),
             "rule": "cancer suspected if probability >= threshold",
             "aggregation": result.aggregation,
             "calibrated": result.model_info.get("calibration") is not None,
             "n_lesions": len(result.lesions),
             "tumour_volume_ml": float(sum(les.volume_ml for les in result.lesions)),
         },
+        "input_check": None if result.input_check is None else result.input_check.to_dict(),
         "slices": {
             "evaluated": [int(z) for z in result.lung_slices],
             "probabilities": [_json_float(p) for p in result.slice_probabilities],
@@ -125,7 +137,7 @@ def findings(source: Volume, result: StudyResult, outputs: list[str]) -> dict[st
             "cam_slices": list(result.cam_slices),
         },
         "lesions": lesions_to_dicts(result.lesions),
-        "model": result.model_info,
+        "model": {k: v for k, v in result.model_info.items() if k not in SERVER_PATH_KEYS},
         "timings_s": {k: round(float(v), 4) for k, v in result.timings.items()},
         "warnings": list(result.warnings),
         "outputs": outputs,

@@ -2,7 +2,9 @@
 
 ``create_app(predictor, settings)`` returns a FastAPI app; ``lungcad serve`` runs it with
 uvicorn. Endpoints (all under ``/api`` need ``Authorization: Bearer <token>``; the OpenAPI
-description is at ``/openapi.json``, interactive docs at ``/docs``)::
+description is at ``/openapi.json``, interactive docs at ``/docs`` and ``/redoc``). The only
+routes open without a token are :data:`PUBLIC_PATHS` (health, readiness, the viewer's page and
+its static files, the API description); they carry no patient data::
 
     GET  /health                              {"status": "ok"} (no auth)
     GET  /ready                               200 {"ready": true, ...} when the model is loaded
@@ -13,7 +15,8 @@ description is at ``/openapi.json``, interactive docs at ``/docs``)::
                                               .nii/.nii.gz -> 202 {"job_id", "status"};
                                               400 corrupt / not CT, 413 too large or too many
                                               files, 503 queue full
-    GET  /api/v1/jobs                         every job's status, newest first
+    GET  /api/v1/jobs                         the caller's jobs' status, newest first (an
+                                              admin: every job, with its "owner")
     GET  /api/v1/jobs/{id}                    {"job_id", "status", "error", "created_at",
                                               "started_at", "finished_at"}
     DELETE /api/v1/jobs/{id}                  remove a done or failed job and its results ->
@@ -22,6 +25,13 @@ description is at ``/openapi.json``, interactive docs at ``/docs``)::
     GET  /api/v1/jobs/{id}/files/{name}       mask.nii.gz, seg.dcm, sr.dcm, report.html, ...
     GET  /api/v1/jobs/{id}/slices/{z}.png     axial slice, ?window=lung|mediastinal|bone
                                               &overlay=0|1&cam=0|1
+
+A job belongs to the client whose token submitted it (``lungcad.service.auth``): only that
+client, or an admin, sees it in the list or reads, renders or deletes it; to anybody else it
+answers 404, as an unknown job does, so its existence does not leak. Every response under
+``/api`` carries ``Cache-Control: no-store`` (results, slices, masks, reports and job lists are
+patient data), and errors never carry server paths, uploaded file names, UIDs or raw exception
+text (``lungcad.service.redact``).
 
 Jobs start and stop with the app's lifespan: under uvicorn that is automatic; with
 ``fastapi.testclient.TestClient`` use it as a context manager (``with TestClient(app) as c:``),
@@ -50,17 +60,18 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from lungcad import __version__
 from lungcad.errors import InputError
 from lungcad.service.audit import AuditLog
-from lungcad.service.auth import bearer_dependency, load_tokens
+from lungcad.service.auth import ANONYMOUS, bearer_dependency, load_clients, token_id
 from lungcad.service.jobs.manager import JobManager
 from lungcad.service.jobs.schema import API_PREFIX, JobStatus, is_job_id
 from lungcad.service.jobs.store import RESULT_FILE, JobBusy
 from lungcad.service.jobs.workers import QueueFull
+from lungcad.service.redact import describe
 from lungcad.service.rendering import SliceRenderer
 from lungcad.service.uploads import UploadRejected, prepare_study, receive_upload
 
 log = logging.getLogger(__name__)
 
-__all__ = ["STATIC_DIR", "ServiceSettings", "create_app"]
+__all__ = ["PUBLIC_PATHS", "STATIC_DIR", "ServiceSettings", "create_app"]
 
 STATIC_DIR = Path(__file__).parent / "static"
 # The viewer is ES modules, which browsers run only when served with a JavaScript MIME type;
@@ -75,7 +86,21 @@ _MEDIA_TYPES = {
     ".html": "text/html; charset=utf-8",
     ".png": "image/png",
 }
-_HIDDEN_INFO = ("checkpoint_path", "onnx_path")  # server file paths are nobody's business
+_NO_STORE = "no-store"
+#: The routes that need no token (every other one does; tests/service/test_privacy.py checks
+#: every route of the app against this list).
+PUBLIC_PATHS = frozenset(
+    {
+        "/health",
+        "/ready",
+        "/",
+        "/static",
+        "/openapi.json",
+        "/docs",
+        "/docs/oauth2-redirect",
+        "/redoc",
+    }
+)
 
 
 @dataclass
@@ -84,7 +109,12 @@ class ServiceSettings:
 
     Attributes:
         data_dir: jobs, uploads, results and the audit log live here (see ``service.jobs.store``).
-        tokens: accepted API tokens (:func:`lungcad.service.auth.load_tokens`).
+        tokens: accepted API tokens (:func:`lungcad.service.auth.load_clients`).
+        clients: token -> client id, the owner of the jobs the token submits; a token not
+            named here is its own client, :func:`lungcad.service.auth.token_id`.
+        admins: client ids with the admin role: they see, read and delete every client's
+            jobs (a token file's ``role=admin``). With authentication off the one user,
+            ``anonymous``, is an admin.
         insecure_no_auth: allow starting with no token, which switches authentication off.
             Only for a single-user machine; never on a network.
         max_upload_mb: largest request body accepted (MB).
@@ -101,6 +131,8 @@ class ServiceSettings:
 
     data_dir: Path
     tokens: frozenset[str] = field(default_factory=frozenset)
+    clients: Mapping[str, str] = field(default_factory=dict)
+    admins: frozenset[str] = field(default_factory=frozenset)
     insecure_no_auth: bool = False
     max_upload_mb: float = 512.0
     max_unpacked_mb: float = 2048.0
@@ -114,6 +146,8 @@ class ServiceSettings:
     def __post_init__(self) -> None:
         self.data_dir = Path(self.data_dir)
         self.tokens = frozenset(self.tokens)
+        self.clients = dict(self.clients)
+        self.admins = frozenset(self.admins)
 
     @classmethod
     def from_sources(
@@ -124,15 +158,25 @@ class ServiceSettings:
         env: Mapping[str, str] | None = None,
         **options: Any,
     ) -> ServiceSettings:
-        """Settings with tokens read from ``token_file`` and ``LUNGCAD_API_TOKENS``.
+        """Settings with tokens, clients and admins read from ``token_file`` and
+        ``LUNGCAD_API_TOKENS`` (see :func:`lungcad.service.auth.load_clients`).
 
         Args:
             data_dir: the data folder.
-            token_file: optional token file (one token per line).
+            token_file: optional token file (one token per line, optionally with
+                ``client=NAME`` and ``role=admin``).
             env: environment to read the variable from (default ``os.environ``).
-            **options: the other attributes.
+            **options: the other attributes (``admins`` adds to the token file's admins).
         """
-        return cls(data_dir=Path(data_dir), tokens=load_tokens(token_file, env), **options)
+        clients = load_clients(token_file, env)
+        admins = {c.client_id for c in clients.values() if c.admin}
+        return cls(
+            data_dir=Path(data_dir),
+            tokens=frozenset(clients),
+            clients={token: c.client_id for token, c in clients.items()},
+            admins=frozenset(admins | set(options.pop("admins", ()))),
+            **options,
+        )
 
     def validate(self) -> None:
         """Refuse unusable settings.
@@ -146,6 +190,13 @@ class ServiceSettings:
                 "authentication. Pass --token-file FILE (one token per line) or set "
                 "LUNGCAD_API_TOKENS; for a local single-user test only, --insecure-no-auth",
                 "tokens",
+            )
+        unknown = sorted(self.admins - set(self.client_ids().values()))
+        if unknown and self.auth_enabled:
+            raise InputError(
+                f"{', '.join(unknown)} is no configured client; an admin must be the client id "
+                "of a token (`client=NAME` in the token file, or the token's tok-... id)",
+                "admins",
             )
         for name in ("max_upload_mb", "max_unpacked_mb", "max_files", "queue_size", "workers"):
             if not getattr(self, name) > 0:
@@ -165,6 +216,14 @@ class ServiceSettings:
         """False only when started with no token and ``insecure_no_auth``."""
         return bool(self.tokens)
 
+    def client_ids(self) -> dict[str, str]:
+        """Token -> the client id that owns its jobs (see ``clients``)."""
+        return {token: self.clients.get(token) or token_id(token) for token in self.tokens}
+
+    def is_admin(self, client_id: str) -> bool:
+        """True for a client with the admin role (and for everyone with auth off)."""
+        return client_id in self.admins or (not self.auth_enabled and client_id == ANONYMOUS)
+
 
 def model_version_of(info: Mapping[str, Any]) -> str:
     """``<lungcad version>+<checkpoint sha256[:12]>`` (the version DICOM outputs carry)."""
@@ -174,8 +233,11 @@ def model_version_of(info: Mapping[str, Any]) -> str:
 
 
 class _SecurityHeaders:
-    """Pure-ASGI middleware: no MIME sniffing, no referrer, no framing by other sites, and
-    API responses not cached unless the endpoint says otherwise (slice PNGs do)."""
+    """Pure-ASGI middleware: no MIME sniffing, no referrer, no framing by other sites, and no
+    API response stored by any cache (each one is patient data, or says which jobs exist).
+
+    ``no-store`` replaces whatever an endpoint set: a slice kept in a browser cache would
+    outlive ``DELETE /api/v1/jobs/{id}``."""
 
     def __init__(self, app: ASGIApp) -> None:
         self.app = app
@@ -193,10 +255,45 @@ class _SecurityHeaders:
                 headers.setdefault("Referrer-Policy", "no-referrer")
                 headers.setdefault("X-Frame-Options", "SAMEORIGIN")
                 if api:
-                    headers.setdefault("Cache-Control", "no-store")
+                    headers["Cache-Control"] = _NO_STORE
             await send(message)
 
         await self.app(scope, receive, send_with_headers)
+
+
+class _SafeErrors:
+    """Pure-ASGI middleware: an unhandled exception becomes a plain 500 and one log line with
+    the exception's type and redacted message (``lungcad.service.redact``), instead of a
+    traceback in the server's log whose text may name an uploaded file or a study."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = False
+
+        async def tracking_send(message: Message) -> None:
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            await self.app(scope, receive, tracking_send)
+        except Exception as exc:
+            # The route template, not the path: no job ids or file names in this line.
+            route = getattr(scope.get("route"), "path", "?")
+            log.error("unhandled error in %s %s: %s", scope["method"], route, describe(exc))
+            if started:  # the client sees a cut-off response; nothing more can be sent
+                return
+            response = JSONResponse(
+                {"detail": "internal error; the service's log has its type"},
+                status_code=500,
+                headers={"Cache-Control": _NO_STORE},
+            )
+            await response(scope, receive, send)
 
 
 _UPLOAD_BODY = {
@@ -233,13 +330,14 @@ def create_app(predictor: Any, settings: ServiceSettings) -> FastAPI:
     Raises:
         InputError: invalid settings (e.g. no token and no ``insecure_no_auth``).
     """
+    from lungcad.inference.outputs import SERVER_PATH_KEYS
     from lungcad.inference.predictor import INTENDED_USE
 
     settings.validate()
     settings.data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
     info = dict(predictor.info)
     model_version = settings.model_version or model_version_of(info)
-    model_doc = {k: v for k, v in info.items() if k not in _HIDDEN_INFO}
+    model_doc = {k: v for k, v in info.items() if k not in SERVER_PATH_KEYS}
     model_doc["model_version"] = model_version
     model_doc.setdefault("intended_use", INTENDED_USE)
     audit = AuditLog.open(settings.data_dir)
@@ -253,7 +351,7 @@ def create_app(predictor: Any, settings: ServiceSettings) -> FastAPI:
         retention_days=settings.retention_days,
         sweep_interval_s=settings.retention_check_s,
     )
-    require_token = bearer_dependency(settings.tokens, enabled=settings.auth_enabled)
+    require_token = bearer_dependency(settings.client_ids(), enabled=settings.auth_enabled)
     if not settings.auth_enabled:
         log.warning(
             "authentication is OFF (--insecure-no-auth): anyone who can reach this "
@@ -276,6 +374,7 @@ def create_app(predictor: Any, settings: ServiceSettings) -> FastAPI:
         lifespan=lifespan,
         description="Lung-cancer CAD for chest CT. " + INTENDED_USE,
     )
+    app.add_middleware(_SafeErrors)  # inside the headers: its 500 gets them too
     app.add_middleware(_SecurityHeaders)
     app.state.settings, app.state.jobs, app.state.audit = settings, jobs, audit
     app.state.predictor = predictor
@@ -316,14 +415,17 @@ def create_app(predictor: Any, settings: ServiceSettings) -> FastAPI:
         401: {"description": "missing or invalid bearer token"}
     }
 
-    def known_job(job_id: str) -> dict[str, Any]:
-        job = jobs.store.public(job_id) if is_job_id(job_id) else None
-        if job is None:
+    def known_job(job_id: str, user: str) -> dict[str, Any]:
+        """The job's public status, if ``user`` may see it; else 404 (also for another
+        client's job: a 403 would tell that the job exists)."""
+        owner = jobs.store.owner(job_id) if is_job_id(job_id) else None
+        job = jobs.store.public(job_id) if owner is not None else None
+        if job is None or not (owner == user or settings.is_admin(user)):
             raise HTTPException(404, f"no job {job_id!r}")
         return job
 
-    def done_job(job_id: str) -> Path:
-        job = known_job(job_id)
+    def done_job(job_id: str, user: str) -> Path:
+        job = known_job(job_id, user)
         if job["status"] == JobStatus.FAILED:
             raise HTTPException(409, f"job failed: {job['error']}")
         if job["status"] != JobStatus.DONE:
@@ -401,14 +503,16 @@ def create_app(predictor: Any, settings: ServiceSettings) -> FastAPI:
         )
 
     @api.get("/jobs", tags=["jobs"], responses=unauthorized)
-    def list_jobs() -> list[dict[str, Any]]:
-        """Every job's status, newest first."""
-        return jobs.store.list_public()
+    def list_jobs(user: str = Depends(require_token)) -> list[dict[str, Any]]:
+        """The caller's jobs' status, newest first (an admin: every job, with its owner)."""
+        if settings.is_admin(user):
+            return jobs.store.list_public(show_owner=True)
+        return jobs.store.list_public(owner=user)
 
     @api.get("/jobs/{job_id}", tags=["jobs"], responses={**unauthorized, 404: {}})
-    def job_status(job_id: str) -> dict[str, Any]:
+    def job_status(job_id: str, user: str = Depends(require_token)) -> dict[str, Any]:
         """One job's status: queued, running, done or failed (with the error)."""
-        return known_job(job_id)
+        return known_job(job_id, user)
 
     @api.delete(
         "/jobs/{job_id}",
@@ -423,7 +527,7 @@ def create_app(predictor: Any, settings: ServiceSettings) -> FastAPI:
     )
     def delete_job(job_id: str, user: str = Depends(require_token)) -> Response:
         """Delete a done or failed job with its results (SEG, SR, findings: patient data)."""
-        known_job(job_id)
+        known_job(job_id, user)
         try:
             jobs.delete(job_id, user=user)
         except KeyError:  # deleted by another request or the retention sweep meanwhile
@@ -437,7 +541,7 @@ def create_app(predictor: Any, settings: ServiceSettings) -> FastAPI:
     )
     def job_result(job_id: str, user: str = Depends(require_token)) -> FileResponse:
         """Probability, decision, threshold, per-slice probabilities, lesions, file links."""
-        folder = done_job(job_id)
+        folder = done_job(job_id, user)
         record_access("result_viewed", user, job_id)
         return FileResponse(folder / RESULT_FILE, media_type="application/json")
 
@@ -448,7 +552,7 @@ def create_app(predictor: Any, settings: ServiceSettings) -> FastAPI:
     )
     def job_file(job_id: str, name: str, user: str = Depends(require_token)) -> FileResponse:
         """Download an output (mask.nii.gz, probability.nii.gz, seg.dcm, sr.dcm, ...)."""
-        folder = done_job(job_id) / "outputs"
+        folder = done_job(job_id, user) / "outputs"
         path = folder / name
         if not _FILE_NAME.fullmatch(name) or not path.is_file():
             names = sorted(p.name for p in folder.iterdir() if not p.name.startswith("."))
@@ -471,16 +575,15 @@ def create_app(predictor: Any, settings: ServiceSettings) -> FastAPI:
         window: Literal["lung", "mediastinal", "bone"] = "lung",
         overlay: bool = True,
         cam: bool = False,
+        user: str = Depends(require_token),
     ) -> Response:
         """Axial slice ``z`` as PNG (radiological view), mask in red, optional Grad-CAM."""
-        renderer = SliceRenderer(done_job(job_id) / "render")
+        renderer = SliceRenderer(done_job(job_id, user) / "render")
         try:
             png = renderer.png(z, window=window, overlay=overlay, cam=cam)
         except IndexError as exc:
             raise HTTPException(404, str(exc)) from None
-        return Response(
-            png, media_type="image/png", headers={"Cache-Control": "private, max-age=86400"}
-        )
+        return Response(png, media_type="image/png", headers={"Cache-Control": _NO_STORE})
 
     app.include_router(api)
     return app

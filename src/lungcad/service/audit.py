@@ -26,7 +26,9 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-__all__ = ["AUDIT_FILE", "SALT_FILE", "AuditLog", "result_summary"]
+from lungcad.finding import StudyFinding
+
+__all__ = ["AUDIT_FILE", "SALT_FILE", "AuditLog", "load_salt", "result_summary"]
 
 AUDIT_FILE = "audit.log"
 SALT_FILE = "audit_salt"
@@ -49,17 +51,21 @@ def _now() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="milliseconds")
 
 
-def result_summary(probability: float, is_cancer: bool, n_lesions: int) -> dict[str, Any]:
-    """The result part of an audit record: probability, decision and lesion count only."""
+def result_summary(finding: StudyFinding, n_lesions: int) -> dict[str, Any]:
+    """The result part of an audit record: probability (None without a decision), decision
+    (the finding's status) and lesion count only."""
     return {
-        "probability": round(float(probability), 4),
-        "decision": "cancer suspected" if is_cancer else "no cancer suspected",
+        "probability": None if finding.probability is None else round(finding.probability, 4),
+        "decision": finding.status,
         "n_lesions": int(n_lesions),
     }
 
 
-def _load_salt(path: Path) -> bytes:
-    """The install's salt, created on first use (O_EXCL: two starting services agree)."""
+def load_salt(path: Path) -> bytes:
+    """The install's salt, created on first use (O_EXCL: two starting services agree).
+
+    Also the key of the PACS watcher's study tags in its logs (``lungcad.service.redact``).
+    """
     try:
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     except FileExistsError:
@@ -98,7 +104,7 @@ class AuditLog:
         """The audit log of a service data folder (``audit.log`` and ``audit_salt`` in it)."""
         data_dir = Path(data_dir)
         data_dir.mkdir(parents=True, exist_ok=True)
-        return cls(data_dir / AUDIT_FILE, _load_salt(data_dir / SALT_FILE))
+        return cls(data_dir / AUDIT_FILE, load_salt(data_dir / SALT_FILE))
 
     def hash_uid(self, uid: str | None) -> str | None:
         """``"sha256:<hex>"`` of the salted UID, or None when there is no UID (e.g. NIfTI)."""

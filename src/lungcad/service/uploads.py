@@ -18,6 +18,11 @@ Cheap validation happens before a job is queued, so a bad upload gets an immedia
 says what is wrong: a corrupt zip, no DICOM image in it, a series that is not CT (the message
 of ``lungcad.io.read_image``, which refuses non-CT from the headers alone, before decoding any
 pixel), or an unreadable NIfTI header. Reading the pixels is left to the job.
+
+Messages never repeat the client's file names or the server's paths (a zip's members are
+named by their number, ``member 3 of the zip``; a reader's message has the upload's folder and
+everything below it replaced by ``upload``: ``lungcad.service.redact``): file names of DICOM
+exports often hold the patient's name.
 """
 
 from __future__ import annotations
@@ -35,6 +40,8 @@ from python_multipart import MultipartParser
 from python_multipart.exceptions import MultipartParseError
 from python_multipart.multipart import parse_options_header
 
+from lungcad.service.redact import names_under, redact
+
 if TYPE_CHECKING:  # the callbacks' TypedDict exists for type checkers only
     from python_multipart.multipart import MultipartCallbacks
 
@@ -44,7 +51,6 @@ __all__ = [
     "extract_zip",
     "prepare_study",
     "receive_upload",
-    "relative_message",
 ]
 
 UPLOAD_FILE = "upload.bin"
@@ -194,7 +200,9 @@ async def receive_upload(
             parser.write(chunk)
         parser.finalize()
     except MultipartParseError as exc:
-        raise UploadRejected(400, f"malformed multipart body ({exc})", "bad_request") from exc
+        raise UploadRejected(
+            400, f"malformed multipart body ({redact(str(exc))})", "bad_request"
+        ) from exc
     finally:
         sink.close()
     if sink.filename is None:
@@ -206,8 +214,11 @@ async def receive_upload(
     return StagedUpload(folder, sink.filename, sink.size)
 
 
-def _member_path(name: str) -> PurePosixPath:
-    """A zip member name as a safe relative path, or UploadRejected (zip slip)."""
+def _member_path(name: str, label: str) -> PurePosixPath:
+    """A zip member name as a safe relative path, or UploadRejected (zip slip).
+
+    ``label`` names the member in the message (``member 3 of the zip``), never its name.
+    """
     path = PurePosixPath(name.replace("\\", "/"))
     parts = path.parts
     if (
@@ -219,7 +230,7 @@ def _member_path(name: str) -> PurePosixPath:
     ):
         raise UploadRejected(
             400,
-            f"unsafe path in the zip ({name!r}): members must be relative paths inside the archive",
+            f"unsafe path in the zip ({label}): members must be relative paths inside the archive",
             "corrupt",
         )
     return PurePosixPath(*[p for p in parts if p != "."])
@@ -237,7 +248,7 @@ def extract_zip(archive: Path, dest: Path, *, max_files: int, max_unpacked_bytes
     except (zipfile.BadZipFile, OSError, ValueError) as exc:
         raise UploadRejected(
             400,
-            f"the upload is not a valid zip archive ({exc}); zip the "
+            f"the upload is not a valid zip archive ({redact(str(exc))}); zip the "
             "series folder again (e.g. `zip -r study.zip SERIES/`)",
             "corrupt",
         ) from exc
@@ -265,22 +276,21 @@ def extract_zip(archive: Path, dest: Path, *, max_files: int, max_unpacked_bytes
                 f"the zip unpacks to {_mb(declared)}; the limit is {_mb(max_unpacked_bytes)}",
                 "too_large",
             )
-        for member in members:
+        for number, member in enumerate(members, start=1):
+            label = f"member {number} of the zip"
             if member.flag_bits & 0x1:
                 raise UploadRejected(
-                    400, f"{member.filename!r} is encrypted; upload an unencrypted zip", "corrupt"
+                    400, f"{label} is encrypted; upload an unencrypted zip", "corrupt"
                 )
             if stat.S_ISLNK(member.external_attr >> 16):
                 raise UploadRejected(
                     400,
-                    f"{member.filename!r} is a symbolic link; links are not accepted in uploads",
+                    f"{label} is a symbolic link; links are not accepted in uploads",
                     "corrupt",
                 )
-            target = dest.joinpath(_member_path(member.filename))
+            target = dest.joinpath(_member_path(member.filename, label))
             if not target.resolve().is_relative_to(dest):
-                raise UploadRejected(
-                    400, f"unsafe path in the zip ({member.filename!r})", "corrupt"
-                )
+                raise UploadRejected(400, f"unsafe path in the zip ({label})", "corrupt")
             target.parent.mkdir(parents=True, exist_ok=True)
             try:
                 with zf.open(member) as src, target.open("xb") as out:
@@ -296,13 +306,13 @@ def extract_zip(archive: Path, dest: Path, *, max_files: int, max_unpacked_bytes
                         out.write(chunk)
             except FileExistsError as exc:
                 raise UploadRejected(
-                    400, f"the zip holds {member.filename!r} twice", "corrupt"
+                    400, f"the zip holds the path of {label} twice", "corrupt"
                 ) from exc
             except (zipfile.BadZipFile, zlib.error, EOFError, NotImplementedError, OSError) as exc:
                 raise UploadRejected(
                     400,
-                    f"the zip is corrupt: {member.filename!r} cannot be "
-                    f"unpacked ({exc}); zip the series again",
+                    f"the zip is corrupt: {label} cannot be "
+                    f"unpacked ({redact(str(exc), {dest: 'upload'})}); zip the series again",
                     "corrupt",
                 ) from exc
     return len(members)
@@ -325,8 +335,8 @@ def _kind(upload: StagedUpload) -> str:
         return "nii.gz"
     raise UploadRejected(
         400,
-        f"unsupported upload {upload.filename!r}: expected a .zip of one "
-        "DICOM series or a .nii/.nii.gz file",
+        "unsupported upload: expected a .zip of one DICOM series or a .nii/.nii.gz file "
+        "(neither the file's name nor its first bytes say it is one)",
         "bad_request",
     )
 
@@ -338,13 +348,17 @@ def _check_dicom(folder: Path) -> None:
     try:
         series = list_dicom_series(folder)  # headers only
     except (ValueError, FileNotFoundError) as exc:
-        raise UploadRejected(400, relative_message(str(exc), folder), "corrupt") from exc
+        raise UploadRejected(
+            400, redact(str(exc), {folder: "upload"}, names_under(folder)), "corrupt"
+        ) from exc
     if any(s.modality == "CT" for s in series):
         return
     try:
         read_image(folder)  # refuses non-CT from the headers, with the reader's own message
     except (ValueError, FileNotFoundError) as exc:
-        raise UploadRejected(400, relative_message(str(exc), folder), "not_ct") from exc
+        raise UploadRejected(
+            400, redact(str(exc), {folder: "upload"}, names_under(folder)), "not_ct"
+        ) from exc
     found = ", ".join(sorted({s.modality for s in series}))
     raise UploadRejected(400, f"no CT series in the upload (found {found})", "not_ct")
 
@@ -360,7 +374,9 @@ def _check_nifti(path: Path, max_unpacked_bytes: int) -> None:
         itemsize = header.get_data_dtype().itemsize
     except Exception as exc:  # nibabel raises many types for a damaged file
         raise UploadRejected(
-            400, f"the upload is not a readable NIfTI file ({exc})", "corrupt"
+            400,
+            f"the upload is not a readable NIfTI file ({redact(str(exc), {path: 'upload'})})",
+            "corrupt",
         ) from exc
     if len([s for s in shape if s > 1]) > 3 or len(shape) < 2:
         raise UploadRejected(
@@ -376,17 +392,6 @@ def _check_nifti(path: Path, max_unpacked_bytes: int) -> None:
             f"is {_mb(max_unpacked_bytes)}",
             "too_large",
         )
-
-
-def relative_message(message: str, folder: Path, name: str = "upload") -> str:
-    """An error message with the server's path of ``folder`` replaced by ``name``.
-
-    Messages name files relative to the upload (``upload/series/0001.dcm: ...``), so users
-    see their own file names and never the server's folders.
-    """
-    for form in sorted({str(folder.resolve()), str(folder)}, key=len, reverse=True):
-        message = message.replace(form, name)
-    return message
 
 
 def prepare_study(upload: StagedUpload, *, max_files: int, max_unpacked_bytes: int) -> dict:

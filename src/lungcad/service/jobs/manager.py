@@ -21,6 +21,7 @@ from typing import Any
 from lungcad.service.audit import AuditLog
 from lungcad.service.jobs.store import JobBusy, JobStore
 from lungcad.service.jobs.workers import JobWorkers
+from lungcad.service.redact import describe
 
 log = logging.getLogger(__name__)
 
@@ -162,7 +163,9 @@ class JobManager:
                 continue
             except OSError as exc:
                 log.error(
-                    "job %s: could not be removed (%s); retried at the next sweep", job_id, exc
+                    "job %s: could not be removed (%s); retried at the next sweep",
+                    job_id,
+                    describe(exc),
                 )
                 continue
             removed.append(job_id)
@@ -176,5 +179,5 @@ class JobManager:
         while not self._stopping.wait(self.sweep_interval_s):
             try:
                 self.sweep_expired()
-            except Exception:  # a bad sweep must not end retention for good
-                log.exception("retention sweep failed")
+            except Exception as exc:  # a bad sweep must not end retention for good
+                log.error("retention sweep failed: %s", describe(exc))

@@ -2,7 +2,8 @@
 
 Layout of ``DATA_DIR``::
 
-    jobs/<job_id>/state.json      status and times (written atomically on every change)
+    jobs/<job_id>/state.json      status, times and owner (``user``: the client id that
+                                  submitted it; written atomically on every change)
     jobs/<job_id>/upload/         the study as received (DICOM files or one NIfTI);
                                   deleted once the job is done (it holds patient identifiers)
     jobs/<job_id>/outputs/        lungcad.inference.outputs.write_study_outputs: mask.nii.gz,
@@ -10,6 +11,8 @@ Layout of ``DATA_DIR``::
                                   preview.png, cam_*.png
     jobs/<job_id>/render/         arrays for the slice PNG endpoint (service.rendering)
     jobs/<job_id>/result.json     the REST result document (service.jobs.schema)
+    jobs/<job_id>/error.txt       a failed job's full error and traceback, for the
+                                  administrator only (logs and the API get a redacted line)
     tmp/                          uploads being received (emptied on open)
     .lock                         held by the open store (one service per data folder)
 
@@ -41,6 +44,7 @@ from typing import Any
 from lungcad.io.atomic import write_json_atomic
 from lungcad.provenance import utc_timestamp
 from lungcad.service.jobs.schema import FINISHED, JobStatus, public_view
+from lungcad.service.redact import describe
 
 log = logging.getLogger(__name__)
 
@@ -121,8 +125,10 @@ class JobStore:
             try:
                 state = json.loads(state_file.read_text(encoding="utf-8"))
                 state["status"] = JobStatus(state["status"])
-            except (OSError, ValueError, KeyError, TypeError):
-                log.error("%s is unreadable; job %s skipped", state_file, folder.name)
+            except (OSError, ValueError, KeyError, TypeError) as exc:
+                log.error(
+                    "job %s: %s is unreadable (%s); skipped", folder.name, STATE_FILE, describe(exc)
+                )
                 continue
             for tmp in folder.glob(".*"):  # temporaries of interrupted atomic writes
                 if tmp.is_dir():
@@ -131,7 +137,7 @@ class JobStore:
                     tmp.unlink(missing_ok=True)
             job_id = folder.name
             if state.get("job_id") != job_id:
-                log.error("%s names another job (%s); skipped", state_file, state.get("job_id"))
+                log.error("job %s: its %s names another job; skipped", job_id, STATE_FILE)
                 continue
             if state["status"] == JobStatus.DONE and (folder / UPLOAD_DIR).exists():
                 self.remove_upload(job_id)  # the job ended before its upload was removed
@@ -151,19 +157,36 @@ class JobStore:
             state = self._states.get(job_id)
             return None if state is None else dict(state)
 
+    def owner(self, job_id: str) -> str | None:
+        """The client id that submitted the job (its owner), or None for an unknown job."""
+        with self._lock:
+            state = self._states.get(job_id)
+            return None if state is None else state.get("user")
+
     def public(self, job_id: str) -> dict[str, Any] | None:
         """The job's public status (``schema.PUBLIC_KEYS``), or None for an unknown job."""
         with self._lock:
             state = self._states.get(job_id)
             return None if state is None else public_view(state)
 
-    def list_public(self) -> list[dict[str, Any]]:
-        """Public status of every job, newest first."""
+    def list_public(
+        self, owner: str | None = None, *, show_owner: bool = False
+    ) -> list[dict[str, Any]]:
+        """Public status of the jobs, newest first.
+
+        Args:
+            owner: only the jobs of this client id; None: every job.
+            show_owner: add each job's ``owner`` (for an admin's list).
+        """
         with self._lock:
             # Jobs made within one millisecond share a time stamp; the stable sort over the
             # newest-first insertion order keeps those ties newest first too.
-            newest_first = reversed(list(self._states.values()))
+            newest_first = reversed(
+                [s for s in self._states.values() if owner is None or s.get("user") == owner]
+            )
             states = sorted(newest_first, key=lambda s: s["created_at"], reverse=True)
+            if show_owner:
+                return [{**public_view(s), "owner": s.get("user")} for s in states]
             return [public_view(s) for s in states]
 
     def unfinished(self) -> list[dict[str, Any]]:
@@ -215,7 +238,8 @@ class JobStore:
         Args:
             staged: folder holding ``upload/`` (see ``uploads.prepare_study``); it is moved.
             input_info: ``{"format", "input_path", "n_files"}``.
-            user: the submitting token id.
+            user: the submitting client id: the job's owner (kept in ``state.json``, so it
+                survives a restart).
 
         Returns:
             The new job's state (a copy).
@@ -289,5 +313,5 @@ class JobStore:
             del self._states[job_id]
         shutil.rmtree(trash, ignore_errors=True)  # outside the lock: may take a while
         if trash.exists():
-            log.warning("could not remove all of %s; the next start removes it", trash)
+            log.warning("job %s: not all of it could be removed; the next start does", job_id)
         return state

@@ -22,17 +22,19 @@ import collections
 import logging
 import threading
 import time
+import traceback
 from pathlib import Path
 from typing import Any
 
+from lungcad.finding import StudyFinding
 from lungcad.io import read_image
-from lungcad.io.atomic import write_json_atomic
+from lungcad.io.atomic import write_json_atomic, write_text_atomic
 from lungcad.provenance import utc_timestamp
 from lungcad.service.audit import AuditLog, result_summary
 from lungcad.service.jobs.schema import JobStatus, public_view, result_document
 from lungcad.service.jobs.store import RESULT_FILE, JobStore
+from lungcad.service.redact import describe, names_under, redact
 from lungcad.service.rendering import save_render_data
-from lungcad.service.uploads import relative_message
 
 log = logging.getLogger(__name__)
 
@@ -40,6 +42,15 @@ __all__ = ["MAX_ATTEMPTS", "JobWorkers", "QueueFull"]
 
 #: Starts of one job (each ended by the service stopping) after which it is given up.
 MAX_ATTEMPTS = 3
+#: A failed job's full error and traceback, in its folder: for the administrator only.
+ERROR_FILE = "error.txt"
+
+
+def _finding_text(finding: StudyFinding) -> str:
+    """The finding for a log line: ``p=0.123 cancer suspected`` or ``cannot assess``."""
+    if finding.probability is None:
+        return finding.status
+    return f"p={finding.probability:.3f} {finding.status}"
 
 
 class QueueFull(Exception):
@@ -213,8 +224,8 @@ class JobWorkers:
                 self._busy.add(threading.current_thread().name)
             try:
                 self._run(job_id)
-            except Exception:  # never let a bug in one job kill the worker
-                log.exception("job %s: unexpected error in the worker", job_id)
+            except Exception as exc:  # never let a bug in one job kill the worker
+                log.error("job %s: unexpected error in the worker: %s", job_id, describe(exc))
             finally:
                 with self._cond:
                     self._busy.discard(threading.current_thread().name)
@@ -262,13 +273,22 @@ class JobWorkers:
             if self._stopping.is_set():
                 return
             expected = isinstance(exc, ValueError | FileNotFoundError)
+            # Exception text may name the upload's files, server paths or UIDs: the log and
+            # the client get it redacted, the full text goes to the job's error.txt only.
+            upload = {folder / "upload": "upload"}
+            names = names_under(folder / state["input_path"])  # a reader names files alone
             if expected:
-                log.warning("job %s failed: %s", job_id, exc)
-                message = str(exc)
+                log.warning("job %s failed: %s", job_id, describe(exc, upload, names))
+                message = redact(str(exc), upload, names)
             else:
-                log.exception("job %s failed", job_id)
-                message = f"internal error ({type(exc).__name__}: {exc})"
-            message = relative_message(message, folder / state["input_path"])
+                log.error(
+                    "job %s failed: %s (details in its %s)",
+                    job_id,
+                    describe(exc, upload, names),
+                    ERROR_FILE,
+                )
+                message = f"internal error ({describe(exc, upload, names)})"
+            write_text_atomic(folder / ERROR_FILE, traceback.format_exc())
             self._finish(
                 job_id,
                 JobStatus.FAILED,
@@ -279,7 +299,7 @@ class JobWorkers:
         self._finish(
             job_id,
             JobStatus.DONE,
-            result=result_summary(result.study_probability, result.is_cancer, len(result.lesions)),
+            result=result_summary(result.finding, len(result.lesions)),
         )
         self.store.remove_upload(job_id)  # patient identifiers are kept no longer than needed
-        log.info("job %s: done (p=%.3f)", job_id, result.study_probability)
+        log.info("job %s: done (%s)", job_id, _finding_text(result.finding))

@@ -37,6 +37,7 @@ from dicomweb_client.api import DICOMwebClient
 from tenacity import RetryCallState, RetryError, Retrying, retry_if_exception, stop_after_attempt
 
 from lungcad.errors import InputError, MissingInputError
+from lungcad.service.redact import redact
 
 log = logging.getLogger(__name__)
 
@@ -242,10 +243,10 @@ class DicomWebClient:
 
         def before_sleep(state: RetryCallState) -> None:
             exc = state.outcome.exception() if state.outcome else None
-            log.warning(
+            log.warning(  # redacted: ``what`` names the study or series by its UID
                 "%s: %s; retry %d/%d in %.2f s",
-                what,
-                _describe(exc) if exc else "?",
+                redact(what),
+                redact(_describe(exc) if exc else "?"),
                 state.attempt_number,
                 self.retry.attempts - 1,
                 state.next_action.sleep if state.next_action else 0.0,

@@ -21,6 +21,11 @@ count seen and since when (``instances``, ``instances_since`` on the ``pending``
 entry), so the wait spans rounds and restarts of the watcher; a change of count restarts the
 wait. A PACS that does not report the count makes the wait a plain ``settle_s`` after the
 study was first seen. ``settle_s=0`` disables the wait; studies named explicitly skip it.
+
+Log lines name a study by :meth:`StudyLedger.tag`, a short salted hash of its UID (the salt is
+``STATE_DIR/audit_salt``, made once), never by the UID itself, and failures by the exception's
+type and redacted message (``lungcad.service.redact``). The full error text stays in the
+ledger, inside the state folder (mode 0700), which maps the UIDs to what became of them.
 """
 
 from __future__ import annotations
@@ -39,6 +44,7 @@ from typing import IO, Any
 
 from lungcad.errors import InputError
 from lungcad.io.atomic import write_text_atomic
+from lungcad.service.audit import SALT_FILE, load_salt
 from lungcad.service.pacs.dicomweb import DicomWebClient, PacsUnavailableError, check_uid
 from lungcad.service.pacs.process import (
     PacsStudyResult,
@@ -47,6 +53,7 @@ from lungcad.service.pacs.process import (
     lungcad_output_series,
     process_study,
 )
+from lungcad.service.redact import describe, redact, study_tag
 
 log = logging.getLogger(__name__)
 
@@ -97,7 +104,8 @@ class StudyLedger:
                 "--max-attempts",
             )
         self.state_dir = Path(state_dir)
-        self.state_dir.mkdir(parents=True, exist_ok=True)
+        # 0700: the ledger and the work folders are named by raw StudyInstanceUIDs.
+        self.state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
         self.path = self.state_dir / LEDGER_FILE
         self.max_attempts = int(max_attempts)
         self.retry_after_s = float(retry_after_s)
@@ -107,6 +115,7 @@ class StudyLedger:
         # twice nor "recover" the first one's study in hand.
         self._lock = self._acquire()
         try:
+            self._salt = load_salt(self.state_dir / SALT_FILE)
             self.studies: dict[str, dict[str, Any]] = self._load()
         except BaseException:
             self.close()
@@ -137,6 +146,10 @@ class StudyLedger:
         handle.write(str(os.getpid()))
         handle.flush()
         return handle
+
+    def tag(self, uid: str) -> str:
+        """The study's name in log lines: a short salted hash of its UID (module notes)."""
+        return study_tag(uid, self._salt)
 
     def close(self) -> None:
         """Release the state folder (the ledger is already saved after every change)."""
@@ -234,7 +247,7 @@ class StudyLedger:
                 if "instances_since" in entry:
                     log.info(
                         "study %s: %s -> %s instances; still arriving",
-                        uid,
+                        self.tag(uid),
                         entry.get("instances"),
                         count,
                     )
@@ -284,7 +297,10 @@ class StudyLedger:
         if entry["failures"] >= self.max_attempts:
             entry.update(status="gave_up", next_attempt_at=None)
             log.error(
-                "study %s: giving up after %d failed attempts: %s", uid, entry["failures"], error
+                "study %s: giving up after %d failed attempts: %s",
+                self.tag(uid),
+                entry["failures"],
+                redact(error),
             )
             return
         pause = (
@@ -421,8 +437,8 @@ def watch_round(
                 on_result(uid, None, str(exc))
             break
         except Exception as exc:  # one bad study must not stop the service
-            error = f"{type(exc).__name__}: {exc}"
-            log.warning("study %s failed: %s", uid, error, exc_info=log.isEnabledFor(10))
+            error = f"{type(exc).__name__}: {exc}"  # in full only in the ledger
+            log.warning("study %s failed: %s", ledger.tag(uid), describe(exc))
             ledger.fail(uid, error)
             report.failed[uid] = error
             if on_result:
