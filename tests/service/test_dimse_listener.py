@@ -448,3 +448,42 @@ def test_listen_refuses_bad_settings(tmp_path: Path) -> None:
         taken.listen()
         port = taken.getsockname()[1]
         assert cli_main([*base, "--allow", "A", "--port", str(port)]) == 2
+
+
+class FlakyDestination:
+    """A destination that fails with ``errors`` (one per call) before it takes results."""
+
+    def __init__(self, name: str, errors: list[Exception]) -> None:
+        self.name, self.errors, self.got = name, errors, []
+
+    def send(self, files, study_uid) -> None:
+        if self.errors:
+            raise self.errors.pop(0)
+        self.got.append((study_uid, [p.name for p in files]))
+
+
+def test_a_failing_destination_holds_up_neither_the_loop_nor_the_others(tmp_path: Path) -> None:
+    now = [0.0]
+    ledger = ListenLedger(tmp_path, retry_after_s=10.0, clock=lambda: now[0])
+    scp = StoreSCP(
+        ledger, tmp_path / "incoming", ae_title="LUNGCAD", host="127.0.0.1", port=0, allowed=["A"]
+    )
+    broken = FlakyDestination("broken", [ValueError("odd answer"), OSError("disk")])
+    fine = FlakyDestination("fine", [])
+    listener = Listener(lambda: None, ledger, scp, tmp_path, [broken, fine])
+    for uid in ("1.2.3.4.5.1", "1.2.3.4.5.2"):  # two analysed studies, results on disk
+        ledger.record_instance(uid, uid + ".1")
+        ledger.start(uid)
+        ledger.analysed(uid, {"dicom": ["sr.dcm"]}, ["broken", "fine"])
+        listener.outputs_dir(uid).mkdir(parents=True)
+        (listener.outputs_dir(uid) / "sr.dcm").write_bytes(b"x")
+    report = listener.step()
+    # The broken destination is tried once per pass, not once per study; the other gets all.
+    assert len(report.deferred) == 1 and len(fine.got) == 2 and report.done == []
+    now[0] = 10.0
+    assert len(listener.step().deferred) == 1  # OSError: still queued, the loop goes on
+    now[0] = 100.0
+    report = listener.step()
+    assert len(broken.got) == 2 and len(report.done) == 2
+    assert dict(ledger.counts()) == {"done": 2}
+    ledger.close()

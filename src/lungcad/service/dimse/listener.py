@@ -35,7 +35,6 @@ from typing import Any, Protocol
 from lungcad.errors import InputError
 from lungcad.service.dimse.ledger import ListenLedger
 from lungcad.service.dimse.scp import StoreSCP
-from lungcad.service.dimse.sender import DeliveryError
 
 log = logging.getLogger(__name__)
 
@@ -213,7 +212,7 @@ class Listener:
             files = sorted(self.outputs_dir(delivery.study_uid).glob("*.dcm"))
             try:
                 destination.send(files, delivery.study_uid)
-            except (DeliveryError, OSError) as exc:
+            except Exception as exc:  # down, refused, or a result file gone: stays queued
                 down.add(name)
                 pause = self.ledger.delivery_failed(delivery.study_uid, name, str(exc))
                 text = f"{redacted(exc)}; attempt {delivery.attempts + 1}, next in {pause:.1f} s"
