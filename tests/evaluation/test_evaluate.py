@@ -359,3 +359,24 @@ def test_fold_ensemble_threshold_and_training_rows_are_reported(
     external = evaluate_run(folder, data["external"], None, split="all", n_boot=0, device="cpu")
     assert external.info["threshold"]["tuned_on_evaluated_data"] is False
     assert external.info["data"]["overlaps_training_data"] is False
+
+
+def test_masked_slices_are_segmented_at_the_decoders_scale(tmp_path) -> None:
+    """With a recorded decoder pixel size, a masked slice is segmented by sliding windows on
+    its own grid (as `lungcad predict` does), not through the letterboxed model input."""
+    from lungcad.data.manifest import read_manifest
+    from lungcad.data.preprocessing import LUNG_WINDOW
+    from lungcad.evaluation.evaluate import predict_slices
+    from lungcad.training.checkpoint import load_checkpoint
+    from lungcad.training.domain import HU, InputDomain
+    from tests.inference_helpers import make_manifest, make_run_folder
+
+    folder = make_manifest(tmp_path / "m", {"test": 1}, spacing=0.5)
+    records = read_manifest(folder / "manifest.csv")
+    model, _, _ = load_checkpoint(make_run_folder(tmp_path / "run", image_size=32))
+    domain = InputDomain(HU, LUNG_WINDOW, 1.0, 32)
+    at_scale = list(predict_slices(model, records, folder, 32, seg_scale=domain))
+    plain = list(predict_slices(model, records, folder, 32))
+    assert [o.seg_probability.shape for o in plain] == [(32, 32), (32, 32)]
+    assert [o.seg_probability.shape for o in at_scale] == [(64, 64), (64, 64)]
+    assert [o.probability for o in at_scale] == [o.probability for o in plain]

@@ -6,6 +6,7 @@ sees; training, evaluation, calibration and inference all use it.
 
 from __future__ import annotations
 
+import math
 from collections import Counter
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -15,6 +16,7 @@ import torch
 from torch.utils.data import Dataset, WeightedRandomSampler
 
 from lungcad.data.manifest import SliceRecord
+from lungcad.data.patches import PatchSampling
 from lungcad.data.preprocessing import Letterbox
 from lungcad.errors import InputError
 from lungcad.io.images import load_slice_array
@@ -104,6 +106,12 @@ class SliceDataset(Dataset):
             bilinear, mask area-weighted then thresholded). None keeps each slice's own size.
         augment: ``augment(image, mask) -> (image, mask)`` on float32 numpy ``(1, H, W)``
             arrays, applied before tensor conversion (training only).
+        patches: cut tumour-aware patches at one physical scale instead of letterboxing
+            whole slices (:class:`lungcad.data.patches.PatchSampling`, stage 1); every record
+            needs a pixel spacing. ``image_size`` is then ``(size, size)``.
+        fixed_patches: draw each record's patch from a generator seeded by its index, so a
+            validation pass sees the same patches every epoch; otherwise from NumPy's global
+            generator (seeded per epoch and worker by training).
 
     Each item is a dict: ``"image"`` float32 ``(1, H, W)`` in [0, 1]; ``"mask"`` float32
     ``(1, H, W)`` 0/1 (zeros when the slice has no mask); ``"has_mask"`` bool ``()``;
@@ -117,8 +125,22 @@ class SliceDataset(Dataset):
         root: str | Path,
         image_size: tuple[int, int] | None = (256, 256),
         augment: Callable[[np.ndarray, np.ndarray], tuple[np.ndarray, np.ndarray]] | None = None,
+        patches: PatchSampling | None = None,
+        fixed_patches: bool = False,
     ) -> None:
         self.records = list(records)
+        self.patches = patches
+        self.fixed_patches = bool(fixed_patches)
+        if patches is not None:
+            image_size = (patches.size, patches.size)
+            unknown = [r.sample_id for r in self.records if not _spacing_known(r)]
+            if unknown:
+                raise InputError(
+                    f"patch sampling needs each slice's pixel spacing; {len(unknown)} slices "
+                    f"have none (e.g. {unknown[0]}). Prepare 2D sets with --pixel-spacing, or "
+                    "unset data.patch_pixel_mm",
+                    str(root),
+                )
         self.root = Path(root)
         if image_size is not None:
             image_size = (int(image_size[0]), int(image_size[1]))
@@ -146,6 +168,13 @@ class SliceDataset(Dataset):
             mask = (mask > 0).astype(np.float32)
         else:
             mask = np.zeros(image.shape, dtype=np.float32)
+        if self.patches is not None:
+            rng = np.random.default_rng(
+                index if self.fixed_patches else int(np.random.randint(0, 2**31 - 1))
+            )
+            image = np.clip(np.asarray(image, dtype=np.float32), 0.0, 1.0)
+            spacing = (float(record.spacing_y), float(record.spacing_x))
+            return self.patches.sample(image, mask, spacing, rng)
         if self.image_size is not None and mask.shape != self.image_size:
             mask = Letterbox.fit(mask.shape, self.image_size).apply(mask, mask=True)
         return slice_to_model_input(image, self.image_size), mask
@@ -172,3 +201,7 @@ class SliceDataset(Dataset):
     def labels(self) -> np.ndarray:
         """Labels of all records, int ``(N,)``, without loading any image."""
         return np.array([r.label for r in self.records], dtype=np.int64)
+
+
+def _spacing_known(record: SliceRecord) -> bool:
+    return all(math.isfinite(v) and v > 0 for v in (record.spacing_y, record.spacing_x))

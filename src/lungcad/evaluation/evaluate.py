@@ -30,10 +30,12 @@ Honesty rules built in:
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 from torch.utils.data import DataLoader
@@ -54,11 +56,14 @@ from lungcad.evaluation.info import evaluation_info, scored_tasks
 from lungcad.evaluation.scoring import SliceOutput, SliceResult, score_outputs, select_examples
 from lungcad.io.atomic import atomic_dir
 from lungcad.io.folders import check_output_dir, read_json_or_empty
+from lungcad.io.images import load_slice_array
 from lungcad.models.forward import forward_logits, probabilities
+from lungcad.models.sliding_window import segment_at_scale
 from lungcad.models.tta import FlipTTA
 from lungcad.training.checkpoint import RUN_FILE
 from lungcad.training.choices import DEVICES
 from lungcad.training.config import Config
+from lungcad.training.domain import InputDomain
 from lungcad.training.ensemble import load_model
 
 log = logging.getLogger(__name__)
@@ -87,6 +92,7 @@ def predict_slices(
     amp: bool = False,
     num_workers: int = 0,
     calibration: Calibration | None = None,
+    seg_scale: InputDomain | None = None,
 ) -> Iterator[SliceOutput]:
     """Run the network over manifest slices, in record order, as training's validation does.
 
@@ -102,6 +108,10 @@ def predict_slices(
         num_workers: DataLoader worker processes.
         calibration: maps the cancer logits to probabilities (as ``lungcad predict`` does for
             a calibrated run); None: the sigmoid.
+        seg_scale: the decoder's domain (``seg_input_domain``): when it has a pixel size,
+            slices with a known spacing and a mask are segmented at that scale by sliding
+            windows, as ``lungcad predict`` does, and their tumour probability is on the
+            slice's own grid; others as the model input (letterboxed).
 
     Yields:
         One :class:`SliceOutput` per record, in order.
@@ -118,8 +128,39 @@ def predict_slices(
         cls = probabilities(logits.cls, calibration.apply if calibration is not None else None)
         seg = probabilities(logits.seg)[:, 0]
         for i in range(len(cls)):
-            yield SliceOutput(records[start + i], float(cls[i]), seg[i])
+            record = records[start + i]
+            at_scale = _segment_at_scale(model, record, root, seg_scale, device, amp)
+            yield SliceOutput(record, float(cls[i]), seg[i] if at_scale is None else at_scale)
         start += len(cls)
+
+
+def _segment_at_scale(
+    model: nn.Module,
+    record: SliceRecord,
+    root: str | Path,
+    domain: InputDomain | None,
+    device: torch.device,
+    amp: bool,
+) -> np.ndarray | None:
+    """The tumour probability ``(H, W)`` of a masked slice segmented at the decoder's scale,
+    or None where that scale or the slice's spacing is unknown."""
+    if domain is None or domain.model_pixel_mm is None or not record.has_mask:
+        return None
+    spacing = (record.spacing_y, record.spacing_x)
+    if not all(math.isfinite(v) and v > 0 for v in spacing):
+        return None
+    image = load_slice_array(Path(root) / record.image_path, record.sample_id, "image")
+
+    def predict(windows: torch.Tensor) -> torch.Tensor:
+        return torch.sigmoid(forward_logits(model, windows, device, amp=amp).seg.float()).cpu()
+
+    return segment_at_scale(
+        np.clip(image, 0.0, 1.0)[None].astype(np.float32),
+        (float(spacing[0]), float(spacing[1])),
+        domain.model_pixel_mm,
+        domain.image_size,
+        predict,
+    )[0]
 
 
 # --------------------------------------------------------------------------- examples
@@ -166,6 +207,14 @@ def example_outputs(
 # --------------------------------------------------------------------------- the run
 
 
+def _decoder_domain(config: Config, info: Mapping[str, Any]) -> InputDomain | None:
+    """The scale the decoder learnt, when it learnt at all (a seg run, or a cls run trained
+    from one); None otherwise."""
+    if config.train.stage != "seg" and not config.train.init_from:
+        return None
+    return InputDomain.from_dict(info.get("seg_input_domain"))
+
+
 def evaluate_loaded(
     model: nn.Module,
     config: Config,
@@ -210,6 +259,7 @@ def evaluate_loaded(
         device=torch_device,
         amp=config.train.amp,
         calibration=None if decision is None else decision.calibration,
+        seg_scale=_decoder_domain(config, checkpoint_info),
     )
     rows, metrics = score_outputs(
         outputs,

@@ -93,6 +93,12 @@ class DataConfig:
         num_workers: DataLoader worker processes (0 loads in the main process).
         balanced_sampling: draw training slices with probability inversely proportional to
             their class frequency (stage "cls"); the classifier's pos_weight is then 1.
+        patch_pixel_mm: stage "seg": train on ``model.image_size`` patches cut at this many mm
+            per pixel (slices resampled by their spacing; :mod:`lungcad.data.patches`)
+            instead of whole slices letterboxed into the input; prediction then segments at
+            the same scale with sliding windows. None: whole slices.
+        patch_tumour_prob: with ``patch_pixel_mm``: probability that a slice with tumour
+            gives a patch centred on it (nnU-Net oversamples foreground likewise).
     """
 
     manifest: list[str] = field(default_factory=list)
@@ -103,6 +109,8 @@ class DataConfig:
     batch_size: int = 16
     num_workers: int = 2
     balanced_sampling: bool = False
+    patch_pixel_mm: float | None = None
+    patch_tumour_prob: float = 0.5
 
 
 @dataclass

@@ -26,6 +26,7 @@ from torch.utils.data import ConcatDataset, DataLoader, Dataset, DistributedSamp
 from lungcad.data.augmentation import build_augmentation
 from lungcad.data.dataset import SliceDataset, class_balanced_sampler
 from lungcad.data.manifest import SliceRecord, filter_records, manifest_csv, read_manifest
+from lungcad.data.patches import PatchSampling
 from lungcad.errors import InputError
 from lungcad.training.config import Config
 from lungcad.training.distributed import DistInfo, ShardedWeightedSampler
@@ -72,7 +73,12 @@ def build_data(cfg: Config, ddp: DistInfo) -> TrainingData:
     """
     train_records, train_set, manifests, roots = _load_split(cfg, cfg.data.train_split)
     val_records, val_set, _, _ = _load_split(cfg, cfg.data.val_split)
-    domain = domain_of_records(list(zip(train_records, roots, strict=True)), cfg.model.image_size)
+    patches = patch_sampling(cfg)
+    domain = domain_of_records(
+        list(zip(train_records, roots, strict=True)),
+        cfg.model.image_size,
+        pixel_mm=None if patches is None else patches.pixel_mm,
+    )
     pos_weight = None
     if cfg.train.stage == "cls":
         for name, recs in (("train", train_records), ("val", val_records)):
@@ -106,6 +112,13 @@ def build_data(cfg: Config, ddp: DistInfo) -> TrainingData:
         pos_weight,
         domain,
     )
+
+
+def patch_sampling(cfg: Config) -> PatchSampling | None:
+    """Stage "seg" with ``data.patch_pixel_mm``: how training patches are cut; else None."""
+    if cfg.train.stage != "seg" or cfg.data.patch_pixel_mm is None:
+        return None
+    return PatchSampling(cfg.data.patch_pixel_mm, cfg.model.image_size, cfg.data.patch_tumour_prob)
 
 
 def _load_split(
@@ -142,7 +155,16 @@ def _load_split(
         if kept:
             records += kept
             roots += [csv_path.parent] * len(kept)
-            parts.append(SliceDataset(kept, csv_path.parent, image_size=size, augment=augment))
+            parts.append(
+                SliceDataset(
+                    kept,
+                    csv_path.parent,
+                    image_size=size,
+                    augment=augment,
+                    patches=patch_sampling(cfg),
+                    fixed_patches=split != cfg.data.train_split,
+                )
+            )
     if not records:
         what = "with a tumour mask " if require_mask else "with a label 0/1 " if labels else ""
         raise InputError(

@@ -111,15 +111,29 @@ def _slice_side(root: Path, record: SliceRecord) -> int | None:
     return int(max(shape[-2:])) if len(shape) >= 2 else None
 
 
-def domain_of_records(records: Sequence[tuple[SliceRecord, Path]], image_size: int) -> InputDomain:
+def domain_of_records(
+    records: Sequence[tuple[SliceRecord, Path]],
+    image_size: int,
+    *,
+    pixel_mm: float | None = None,
+) -> InputDomain:
     """The domain of a run's training slices.
 
     Args:
         records: ``(record, prepared folder)`` pairs of the training split.
         image_size: the model input side.
+        pixel_mm: the model's pixel size when training resampled the slices to it (patch
+            sampling); None: derived from the slices' spacing and the letterbox.
     """
     kinds = {layout_intensity(r.source) for r, _ in records}
     intensity = kinds.pop() if len(kinds) == 1 else MIXED
+    if pixel_mm is not None:
+        return InputDomain(
+            intensity=intensity,
+            window=None if intensity == DISPLAY else LUNG_WINDOW,
+            model_pixel_mm=float(pixel_mm),
+            image_size=int(image_size),
+        )
     pixels = []
     for record, root in records:
         spacing = [s for s in (record.spacing_y, record.spacing_x) if math.isfinite(s) and s > 0]
