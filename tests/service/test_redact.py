@@ -27,6 +27,13 @@ def test_the_upload_folder_and_everything_below_it_become_one_name(tmp_path: Pat
     )
 
 
+def test_the_services_own_url_paths_stay_readable_in_access_logs() -> None:
+    line = '127.0.0.1:5123 - "GET /api/v1/jobs/%s/slices/3.png?cam=1 HTTP/1.1" 200' % ("a" * 32)
+    assert redact(line) == line
+    assert redact('"GET /health HTTP/1.1" 200') == '"GET /health HTTP/1.1" 200'
+    assert redact("read /apiary/x.dcm") == "read <path>"
+
+
 def test_describe_is_one_short_line_with_the_type(tmp_path: Path) -> None:
     exc = RuntimeError(f"{tmp_path}/DOE_JANE.nii\nseries {STUDY_UID}.2 broken " + "x" * 500)
     line = describe(exc, {tmp_path: "upload"})

@@ -54,8 +54,12 @@ UID_PATTERN = re.compile(r"(?<![\w.])\d+(?:\.\d+){4,}(?![\w.])")
 _PATH_TAIL = r"""(?:[/\\][^\s'"`,;:()\[\]{}<>]*)?"""
 #: Folder -> the name that replaces it and everything below it (see :func:`redact`).
 Folders = Mapping[Path, str] | Mapping[str, str]
-# An absolute POSIX path that is not part of a URL, a relative path or a fraction.
-_ABSOLUTE_PATH = re.compile(r"""(?<![\w:/.~-])/[^\s'"`,;:()\[\]{}<>]+""")
+# An absolute POSIX path that is not part of a URL, a relative path or a fraction, nor one of
+# the service's own URL paths (uvicorn's access log: job ids and output names, no patient data).
+_ABSOLUTE_PATH = re.compile(
+    r"""(?<![\w:/.~-])/(?!api/v\d+/|static/|(?:health|ready|docs|redoc|openapi\.json)\b)"""
+    r"""[^\s'"`,;:()\[\]{}<>]+"""
+)
 
 
 def names_under(folder: str | Path) -> set[str]:
