@@ -19,6 +19,7 @@ from typing import Any
 import numpy as np
 import SimpleITK as sitk
 
+from lungcad.finding import StudyFinding
 from lungcad.inference.lesions import find_lesions
 from lungcad.inference.predictor import StudyResult
 from lungcad.service.jobs.schema import API_PREFIX, FINISHED
@@ -82,9 +83,7 @@ class FakePredictor:
             mask=mask_v,
             probability=prob_v,
             slice_probabilities=slice_probs,
-            study_probability=self.probability,
-            is_cancer=self.probability >= 0.5,
-            threshold=0.5,
+            finding=StudyFinding.decide(self.probability, 0.5),
             lesions=find_lesions(mask_v, volume, prob_v),
             lung_slices=np.arange(z),
             cam=volume.with_array(cam, intensity="windowed"),

@@ -124,10 +124,12 @@ def test_nifti_mask_has_the_input_geometry(predictor, studies, tmp_path) -> None
     # The mask is the thresholded probability, restricted to the lung field.
     assert np.all(result.mask.array <= (result.probability.array >= 0.5))
     assert len(result.slice_probabilities) == volume.shape[0]
-    assert result.study_probability == pytest.approx(
+    finding = result.finding
+    assert finding.probability == pytest.approx(
         aggregate_study(result.slice_probabilities, volume.spacing[0])[0]
     )
-    assert result.is_cancer == (result.study_probability >= result.threshold)
+    assert finding.is_cancer == (finding.probability >= finding.threshold)
+    assert result.input_check is not None and result.input_check.status == "ok"
     paths = write_study_outputs(volume, result, tmp_path / "out")
     assert "seg.dcm" not in paths and "sr.dcm" not in paths
     source = sitk.ReadImage(str(studies["nifti"]))
@@ -201,7 +203,8 @@ def test_mhd_and_png_studies(predictor, studies, phantom) -> None:
     assert len(result.lung_slices) > 0
     image, single = predictor.predict_path(studies["png"], cam=True, progress=False)
     assert image.shape == (1, SIZE, SIZE) and single.mask.shape == (1, SIZE, SIZE)
-    assert single.study_probability == pytest.approx(single.slice_probabilities[0])
+    assert single.finding.probability == pytest.approx(single.slice_probabilities[0])
+    assert single.input_check.single_slice  # one slice: flagged, not a study's decision
     assert single.cam_slices == [0] and single.cam.array.max() <= 1.0
 
 
@@ -324,17 +327,192 @@ def test_tumour_mask_stays_inside_the_lung_field(run, phantom, monkeypatch) -> N
     assert xs.min() >= lung_xs.min() - margin_px and xs.max() <= lung_xs.max() + margin_px
 
 
-def test_no_decision_or_mask_from_untrained_parts(tmp_path, phantom) -> None:
-    """A seg-stage run has no trained cancer head: it cannot assess a study. A cls run not
-    started from a segmentation run has no trained decoder: it gives no tumour masks."""
+def test_seg_only_run_gives_masks_and_no_decision(tmp_path, phantom, capsys) -> None:
+    """A seg-stage run's cancer head never learnt: masks, and the finding "no classifier"
+    with no probability (issue 10 point 6)."""
     from tests.inference_helpers import make_run_folder
 
     seg_only = make_run_folder(tmp_path / "seg", stage="seg")
-    with pytest.raises(InputError, match="cancer classifier is untrained"):
-        Predictor.from_checkpoint(seg_only)
+    predictor = Predictor.from_checkpoint(seg_only, batch_size=4)
+    assert predictor.decoder_trained and not predictor.classifier_trained
+    predictor.run_model = _EverywhereTumour(predictor)  # type: ignore[method-assign]
+    result = predictor.predict_volume(phantom.volume, cam=True)
+    finding = result.finding
+    assert finding.status == "no classifier" and finding.probability is None
+    assert finding.threshold is None and finding.is_cancer is None
+    assert finding.reason == "segmentation-only run: no trained cancer classifier"
+    assert np.isnan(result.slice_probabilities).all()  # not reported as meaningful
+    assert result.cam is None and result.cam_slices == []  # where an untrained head looked
+    assert result.mask.array.any() and result.lesions  # the decoder's masks are given
+    paths = write_study_outputs(phantom.volume, result, tmp_path / "out")
+    doc = json.loads(paths["findings.json"].read_text())
+    assert doc["study"]["status"] == "no classifier" and doc["study"]["probability"] is None
+    assert all(p is None for p in doc["slices"]["probabilities"])
+    html = paths["report.html"].read_text()
+    assert "no classifier: segmentation-only run" in html and "No cancer probability" in html
+    # The CLI says so in its one line.
+    nifti = tmp_path / "ct.nii.gz"
+    sitk.WriteImage(phantom.volume.to_sitk(), str(nifti))
+    code = cli_main(
+        ["predict", "--checkpoint", str(seg_only), str(nifti), "--out", str(tmp_path / "cli")]
+    )
+    assert code == 0
+    out = capsys.readouterr().out
+    assert "NO CLASSIFIER: segmentation-only run: no trained cancer classifier" in out
+    assert "probability" not in out
+
+
+def test_cls_run_without_trained_decoder_gives_no_masks(tmp_path, phantom) -> None:
+    """A cls run not started from a segmentation run has no trained decoder: no tumour masks,
+    and its trained classifier still decides."""
+    from tests.inference_helpers import make_run_folder
+
     cls_only = Predictor.from_checkpoint(make_run_folder(tmp_path / "cls"), batch_size=4)
+    assert cls_only.classifier_trained and not cls_only.decoder_trained
+    cls_only.run_model = _EverywhereTumour(cls_only)  # type: ignore[method-assign]
     result = cls_only.predict_volume(phantom.volume, cam=False)
     assert not result.mask.array.any() and not result.probability.array.any()
     assert result.lesions == []
     assert any("decoder is untrained" in w for w in result.warnings)
-    assert 0.0 <= result.study_probability <= 1.0  # the trained classifier still decides
+    assert result.finding.assessed and 0.0 <= result.finding.probability <= 1.0
+
+
+# ---- issue 12: malformed or non-chest input never gets a decision, and leaves nothing ------
+
+
+def _nifti_with(path: Path, volume, **header: float) -> Path:
+    """``volume`` as NIfTI with header fields overwritten after writing (as damage would)."""
+    import struct
+
+    sitk.WriteImage(volume.to_sitk(), str(path))
+    data = bytearray(path.read_bytes())
+    offsets = {"pixdim": 80, "scl_slope": 112}
+    for name, value in header.items():
+        count = 3 if name == "pixdim" else 1
+        struct.pack_into(f"<{count}f", data, offsets[name], *([value] * count))
+    path.write_bytes(bytes(data))
+    return path
+
+
+def _one_line_error(capsys, path: Path) -> str:
+    errors = [line for line in capsys.readouterr().err.splitlines() if "ERROR" in line]
+    assert len(errors) == 1, errors
+    assert str(path) in errors[0]
+    return errors[0]
+
+
+def _predict(run: Path, source: Path, out: Path) -> int:
+    return cli_main(["predict", "--checkpoint", str(run), str(source), "--out", str(out)])
+
+
+@pytest.mark.parametrize(
+    "case",
+    ["zero_spacing", "infinite_slope", "png_2x2", "png_one_row", "one_voxel", "dicom_bad_vr"],
+)
+def test_cli_refuses_malformed_input_with_one_line(run, phantom, studies, tmp_path, capsys, case):
+    """Each of these used to print a cancer decision (or a traceback): now exit 2, one line
+    naming the file and the problem, and no output folder (not even its parents)."""
+    folder = tmp_path / "in"
+    folder.mkdir()
+    if case == "zero_spacing":
+        source, problem = _nifti_with(folder / "ct.nii", phantom.volume, pixdim=0.0), "pixdim"
+    elif case == "infinite_slope":
+        source = _nifti_with(folder / "ct.nii", phantom.volume, scl_slope=float("inf"))
+        problem = "scl_slope inf"
+    elif case in ("png_2x2", "png_one_row"):
+        size = (2, 2) if case == "png_2x2" else (1, 64)
+        source = folder / "slice.png"
+        Image.fromarray(np.random.default_rng(0).integers(0, 255, size).astype(np.uint8)).save(
+            source
+        )
+        problem = f"{size[0]}x{size[1]} pixels in plane"
+    elif case == "one_voxel":
+        source, problem = folder / "one.nii.gz", "1x1 pixels in plane"
+        sitk.WriteImage(sitk.GetImageFromArray(np.full((1, 1, 1), 40, np.int16)), str(source))
+    else:
+        source = shutil.copytree(studies["dicom"], folder / "series")
+        victim = sorted(source.iterdir())[3]
+        data = victim.read_bytes()
+        victim.write_bytes(data.replace(b"\x28\x00\x53\x10DS", b"\x28\x00\x53\x10ES", 1))
+        problem = "malformed DICOM header"
+    out = tmp_path / "new" / "results" / "study"
+    assert _predict(run, source, out) == 2
+    line = _one_line_error(capsys, source if case != "dicom_bad_vr" else victim)
+    assert problem in line
+    assert not (tmp_path / "new").exists()
+
+
+def test_cli_an_abdominal_slice_cannot_be_assessed(run, tmp_path, capsys) -> None:
+    """A single abdominal CT slice used to come out "CANCER SUSPECTED"."""
+    from tests.inference.test_input_checks import abdomen_slice
+
+    source = tmp_path / "abdomen.nii.gz"
+    sitk.WriteImage(abdomen_slice().to_sitk(), str(source))
+    assert _predict(run, source, tmp_path / "out") == 0
+    printed = capsys.readouterr().out
+    assert "CANNOT ASSESS: no lung in the image" in printed and "probability" not in printed
+    doc = json.loads((tmp_path / "out" / "findings.json").read_text())
+    assert doc["study"]["status"] == "cannot assess" and doc["study"]["probability"] is None
+    assert doc["study"]["reason"] == "no lung in the image"
+    assert doc["input_check"]["status"] == "cannot assess"
+    assert doc["input_check"]["assessable"] is False and doc["lesions"] == []
+    html = (tmp_path / "out" / "report.html").read_text()
+    assert "cannot assess: no lung in the image" in html
+
+
+def _bad_metaimage(folder: Path, problem: str) -> Path:
+    folder.mkdir(parents=True)
+    fields = {"spacing": "1 1 1", "data": "ct.raw"}
+    raw = np.zeros(6 * 64 * 64, "<i2").tobytes()
+    if problem == "short data":
+        raw = raw[:1000]
+    elif problem == "nan spacing":
+        fields["spacing"] = "nan 1 1"
+    else:  # a data file outside the folder, of the right size
+        (folder.parent / "outside.raw").write_bytes(raw)
+        fields["data"] = "../outside.raw"
+    (folder / "ct.mhd").write_text(
+        "ObjectType = Image\nNDims = 3\nDimSize = 64 64 6\nElementType = MET_SHORT\n"
+        f"ElementSpacing = {fields['spacing']}\nElementDataFile = {fields['data']}\n"
+    )
+    (folder / "ct.raw").write_bytes(raw)
+    return folder / "ct.mhd"
+
+
+@pytest.mark.parametrize(
+    ("problem", "message"),
+    [
+        ("short data", "truncated or corrupt MetaImage data"),
+        ("nan spacing", "ElementSpacing is 'nan 1 1'"),
+        ("outside", "must lie beside its header"),
+    ],
+)
+def test_cli_folder_whose_only_study_fails(run, tmp_path, capsys, problem, message) -> None:
+    """A folder holding one bad MetaImage used to leave an output folder with a batch summary:
+    when no study of a folder can be analysed, exit 2 with one line and write nothing."""
+    header = _bad_metaimage(tmp_path / "in", problem)
+    out = tmp_path / "out"
+    assert _predict(run, tmp_path / "in", out) == 2
+    errors = [line for line in capsys.readouterr().err.splitlines() if "ERROR" in line]
+    assert any(str(header) in line and message in line for line in errors), errors
+    assert "no study could be analysed (1 of 1 failed)" in errors[-1]
+    assert not out.exists()
+
+
+def test_cli_batch_reports_failures_and_skips_symlink_loops(run, studies, tmp_path, capsys):
+    batch = tmp_path / "batch"
+    batch.mkdir()
+    shutil.copy(studies["nifti"], batch / "a_good.nii.gz")
+    _bad_metaimage(batch / "b_short", "short data")
+    (batch / "c_loop").symlink_to(batch, target_is_directory=True)  # a loop back into it
+    (batch / "d_up").symlink_to(tmp_path, target_is_directory=True)  # and one above it
+    out = tmp_path / "out"
+    assert _predict(run, batch, out) == 1
+    summary = json.loads((out / "batch_summary.json").read_text())
+    status = {row["study"]: row["status"] for row in summary["studies"]}
+    assert status == {"a_good": "ok", "b_short": "failed"}
+    failed = next(row for row in summary["studies"] if row["status"] == "failed")
+    assert "truncated or corrupt MetaImage data" in failed["error"]
+    good = next(row for row in summary["studies"] if row["status"] == "ok")
+    assert good["finding"] in ("cancer suspected", "no cancer suspected")
+    assert "c_loop" in capsys.readouterr().err  # the skip is said

@@ -113,14 +113,13 @@ def test_study_threshold_chosen_on_validation_studies_is_used_by_predict(
     assert predictor.info["study_threshold"]["n_studies"] == 4
     study = next(iter(sorted((cohorts["test"] / "imagesTr").iterdir())))
     volume, result = predictor.predict_path(study, cam=False)
-    assert result.threshold == pytest.approx(0.987654)
-    assert result.is_cancer == (result.study_probability >= 0.987654)
+    assert result.finding.is_cancer == (result.finding.probability >= 0.987654)
     assert result.aggregation["threshold_source"] == STUDY_THRESHOLD_FILE
     assert result.finding.threshold == pytest.approx(0.987654)
     # A 2D image's probability is one slice's: the slice threshold still decides it.
     one_slice = Volume(array=volume.array[2:3], spacing=volume.spacing, intensity="hu")
     flat = predictor.predict_volume(one_slice, cam=False)
-    assert flat.threshold == pytest.approx(predictor.threshold)
+    assert flat.finding.threshold == pytest.approx(predictor.threshold)
 
 
 def test_a_stale_study_threshold_is_refused_and_calibrate_replaces_it(

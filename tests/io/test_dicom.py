@@ -333,3 +333,75 @@ def test_unknown_series_uid_lists_what_is_there(tmp_path: Path) -> None:
     uid, _ = write_series(folder, hu, geometry)
     with pytest.raises(InputError, match=uid):
         read_image(folder, series_uid="1.2.3.4")
+
+
+# ---- damaged headers that used to end in a traceback, a huge allocation or wrong HU ---------
+
+
+def _set_raw_value(path: Path, keyword: str, text: str, vr: str | None = None) -> None:
+    """Store ``text`` as the raw bytes of an element, as a damaged file holds them."""
+    from pydicom.datadict import dictionary_VR, tag_for_keyword
+    from pydicom.dataelem import RawDataElement
+
+    ds = pydicom.dcmread(path)
+    tag = tag_for_keyword(keyword)
+    data = text.encode("ascii")
+    data += b" " * (len(data) % 2)
+    ds[tag] = RawDataElement(tag, vr or dictionary_VR(tag), len(data), data, 0, False, True)
+    ds.save_as(path)
+
+
+@pytest.mark.parametrize(
+    ("keyword", "text", "message"),
+    [
+        ("RescaleIntercept", "abc", r"RescaleIntercept 'abc' is not a finite number"),
+        ("RescaleSlope", "inf", r"RescaleSlope 'inf' is not a finite number other than 0"),
+        ("RescaleSlope", "0", r"RescaleSlope '0' is not a finite number other than 0"),
+        ("ImagePositionPatient", "0\\0\\nan", r"ImagePositionPatient holds values that are not"),
+    ],
+)
+def test_malformed_rescale_or_position_is_refused(tmp_path: Path, keyword, text, message) -> None:
+    folder, geometry, hu = _series(tmp_path)
+    write_series(folder, hu, geometry)
+    victim = sorted(folder.glob("*.dcm"))[1]
+    _set_raw_value(victim, keyword, text)
+    with pytest.raises(InputError, match=message) as info:
+        read_image(folder)
+    assert info.value.path == str(victim)
+
+
+def test_rescale_overflow_is_refused(tmp_path: Path) -> None:
+    folder, geometry, hu = _series(tmp_path)
+    write_series(folder, hu, geometry)
+    victim = sorted(folder.glob("*.dcm"))[0]
+    _set_raw_value(victim, "RescaleIntercept", "1e308")  # finite, but not in float32
+    with pytest.raises(InputError, match="rescaled pixel values are not finite") as info:
+        read_image(folder)
+    assert info.value.path == str(victim)
+
+
+def test_unknown_value_representation_is_refused(tmp_path: Path) -> None:
+    """A flipped byte turns RescaleSlope's VR into 'ES', which pydicom cannot parse: it used
+    to raise NotImplementedError (a traceback); now the file is named."""
+    folder, geometry, hu = _series(tmp_path)
+    write_series(folder, hu, geometry)
+    victim = sorted(folder.glob("*.dcm"))[2]
+    data = victim.read_bytes()
+    tag = b"\x28\x00\x53\x10DS"  # (0028,1053) RescaleSlope, explicit VR little endian
+    assert data.count(tag) == 1
+    victim.write_bytes(data.replace(tag, b"\x28\x00\x53\x10ES"))
+    with pytest.raises(InputError, match="malformed DICOM header") as info:
+        read_image(folder)
+    assert info.value.path == str(victim)
+
+
+def test_damaged_positions_are_not_resampled_as_a_steep_tilt(tmp_path: Path) -> None:
+    """Slice origins drifting 1.7 mm in-plane per mm of depth (a "60 degree tilt"): no CT
+    gantry tilts so far, and a grid resampled for larger drifts is unbounded."""
+    hu = ct_hu(5)
+    geometry = slice_geometry(len(hu))
+    for k, g in enumerate(geometry):
+        g["position"] = g["position"] + np.array([0.0, 1.732 * SPACING[0] * k, 0.0])
+    write_series(tmp_path, hu, geometry)
+    with pytest.raises(InputError, match=r"gantry tilt of 60\.0 degrees"):
+        read_image(tmp_path)

@@ -228,3 +228,92 @@ def test_bad_slice_images(tmp_path):
         read_slice_image(truncated)
     with pytest.raises(MissingInputError, match="gone.png"):
         read_slice_image(tmp_path / "gone.png")
+
+
+# ---- damaged headers: refused, never read with made-up geometry or values -----------------
+
+
+def _patched_nifti(path: Path, source_volume: Volume, **fields: float) -> Path:
+    """A NIfTI whose header fields are overwritten after writing (as damage would)."""
+    import struct
+
+    _write_with_sitk(source_volume, path)
+    data = bytearray(path.read_bytes())
+    offsets = {"pixdim1": 80, "pixdim2": 84, "pixdim3": 88, "scl_slope": 112, "scl_inter": 116}
+    for name, value in fields.items():
+        struct.pack_into("<f", data, offsets[name], value)
+    path.write_bytes(bytes(data))
+    return path
+
+
+@pytest.mark.parametrize(
+    ("fields", "message"),
+    [
+        ({"pixdim1": 0.0, "pixdim2": 0.0, "pixdim3": 0.0}, r"voxel size \(pixdim\).*zero"),
+        ({"pixdim2": float("nan")}, r"voxel size \(pixdim\).*not finite"),
+        ({"scl_slope": float("inf")}, r"value scaling \(scl_slope inf"),
+        ({"scl_slope": 2.0, "scl_inter": float("-inf")}, r"value scaling"),
+    ],
+)
+def test_nifti_with_damaged_geometry_or_scaling_is_refused(
+    tmp_path, source_volume, fields, message
+):
+    # SimpleITK silently reads a zero or NaN pixdim as 1 mm and ignores an infinite slope.
+    path = _patched_nifti(tmp_path / "bad.nii", source_volume, **fields)
+    with pytest.raises(InputError, match=message) as info:
+        read_image(path)
+    assert info.value.path == str(path)
+
+
+def _mhd(folder: Path, **fields: str) -> Path:
+    """A 4x16x16 MET_SHORT MetaImage in ``folder`` (``ct.mhd`` + ``ct.raw``), fields replaced."""
+    folder.mkdir(parents=True, exist_ok=True)
+    header = {
+        "ObjectType": "Image",
+        "NDims": "3",
+        "BinaryData": "True",
+        "CompressedData": "False",
+        "Offset": "0 0 0",
+        "ElementSpacing": "0.8 0.8 2.5",
+        "DimSize": "16 16 4",
+        "ElementType": "MET_SHORT",
+        "ElementDataFile": "ct.raw",
+        **fields,
+    }
+    data = header.pop("ElementDataFile")
+    text = "".join(f"{k} = {v}\n" for k, v in header.items()) + f"ElementDataFile = {data}\n"
+    (folder / "ct.mhd").write_text(text)
+    raw = np.random.default_rng(0).integers(-1000, 400, 16 * 16 * 4).astype("<i2").tobytes()
+    (folder / "ct.raw").write_bytes(raw)
+    return folder / "ct.mhd"
+
+
+def test_metaimage_data_file_must_lie_beside_its_header(tmp_path):
+    """``ElementDataFile = ../../etc/hostname`` used to be followed and read."""
+    outside = tmp_path / "secret.raw"
+    outside.write_bytes(b"\0" * 2048)  # the right size: only the path check refuses it
+    for name in ("../secret.raw", str(outside), "sub/ct.raw"):
+        path = _mhd(tmp_path / "case", ElementDataFile=name)
+        with pytest.raises(InputError, match="must lie beside its header") as info:
+            read_image(path)
+        assert info.value.path == str(path)
+    assert read_image(_mhd(tmp_path / "good")).shape == (4, 16, 16)
+
+
+@pytest.mark.parametrize(
+    ("fields", "message"),
+    [
+        ({"ElementSpacing": "nan 1 1"}, r"ElementSpacing is 'nan 1 1'"),
+        ({"ElementSpacing": "-1 1 1"}, r"ElementSpacing '-1 1 1' mm is not positive"),
+        ({"Offset": ""}, r"Offset is ''"),  # SimpleITK then ignored the spacing: 1 mm
+        ({"DimSize": "16 16 4 2"}, r"DimSize is '16 16 4 2'"),
+        ({"NDims": "-1"}, r"NDims is '-1'"),  # SimpleITK crashed (segmentation fault)
+        ({"ElementDataFile": "LIST"}, r"several files is not supported"),
+        ({"CompressedData": "True", "DimSize": "4096 4096 60"}, r"compressed bytes"),
+    ],
+)
+def test_metaimage_with_a_damaged_header_is_refused(tmp_path, fields, message):
+    path = _mhd(tmp_path, **fields)
+    with pytest.raises(InputError, match=message) as info:
+        read_image(path)
+    assert info.value.path == str(path)

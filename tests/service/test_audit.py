@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 import lungcad.service.audit as audit_module
+from lungcad.finding import StudyFinding
 from lungcad.service.audit import AUDIT_FILE, SALT_FILE, AuditLog, result_summary
 
 STUDY_UID = "1.2.826.0.1.3680043.8.498.1"
@@ -28,7 +29,7 @@ def test_records_are_json_lines_with_only_the_given_fields(tmp_path: Path) -> No
         "job_done",
         user="tok-0123456789",
         job_id="f" * 32,
-        result=result_summary(0.8312345, True, 2),
+        result=result_summary(StudyFinding.decide(0.8312345, 0.5), 2),
     )
     first, second = lines(tmp_path)
     assert set(first) == {"time", "user", "action", "model_version"}

@@ -163,14 +163,18 @@ def predict_one(cls_run: Path, study: Path, out: Path) -> dict[str, Path]:
     predictor = Predictor.from_checkpoint(cls_run, device="cpu")
     volume, result = predictor.predict_path(study)
     files = write_study_outputs(volume, result, out)
-    log.info(
-        "study %s: probability %.3f (%s at threshold %.3f), %d lesion(s)",
-        study.name,
-        result.study_probability,
-        "cancer" if result.is_cancer else "no cancer",
-        predictor.threshold,
-        len(result.lesions),
-    )
+    finding = result.finding
+    if finding.probability is None or finding.threshold is None:
+        log.info("study %s: %s (%s)", study.name, finding.status, finding.reason)
+    else:
+        log.info(
+            "study %s: probability %.3f (%s at threshold %.3f), %d lesion(s)",
+            study.name,
+            finding.probability,
+            finding.status,
+            finding.threshold,
+            len(result.lesions),
+        )
     return files
 
 

@@ -9,9 +9,19 @@ Examples::
 
 INPUT is one study (a DICOM series folder, .nii/.nii.gz, .mhd/.mha, or a PNG/JPEG/BMP/TIFF
 slice) or a folder of studies. A folder that holds DICOM files itself is one series; any other
-folder is a batch: each sub-folder and each image file in it is a study, written to
-``OUT/<name>/``, with ``OUT/batch_summary.json`` listing every study. A study that fails is
-logged with its path and error and the others go on; the exit code is then 1.
+folder is a batch: each sub-folder (a DICOM series, or one NIfTI/MetaImage file) and each
+image file in it is a study, written to ``OUT/<name>/``, with ``OUT/batch_summary.json``
+listing every study. Symbolic links that point back into the folder (loops) are skipped.
+
+Every study goes through the input checks first (``lungcad.inference.input_checks``): a study
+without lung is reported as "CANNOT ASSESS" with the reason and no probability; a
+segmentation-only run reports "NO CLASSIFIER" (masks, no decision).
+
+Exit codes: 0 when every study was analysed (a "cannot assess" finding is a result, not a
+failure); 2 when a single study fails, or when no study of a folder could be analysed: one
+line naming the file and the problem, and nothing is left in OUT; 1 when some studies of a
+folder failed and others were analysed: each failure is logged with its path and error and
+listed in the batch summary with its reason.
 """
 
 from __future__ import annotations
@@ -30,6 +40,7 @@ HELP = "segment and classify CT studies with a trained run (masks, DICOM SEG/SR,
 log = logging.getLogger(__name__)
 
 EXIT_SOME_FAILED = 1
+EXIT_BAD_INPUT = 2
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -91,17 +102,48 @@ def _is_dicom_file(path: Path) -> bool:
         return False
 
 
+def _is_loop(child: Path, folder: Path) -> bool:
+    """True for a symbolic link to ``folder`` itself or to a folder above it (a loop)."""
+    if not child.is_symlink():
+        return False
+    try:
+        target = child.resolve(strict=True)
+    except (OSError, RuntimeError):  # a broken link or a link to itself
+        log.warning("%s: skipped: a broken or circular symbolic link", child)
+        return True
+    here = folder.resolve()
+    if target == here or target in here.parents:
+        log.warning("%s: skipped: a symbolic link back to %s (a loop)", child, target)
+        return True
+    return False
+
+
 def find_studies(path: Path) -> list[Path] | None:
     """The studies in a batch folder, or None when ``path`` is a single study."""
     from lungcad.io import SUPPORTED_SUFFIXES
 
     if not path.is_dir():
         return None
-    children = sorted(p for p in path.iterdir() if not p.name.startswith("."))
+    children = sorted(
+        p for p in path.iterdir() if not p.name.startswith(".") and not _is_loop(p, path)
+    )
     if any(p.is_file() and _is_dicom_file(p) for p in children):
         return None
     lowered = tuple(s for s in SUPPORTED_SUFFIXES if s not in (".dcm", ".dicom", ".ima"))
     return [p for p in children if p.is_dir() or p.name.lower().endswith(lowered)]
+
+
+def _study_source(path: Path) -> Path:
+    """What to read for one study of a batch: a sub-folder without DICOM files that holds one
+    volume file (a LUNA16-style ``case/scan.mhd`` + ``.raw``, or ``case/scan.nii.gz``) is
+    that file; anything else is read as it is."""
+    if not path.is_dir():
+        return path
+    files = [p for p in path.iterdir() if p.is_file() and not p.name.startswith(".")]
+    if any(_is_dicom_file(p) for p in files):
+        return path
+    volumes = [p for p in files if p.name.lower().endswith((".nii", ".nii.gz", ".mhd", ".mha"))]
+    return volumes[0] if len(volumes) == 1 else path
 
 
 def _study_name(path: Path, used: set[str]) -> str:
@@ -139,13 +181,48 @@ def _predict_one(predictor, args: argparse.Namespace, source: Path, out: Path) -
         report=not args.no_report,
         cam=args.cam_slices > 0,
     )
+    finding = result.finding
+    check = result.input_check
     return {
-        "probability": result.study_probability,
-        "is_cancer": result.is_cancer,
-        "threshold": result.threshold,
+        "finding": finding.status,
+        "probability": finding.probability,
+        "threshold": finding.threshold,
+        "reason": finding.reason,
+        "single_slice": bool(check is not None and check.single_slice),
         "lesions": len(result.lesions),
         "seconds": round(result.timings["total_s"], 3),
     }
+
+
+def describe(row: dict[str, Any]) -> str:
+    """The finding of a study as the one line ``predict`` prints."""
+    if row["probability"] is None:
+        return f"{row['finding'].upper()}: {row['reason']}"
+    decision = "CANCER SUSPECTED" if row["finding"] == "cancer suspected" else row["finding"]
+    scope = ", single-slice decision" if row.get("single_slice") else ""
+    return (
+        f"{decision} (probability {row['probability']:.3f}, threshold "
+        f"{row['threshold']:.3f}{scope})"
+    )
+
+
+def _missing_dirs(out: Path) -> list[Path]:
+    """``out`` and the folders above it that do not exist yet (deepest first)."""
+    missing = []
+    for folder in (out, *out.parents):
+        if folder.exists():
+            break
+        missing.append(folder)
+    return missing
+
+
+def _remove_new_dirs(created: list[Path]) -> None:
+    """Remove the folders this run created, deepest first, where they are still empty."""
+    for folder in created:
+        try:
+            folder.rmdir()
+        except OSError:
+            return  # not empty (or gone): whatever is in it was not ours to remove
 
 
 def run(args: argparse.Namespace) -> int:
@@ -180,33 +257,51 @@ def run(args: argparse.Namespace) -> int:
         crop_to_lungs=args.crop_to_lungs,
     )
     out = Path(args.out)
+    created = _missing_dirs(out)
     if studies is None:
-        row = _predict_one(predictor, args, source, out)
-        decision = "CANCER SUSPECTED" if row["is_cancer"] else "no cancer suspected"
+        try:
+            row = _predict_one(predictor, args, source, out)
+        except BaseException:
+            _remove_new_dirs(created)  # a failed study leaves nothing behind
+            raise
         print(
-            f"{source}: {decision} (probability {row['probability']:.3f}, threshold "
-            f"{row['threshold']:.3f}, {row['lesions']} lesion(s), {row['seconds']:.1f} s) "
-            f"-> {out}"
+            f"{source}: {describe(row)}, {row['lesions']} lesion(s), "
+            f"{row['seconds']:.1f} s -> {out}"
         )
         return 0
 
     rows: list[dict[str, Any]] = []
     failed, used = 0, set[str]()
-    for study in tqdm(studies, desc="studies", unit="study", disable=not sys.stderr.isatty()):
-        name = _study_name(study, used)
-        row = {"study": name, "input": str(study), "output": str(out / name)}
-        try:
-            row.update(status="ok", **_predict_one(predictor, args, study, out / name))
-            print(
-                f"{study}: {'CANCER SUSPECTED' if row['is_cancer'] else 'no cancer suspected'}"
-                f" (probability {row['probability']:.3f}) -> {out / name}"
-            )
-        except Exception as exc:  # one bad study must not stop the batch; reported below
-            failed += 1
-            log.error("%s: failed: %s", study, exc)
-            log.debug("traceback of %s", study, exc_info=True)
-            row.update(status="failed", error=f"{type(exc).__name__}: {exc}")
-        rows.append(row)
+    try:
+        for study in tqdm(studies, desc="studies", unit="study", disable=not sys.stderr.isatty()):
+            name = _study_name(study, used)
+            row = {"study": name, "input": str(study), "output": str(out / name)}
+            try:
+                row.update(
+                    status="ok", **_predict_one(predictor, args, _study_source(study), out / name)
+                )
+                print(f"{study}: {describe(row)} -> {out / name}")
+            except Exception as exc:  # one bad study must not stop the batch; reported below
+                failed += 1
+                log.error("%s: failed: %s", study, exc)
+                log.debug("traceback of %s", study, exc_info=True)
+                row.update(status="failed", error=f"{type(exc).__name__}: {exc}")
+            rows.append(row)
+    except BaseException:
+        if not any(row["status"] == "ok" for row in rows):
+            _remove_new_dirs(created)
+        raise
+    if failed == len(rows):
+        _remove_new_dirs(created)  # nothing was analysed: no summary of nothing
+        first = next(row for row in rows if row["status"] == "failed")
+        log.error(
+            "%s: no study could be analysed (%d of %d failed); the first: %s",
+            source,
+            failed,
+            len(rows),
+            first["error"],
+        )
+        return EXIT_BAD_INPUT
     write_json_atomic(
         out / "batch_summary.json",
         {"input": str(source), "studies": rows, "failed": failed, "ok": len(rows) - failed},

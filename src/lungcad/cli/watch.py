@@ -162,11 +162,16 @@ def _print_outcome(tag, result, error) -> None:
     from lungcad.service.redact import redact
 
     if result is not None:
-        decision = "cancer suspected" if result.is_cancer else "no cancer suspected"
+        if result.study_probability is None:  # no decision: say which and why
+            decision = f"{str(result.status).upper()}: {result.reason}"
+        else:
+            status = result.status or (
+                "cancer suspected" if result.is_cancer else "no cancer suspected"
+            )
+            decision = f"p={result.study_probability:.3f} {status}"
         again = " (earlier outputs re-sent)" if result.reused_outputs else ""
         print(
-            f"done    {tag}: p={result.study_probability:.3f} {decision}, "
-            f"{result.n_lesions} lesion(s); stored SEG + SR{again}",
+            f"done    {tag}: {decision}, {result.n_lesions} lesion(s); stored SEG + SR{again}",
             flush=True,
         )
     else:

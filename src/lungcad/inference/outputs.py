@@ -9,8 +9,10 @@
     ko.dcm              per lesion; none without lesions), Comprehensive 3D SR (lesions and
                         the study finding) and Key Object Selection (key images), new series
                         in the source study (``lungcad.io.dicom_outputs``)
-    findings.json       study probability, decision, threshold, slice probabilities,
-                        lesions, model info, input hashes, timings
+    findings.json       the study finding (decision with probability and threshold, or
+                        "cannot assess" / "no classifier" with the reason), the input
+                        checks, slice probabilities, lesions, model info, input hashes,
+                        timings
     preview.png         montage of the slices with the most tumour, mask in red
     cam_zNNNN.png       Grad-CAM heat maps of the most suspicious slices
     report.html         self-contained HTML report (pictures embedded)
@@ -115,17 +117,17 @@ def findings(source: Volume, result: StudyResult, outputs: list[str]) -> dict[st
             "series_instance_uid": meta.get("series_instance_uid"),
             **{f"input_{k}": v for k, v in input_hashes(source).items()},
         },
+        # The finding: status/decision, is_cancer, probability and threshold (None unless
+        # assessed) and the reason when there is no decision (lungcad.finding).
         "study": {
-            "probability": float(result.study_probability),
-            "is_cancer": bool(result.is_cancer),
-            "decision": "cancer suspected" if result.is_cancer else "no cancer suspected",
-            "threshold": float(result.threshold),
+            **result.finding.to_dict(),
             "rule": "cancer suspected if probability >= threshold",
             "aggregation": result.aggregation,
             "calibrated": result.model_info.get("calibration") is not None,
             "n_lesions": len(result.lesions),
             "tumour_volume_ml": float(sum(les.volume_ml for les in result.lesions)),
         },
+        "input_check": None if result.input_check is None else result.input_check.to_dict(),
         "slices": {
             "evaluated": [int(z) for z in result.lung_slices],
             "probabilities": [_json_float(p) for p in result.slice_probabilities],

@@ -6,6 +6,10 @@ DICOM series, NIfTI, MetaImage or PNG/JPEG slice and returns a :class:`StudyResu
 
 Pipeline (per study, on the canonical LPS volume):
 
+0. input checks (:mod:`lungcad.inference.input_checks`), before any model: malformed
+   geometry or values raise ``InputError``; a study without lung is not assessed (finding
+   "cannot assess", no mask, no probability). A segmentation-only run gives masks and the
+   finding "no classifier"; a cls run without a trained decoder gives no masks;
 1. lung mask (``preprocessing.lung_mask``; for CT computed on pixels of about 3 mm, the
    coarsest it is designed for: it only picks slices, and at full resolution it would cost
    ~10 s per 300-slice study). A single 2D image is always evaluated, without a lung mask;
@@ -55,8 +59,9 @@ from lungcad.evaluation.study_threshold import (
     load_study_threshold,
     model_folder,
 )
-from lungcad.finding import StudyFinding
+from lungcad.finding import CANNOT_ASSESS, NO_CLASSIFIER, StudyFinding
 from lungcad.inference.aggregate import AGGREGATION_EXTENT_MM, aggregate_study
+from lungcad.inference.input_checks import InputCheck, check_input
 from lungcad.inference.lesions import find_lesions
 from lungcad.lesion import Lesion
 from lungcad.models.forward import forward_logits, probabilities
@@ -74,6 +79,7 @@ log = logging.getLogger(__name__)
 __all__ = [
     "INTENDED_USE",
     "MASK_THRESHOLD",
+    "NO_CLASSIFIER_REASON",
     "Predictor",
     "StudyResult",
 ]
@@ -90,6 +96,8 @@ MASK_THRESHOLD = 0.5
 #: pixels subsampled to at most this size (mm). Windowed images keep their pixels: their
 #: spacing is unknown, and the mask's mm-based settings fail on subsampled ones.
 LUNG_MASK_PIXEL_MM = 3.0
+#: The reason of a seg-only run's finding ("no classifier").
+NO_CLASSIFIER_REASON = "segmentation-only run: no trained cancer classifier"
 
 
 @dataclass
@@ -100,10 +108,11 @@ class StudyResult:
         mask: uint8 0/1 tumour mask ``(z, y, x)``.
         probability: float32 tumour probability ``(z, y, x)`` in [0, 1] (0 on skipped slices).
         slice_probabilities: ``(z,)`` cancer probability per slice (calibrated when the run
-            has a calibration); NaN for slices without lung, which were not evaluated.
-        study_probability: the aggregate (:func:`aggregate_study`).
-        is_cancer: ``study_probability >= threshold``.
-        threshold: the decision threshold used.
+            has a calibration); NaN for slices without lung, which were not evaluated, and
+            for every slice when there is no decision (no classifier, cannot assess).
+        finding: the study finding (:class:`lungcad.finding.StudyFinding`): the decision with
+            the study probability (:func:`aggregate_study`) and the threshold it was compared
+            with, or "cannot assess" / "no classifier" with the reason and no probability.
         lesions: connected components of the mask, largest first.
         lung_slices: ``(n,)`` indices of the slices evaluated.
         cam: Grad-CAM heat maps ``(z, y, x)`` in [0, 1] on ``cam_slices`` (0 elsewhere), or None.
@@ -114,14 +123,14 @@ class StudyResult:
         timings: seconds per step (``read_s``, ``lung_mask_s``, ``preprocess_s``,
             ``inference_s``, ``postprocess_s``, ``lesions_s``, ``cam_s``, ``total_s``).
         warnings: notes for the reader (e.g. "no lung found").
+        input_check: what the input checks found (:mod:`lungcad.inference.input_checks`);
+            None for results not made by :meth:`Predictor.predict_volume`.
     """
 
     mask: Volume
     probability: Volume
     slice_probabilities: np.ndarray
-    study_probability: float
-    is_cancer: bool
-    threshold: float
+    finding: StudyFinding
     lesions: list[Lesion]
     lung_slices: np.ndarray
     cam: Volume | None = None
@@ -131,11 +140,7 @@ class StudyResult:
     model_info: dict[str, Any] = field(default_factory=dict)
     timings: dict[str, float] = field(default_factory=dict)
     warnings: list[str] = field(default_factory=list)
-
-    @property
-    def finding(self) -> StudyFinding:
-        """The study finding (decision, probability, threshold) as every writer reports it."""
-        return StudyFinding.decide(self.study_probability, self.threshold)
+    input_check: InputCheck | None = None
 
 
 class Predictor:
@@ -197,16 +202,17 @@ class Predictor:
         self.channels_last = bool(channels_last)
         self.device = torch.device(device)
         self.image_size = int(config.model.image_size)
-        if config.train.stage != "cls":
-            # A segmentation run's cancer head never learnt: any decision from it is noise.
+        if config.train.stage not in ("seg", "cls"):
             raise InputError(
-                f"this is a {config.train.stage!r}-stage run: its cancer classifier is "
-                "untrained, so it cannot assess a study; use the cls run trained from it "
-                "(lungcad train cls --init-from RUN)",
+                f"unknown training stage {config.train.stage!r} in the run's config",
                 info.get("run_dir", "--checkpoint"),
             )
-        #: Only a cls run started from a segmentation run (init_from) has a trained decoder.
-        self.decoder_trained = bool(config.train.init_from)
+        #: A segmentation run's cancer head never learnt: it gives masks and no decision (the
+        #: finding says "no classifier").
+        self.classifier_trained = config.train.stage == "cls"
+        #: A segmentation run's decoder is trained; a cls run's only when it was started from a
+        #: segmentation run (init_from).
+        self.decoder_trained = config.train.stage == "seg" or bool(config.train.init_from)
         self.onnx_path = None if onnx_path is None else Path(onnx_path)
         self._session = None
         self._explainer: CamExplainer | None = None
@@ -406,6 +412,10 @@ class Predictor:
     ) -> StudyResult:
         """Segment and classify every lung slice of a study.
 
+        The input checks (:func:`lungcad.inference.input_checks.check_input`) run first: a
+        study without lung is not shown to the model (finding "cannot assess"). A
+        segmentation-only run gives masks and the finding "no classifier".
+
         Args:
             volume: a canonical Volume (HU, or windowed [0, 1] for 2D images).
             progress: show a tqdm bar over batches.
@@ -414,6 +424,9 @@ class Predictor:
 
         Returns:
             The :class:`StudyResult` on the volume's grid.
+
+        Raises:
+            InputError: malformed geometry or values (one line naming the file).
         """
         timings = dict.fromkeys(
             ("lung_mask_s", "preprocess_s", "inference_s", "postprocess_s", "lesions_s", "cam_s"),
@@ -421,6 +434,15 @@ class Predictor:
         )
         start = clock = time.perf_counter()
         warnings = list(volume.meta.get("warnings", []))
+        # Before any model: malformed input raises InputError; no lung gives "cannot assess".
+        check = check_input(volume)
+        timings["input_check_s"] = time.perf_counter() - clock
+        warnings += check.warnings
+        if not check.assessable:
+            return self._not_assessed(volume, check, warnings, timings, start)
+        clock = time.perf_counter()
+        if not self.classifier_trained:
+            warnings.append(NO_CLASSIFIER_REASON + ": tumour masks only, no cancer decision")
         if not self.decoder_trained:
             warnings.append(
                 "this classification run was not started from a segmentation run, so its "
@@ -462,10 +484,9 @@ class Predictor:
         done = np.isfinite(logits)
         calibrate = self.calibration.apply if self.calibration else None
         slice_probs[done] = probabilities(logits[done], calibrate)
-        study_probability, k = aggregate_study(
-            slice_probs, volume.spacing[0], self.aggregation_extent_mm
-        )
-        threshold, threshold_source = self.decision_threshold(z_count)
+        finding, k, threshold_source = self._decide(slice_probs, volume)
+        if not self.classifier_trained:
+            slice_probs[:] = np.nan  # an untrained head's per-slice scores mean nothing
         tumour = probability >= MASK_THRESHOLD
         if lung_field is not None:
             # A lung tumour lies in the lung field: predictions outside the lung box (with
@@ -484,7 +505,7 @@ class Predictor:
         timings["lesions_s"] = time.perf_counter() - clock
 
         cam_volume, top = None, []
-        if cam and len(slices):
+        if cam and len(slices) and self.classifier_trained:  # where an untrained head looked: noise
             clock = time.perf_counter()
             order = np.argsort(-np.nan_to_num(slice_probs, nan=-1.0), kind="stable")
             top = sorted(int(z) for z in order[: min(cam_slices, len(slices))])
@@ -495,9 +516,7 @@ class Predictor:
             mask=mask,
             probability=prob_volume,
             slice_probabilities=slice_probs,
-            study_probability=study_probability,
-            is_cancer=bool(study_probability >= threshold),
-            threshold=threshold,
+            finding=finding,
             lesions=lesions,
             lung_slices=np.asarray(slices, dtype=np.int64),
             cam=cam_volume,
@@ -512,6 +531,46 @@ class Predictor:
             model_info=self.info,
             timings=timings,
             warnings=warnings,
+            input_check=check,
+        )
+
+    def _decide(
+        self, slice_probs: np.ndarray, volume: Volume
+    ) -> tuple[StudyFinding, int, str | None]:
+        """The finding from the slice probabilities ``(z,)``: ``(finding, k, threshold
+        source)``; no decision without a trained classifier."""
+        if not self.classifier_trained:
+            return StudyFinding.not_assessed(NO_CLASSIFIER, NO_CLASSIFIER_REASON), 0, None
+        study_probability, k = aggregate_study(
+            slice_probs, volume.spacing[0], self.aggregation_extent_mm
+        )
+        threshold, threshold_source = self.decision_threshold(volume.shape[0])
+        return StudyFinding.decide(study_probability, threshold), k, threshold_source
+
+    def _not_assessed(
+        self,
+        volume: Volume,
+        check: InputCheck,
+        warnings: list[str],
+        timings: dict[str, float],
+        start: float,
+    ) -> StudyResult:
+        """The result of a study the input checks refused to assess: no mask, no probability."""
+        assert check.reason is not None
+        empty = np.zeros(volume.shape, dtype=np.float32)
+        timings["total_s"] = time.perf_counter() - start
+        return StudyResult(
+            mask=volume.with_array(empty.astype(np.uint8), intensity="windowed"),
+            probability=_share_geometry(volume, empty),
+            slice_probabilities=np.full(volume.shape[0], np.nan),
+            finding=StudyFinding.not_assessed(CANNOT_ASSESS, check.reason),
+            lesions=[],
+            lung_slices=np.zeros(0, dtype=np.int64),
+            aggregation={"method": "none: the study was not assessed", "k": 0},
+            model_info=self.info,
+            timings=timings,
+            warnings=warnings,
+            input_check=check,
         )
 
     def preprocess(

@@ -26,7 +26,7 @@ __all__ = ["render_study_report", "write_study_report"]
 
 #: The decision line, coloured by the decision (the page's CSS is the shared report CSS).
 _DECISION_STYLE = "font-size:1.3em;font-weight:bold;color:{}"
-_POSITIVE, _NEGATIVE = "#b00020", "#1b5e20"
+_POSITIVE, _NEGATIVE, _UNDECIDED = "#b00020", "#1b5e20", "#5f6368"
 
 
 def _num(value: Any, digits: int = 3) -> str:
@@ -108,12 +108,24 @@ def render_study_report(findings: Mapping[str, Any], pictures: Mapping[str, byte
         A complete, self-contained HTML document.
     """
     study, model, source = findings["study"], findings["model"], findings["input"]
-    colour = _POSITIVE if study["is_cancer"] else _NEGATIVE
-    decision = (
-        f'<p style="{_DECISION_STYLE.format(colour)}">{escape(study["decision"])}'
-        f" (probability {study['probability']:.3f}, threshold "
-        f"{study['threshold']:.3f})</p>"
-    )
+    if study.get("probability") is not None and study.get("threshold") is not None:
+        colour = _POSITIVE if study["is_cancer"] else _NEGATIVE
+        decision = (
+            f'<p style="{_DECISION_STYLE.format(colour)}">{escape(study["decision"])}'
+            f" (probability {study['probability']:.3f}, threshold "
+            f"{study['threshold']:.3f})</p>"
+        )
+    else:  # no decision: say why, in neither colour of a decision
+        decision = (
+            f'<p style="{_DECISION_STYLE.format(_UNDECIDED)}">{escape(study["decision"])}: '
+            f"{escape(study.get('reason') or '')}</p><p>No cancer probability is reported.</p>"
+        )
+    check = findings.get("input_check") or {}
+    if check.get("single_slice"):
+        decision += (
+            f"<p>Single-slice decision: fewer than {check.get('min_study_slices')} slices, so "
+            "this is the decision of the slice(s) given, not of a whole study.</p>"
+        )
     warnings = "".join(f"<li>{escape(w)}</li>" for w in findings.get("warnings", []))
     figures = "".join(
         html_image(data, name, caption=_caption(name)) for name, data in pictures.items()
@@ -145,6 +157,15 @@ def render_study_report(findings: Mapping[str, Any], pictures: Mapping[str, byte
             ("study UID", source.get("study_instance_uid")),
         ]
     )
+    check_rows = _rows(
+        [
+            ("status", check.get("status")),
+            ("reason", check.get("reason")),
+            ("lung area on the best slice (mm^2)", check.get("lung_area_mm2")),
+            ("slices with lung", check.get("lung_slices")),
+            ("value range (1st-99th percentile)", check.get("value_range")),
+        ]
+    )
     model_rows = _rows(
         [
             ("model", model.get("model_name")),
@@ -168,6 +189,7 @@ def render_study_report(findings: Mapping[str, Any], pictures: Mapping[str, byte
         html_section("Images", figures or "<p>No pictures.</p>"),
         html_section("Slices", _slice_table(findings.get("slices", {}))),
         html_section("Input", input_rows),
+        html_section("Input checks", check_rows) if check else "",
         html_section("Model", model_rows),
         f"<p>Created {escape(findings.get('created_utc') or '')} (UTC). Timings (s): {timing}.</p>",
     ]

@@ -61,22 +61,31 @@ def read_image(path: str | Path, *, series_uid: str | None = None) -> Volume:
     if path.is_dir() or suffix in _DICOM:
         from lungcad.io.dicom import read_dicom_series
 
-        return read_dicom_series(path, series_uid=series_uid)
-    if series_uid is not None:
+        volume = read_dicom_series(path, series_uid=series_uid)
+    elif series_uid is not None:
         raise InputError("series_uid applies only to DICOM input (a series folder).", path)
-    if suffix in _NIFTI:
+    elif suffix in _NIFTI:
         from lungcad.io.nifti import read_nifti
 
-        return read_nifti(path)
-    if suffix in _METAIMAGE:
+        volume = read_nifti(path)
+    elif suffix in _METAIMAGE:
         from lungcad.io.mhd import read_metaimage
 
-        return read_metaimage(path)
-    if suffix in _IMAGES:
+        volume = read_metaimage(path)
+    elif suffix in _IMAGES:
         from lungcad.io.images import read_slice_volume
 
-        return read_slice_volume(path)
-    raise InputError(
+        volume = read_slice_volume(path)
+    else:
+        raise _unknown_type(path, suffix)
+    from lungcad.io._checks import check_volume
+
+    # Whatever a format reader let through, no damaged geometry or value goes further.
+    return check_volume(volume, path)
+
+
+def _unknown_type(path: Path, suffix: str) -> InputError:
+    return InputError(
         f"unknown file type {suffix or '(no suffix)'!r}; lungcad reads a DICOM series folder or "
         f"files ending in {', '.join(SUPPORTED_SUFFIXES)}. Convert the image to NIfTI, or pass "
         "the folder of its DICOM series.",

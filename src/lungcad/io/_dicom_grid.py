@@ -14,6 +14,7 @@ import numpy as np
 import SimpleITK as sitk
 
 from lungcad.errors import InputError
+from lungcad.io._checks import check_voxel_count
 from lungcad.volume import Volume
 
 AIR_HU = -1024.0  # fill value where a resampled grid reaches outside the scanned slices
@@ -21,6 +22,9 @@ AIR_HU = -1024.0  # fill value where a resampled grid reaches outside the scanne
 _UNEVEN_FRACTION = 0.01  # positions off a regular grid by >1% of the spacing get resampled
 _TILT_PIXELS = 0.1  # in-plane drift of the slice origins beyond 0.1 pixel is a gantry tilt
 _NONLINEAR_PIXELS = 0.5  # ... which must follow a straight line within half a pixel
+#: Largest gantry tilt (degrees) resampled; CT gantries tilt at most about 30 degrees, and a
+#: steeper "tilt" is damaged positions whose resampled grid would be unbounded.
+MAX_TILT_DEGREES = 45.0
 
 
 def _regularise_depth(
@@ -57,7 +61,11 @@ def _regularise_depth(
 
 
 def _untilt(
-    source: sitk.Image, drift: np.ndarray, normal: np.ndarray, warnings: list[str]
+    source: sitk.Image,
+    drift: np.ndarray,
+    normal: np.ndarray,
+    warnings: list[str],
+    where: str | Path,
 ) -> sitk.Image:
     """Resample a sheared stack onto the orthogonal grid of its first slice.
 
@@ -82,6 +90,7 @@ def _untilt(
     low = np.floor(frame.min(axis=0) / step + 1e-6) * step
     high = np.ceil(frame.max(axis=0) / step - 1e-6) * step
     size = [int(s) for s in np.round((high - low) / step).astype(int) + 1]
+    check_voxel_count(size, where)  # before ITK allocates the resampled grid
     image = sitk.Resample(
         source,
         size,
@@ -134,6 +143,8 @@ def stack_to_volume(
     dy, dx = (float(s) for s in pixel_spacing)
     warnings: list[str] = []
     if len(positions) == 1:
+        if not (np.isfinite(single_slice_spacing) and single_slice_spacing > 0):
+            single_slice_spacing = 1.0  # SliceThickness is optional (type 2): not a geometry
         warnings.append(
             f"single-slice series: z spacing set to {single_slice_spacing:g} mm (SliceThickness)."
         )
@@ -153,6 +164,14 @@ def stack_to_volume(
             "line, so the slices do not form one volume; re-export the series.",
             source,
         )
+    angle = float(np.degrees(np.arctan(np.linalg.norm(drift))))
+    if angle > MAX_TILT_DEGREES:
+        raise InputError(
+            f"the slice origins (ImagePositionPatient) imply a gantry tilt of {angle:.1f} "
+            f"degrees, more than the {MAX_TILT_DEGREES:g} a CT gantry tilts; the positions are "
+            "damaged. Re-export the series.",
+            source,
+        )
     stack = Volume(array, (spacing_z, dy, dx), tuple(origin), direction).to_sitk()
-    image = _untilt(stack, drift, normal, warnings)
+    image = _untilt(stack, drift, normal, warnings, source)
     return Volume.from_sitk(image, intensity="hu"), warnings, True

@@ -11,6 +11,7 @@ import numpy as np
 import SimpleITK as sitk
 
 from lungcad.errors import InputError, MissingInputError
+from lungcad.io._checks import check_voxel_count
 from lungcad.volume import Volume, to_canonical
 
 _COMPLEX_TYPES = {sitk.sitkComplexFloat32, sitk.sitkComplexFloat64}
@@ -52,7 +53,11 @@ def read_sitk_volume(path: Path, format_name: str, kind: str) -> Volume:
     if not path.is_file():
         raise MissingInputError(f"{kind} file not found.", path)
     try:
-        image = sitk.ReadImage(str(path))
+        reader = sitk.ImageFileReader()
+        reader.SetFileName(str(path))
+        reader.ReadImageInformation()  # the header only: refuse a huge size before reading
+        check_voxel_count([*reader.GetSize(), reader.GetNumberOfComponents()], path)
+        image = reader.Execute()
     except RuntimeError as exc:
         raise InputError(
             f"cannot read this {kind} file ({sitk_error_reason(exc)}); it is corrupt, truncated "

@@ -14,9 +14,9 @@ How a folder is read (the field's usual pitfalls in brackets):
 4. The z spacing comes from those positions [SliceThickness is not the spacing]. Missing
    slices, duplicate positions and mixed orientations or sizes are refused; uneven spacing and
    gantry tilt are resampled to a regular orthogonal grid and reported in ``meta["warnings"]``.
-5. Pixels are decoded by SimpleITK's GDCM reader (it handles compressed transfer syntaxes;
-   pydicom is the fallback) and each slice's own RescaleSlope/RescaleIntercept maps them to
-   HU, float32.
+5. Uncompressed pixels are decoded by pydicom, compressed ones by SimpleITK's GDCM reader
+   (pydicom is its fallback), and each slice's own RescaleSlope/RescaleIntercept (checked:
+   finite, slope non-zero) maps them to HU, float32.
 6. A series stored as one multi-frame file (Enhanced or Legacy Converted Enhanced CT) is read
    by :mod:`lungcad.io.dicom_multiframe`, whose frames go through steps 3 and 4 unchanged;
    unsupported multi-frame variants are refused with the reason.
@@ -36,9 +36,10 @@ import SimpleITK as sitk
 from pydicom.errors import InvalidDicomError
 from pydicom.multival import MultiValue
 from pydicom.pixels import apply_rescale
-from pydicom.uid import MediaStorageDirectoryStorage
+from pydicom.uid import MediaStorageDirectoryStorage, UncompressedTransferSyntaxes
 
 from lungcad.errors import InputError, MissingInputError
+from lungcad.io._checks import check_voxel_count
 from lungcad.io._dicom_grid import stack_to_volume
 from lungcad.io._sitk import sitk_error_reason
 from lungcad.volume import Volume, to_canonical
@@ -92,7 +93,36 @@ def _vector(ds: pydicom.Dataset, keyword: str, length: int, path: Path) -> np.nd
     values = np.array([float(v) for v in items])
     if values.size != length:
         raise InputError(f"{keyword} has {values.size} values; DICOM requires {length}.", path)
+    if not np.all(np.isfinite(values)):
+        raise InputError(f"{keyword} holds values that are not finite numbers.", path)
     return values
+
+
+def _check_rescale(ds: pydicom.Dataset, path: Path) -> None:
+    """Refuse a RescaleSlope/RescaleIntercept that is not a finite number (slope non-zero).
+
+    GDCM reads a malformed value as the default (1 or 0) and pydicom's fallback raises a bare
+    ValueError, so a damaged header would give HU of the wrong scale or a traceback.
+    """
+    for keyword, default in (("RescaleSlope", 1.0), ("RescaleIntercept", 0.0)):
+        raw = ds.get(keyword)
+        if raw is None or raw == "":
+            continue
+        try:
+            value = float(raw if not isinstance(raw, MultiValue) else raw[0])
+        except (TypeError, ValueError):
+            value = float("nan")
+        if (
+            isinstance(raw, MultiValue)
+            or not np.isfinite(value)
+            or (keyword == "RescaleSlope" and value == 0.0)
+        ):
+            raise InputError(
+                f"{keyword} {str(raw)[:24]!r} is not a finite number"
+                + (" other than 0" if default == 1.0 else "")
+                + "; the pixels cannot be mapped to HU. Re-export the series.",
+                path,
+            )
 
 
 def _read_header(path: Path) -> _Header | None:
@@ -130,6 +160,7 @@ def _read_header(path: Path) -> _Header | None:
         log.debug("skipping %s: DICOM %s object without pixels", path, ds.get("Modality", "?"))
         return None
     try:
+        _check_rescale(ds, path)
         thickness = ds.get("SliceThickness")
         return _Header(
             path=path,
@@ -346,6 +377,30 @@ def _sort_and_check(folder: Path, slices: list[_Header]) -> _Stack:
     return _Stack(headers, positions, row, col, normal, ref_spacing)
 
 
+def _native_pixels(path: Path) -> np.ndarray | None:
+    """HU of an uncompressed slice decoded by pydicom, or None to let GDCM decode it.
+
+    pydicom reads no more than the file holds; GDCM, given a file whose meta header is
+    damaged, was measured allocating 4 GB and taking seconds (tests/io/test_fuzz_readers.py).
+    Compressed transfer syntaxes still go to GDCM, which decodes them all.
+    """
+    try:
+        ds = pydicom.dcmread(path, force=True)
+        syntax = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", None)
+        if syntax is not None and syntax not in UncompressedTransferSyntaxes:
+            return None
+        with np.errstate(over="ignore"):  # an overflow to inf is refused by the caller
+            return np.asarray(apply_rescale(ds.pixel_array, ds), dtype=np.float32)
+    except InputError:
+        raise
+    except Exception as exc:
+        raise InputError(
+            f"cannot decode the pixel data ({str(exc)[:120]}); the file is truncated or "
+            "corrupt. Re-export it or remove it from the folder.",
+            path,
+        ) from exc
+
+
 def _decode(path: Path) -> np.ndarray:
     """One slice's pixels in HU (float32), rescaled with that slice's own slope and intercept.
 
@@ -353,6 +408,9 @@ def _decode(path: Path) -> np.ndarray:
     the rare file GDCM rejects (e.g. some tiny RLE images), so a file is refused only when
     both decoders fail.
     """
+    native = _native_pixels(path)
+    if native is not None:
+        return native
     try:
         image = sitk.ReadImage(str(path), sitk.sitkFloat32, imageIO="GDCMImageIO")
         return sitk.GetArrayFromImage(image)
@@ -372,6 +430,7 @@ def _decode(path: Path) -> np.ndarray:
 def _read_pixels(headers: list[_Header]) -> np.ndarray:
     """(n, rows, columns) float32 HU in the order of ``headers``."""
     rows, columns = headers[0].rows, headers[0].columns
+    check_voxel_count((len(headers), rows, columns), headers[0].path)
     out = np.empty((len(headers), rows, columns), dtype=np.float32)
     for k, h in enumerate(headers):
         pixels = _decode(h.path)
@@ -379,6 +438,12 @@ def _read_pixels(headers: list[_Header]) -> np.ndarray:
             raise InputError(
                 f"pixel data holds {pixels.size} values; Rows x Columns = {rows}x{columns} "
                 "expected. The file is corrupt; re-export it.",
+                h.path,
+            )
+        if not (np.isfinite(pixels.min()) and np.isfinite(pixels.max())):
+            raise InputError(
+                "the rescaled pixel values are not finite (RescaleSlope/RescaleIntercept "
+                "overflow); re-export the series.",
                 h.path,
             )
         out[k] = pixels.reshape(rows, columns)

@@ -3,6 +3,9 @@
 SimpleITK converts NIfTI's RAS header to ITK's LPS geometry and applies ``scl_slope`` /
 ``scl_inter``; the values are taken as HU (NIfTI has no modality field, so CT is assumed).
 
+SimpleITK also replaces a zero or NaN voxel size by 1 mm and ignores an infinite value
+scale, so the header's geometry and scaling are checked first (:func:`check_nifti_header`).
+
 SimpleITK's NIfTI reader hides two kinds of damage: it zero-fills the voxels missing from a
 truncated file and reads NaN voxels as 0. So the data is checked first against the header
 (read cheaply with nibabel): the file size for ``.nii``; the whole gzip stream for ``.nii.gz``
@@ -21,6 +24,7 @@ from typing import Protocol
 import numpy as np
 
 from lungcad.errors import InputError
+from lungcad.io._checks import check_voxel_count
 from lungcad.io._sitk import nonfinite_error, read_sitk_volume
 from lungcad.volume import Volume
 
@@ -127,6 +131,72 @@ def check_nifti_data(path: str | Path) -> None:
         raise nonfinite_error(n_bad, layout.n_voxels, path)
 
 
+def check_nifti_header(path: str | Path) -> None:
+    """Refuse a NIfTI header whose geometry or scaling SimpleITK would silently replace.
+
+    SimpleITK sets a zero or NaN ``pixdim`` to 1 mm (only printing a note on stderr) and
+    ignores an infinite ``scl_slope``, so such a file would be read with a made-up voxel size
+    or unscaled values. Checked: ``dim`` (1 to 7 axes, each >= 1, at most
+    :data:`~lungcad.io._checks.MAX_VOXELS` voxels), the spatial ``pixdim`` (finite, non-zero),
+    ``scl_slope``/``scl_inter`` (a slope of 0 or NaN means "no scaling", as the standard and
+    nibabel have it; otherwise both finite), and the qform/sform parameters when their code
+    says they are used.
+
+    Args:
+        path: an existing ``.nii`` or ``.nii.gz`` file.
+
+    Raises:
+        InputError: naming the header field and the problem.
+    """
+    import nibabel as nib
+    from nibabel.openers import ImageOpener
+
+    path = Path(path)
+    try:
+        # The header as stored (nib.load rebuilds it from the affine, or refuses some damage).
+        with ImageOpener(str(path)) as stream:
+            size = stream.read(4)
+            stream.seek(0)
+            nifti2 = 540 in (int.from_bytes(size, "little"), int.from_bytes(size, "big"))
+            header_class = nib.Nifti2Header if nifti2 else nib.Nifti1Header
+            header = header_class.from_fileobj(stream, check=False)
+        dim = [int(d) for d in header["dim"]]
+        pixdim = [float(p) for p in header["pixdim"]]
+        slope, inter = float(header["scl_slope"]), float(header["scl_inter"])
+        quatern = [float(header[k]) for k in ("quatern_b", "quatern_c", "quatern_d")]
+        quatern += [float(header[k]) for k in ("qoffset_x", "qoffset_y", "qoffset_z")]
+        srow = [float(v) for k in ("srow_x", "srow_y", "srow_z") for v in header[k]]
+        qform, sform = int(header["qform_code"]), int(header["sform_code"])
+    except Exception:  # nibabel raises many types; SimpleITK then reports the damaged file
+        return
+    n = dim[0]
+    if not 1 <= n <= 7:
+        raise InputError(f"the header's dim[0] is {n}; a NIfTI image has 1 to 7 axes.", path)
+    check_voxel_count(dim[1 : n + 1], path)
+    spatial = pixdim[1 : min(n, 3) + 1]
+    if not all(np.isfinite(p) and p != 0 for p in spatial):
+        raise InputError(
+            f"the header's voxel size (pixdim) {tuple(spatial)} mm is zero or not finite; "
+            "the file's geometry is damaged (a reader would silently assume 1 mm). Re-export it.",
+            path,
+        )
+    scaled = np.isfinite(slope) and slope != 0
+    if np.isinf(slope) or (scaled and not np.isfinite(inter)):
+        raise InputError(
+            f"the header's value scaling (scl_slope {slope:g}, scl_inter {inter:g}) is not "
+            "finite, so the voxels cannot be mapped to HU. Re-export the file.",
+            path,
+        )
+    if (qform > 0 and not np.all(np.isfinite(quatern))) or (
+        sform > 0 and not np.all(np.isfinite(srow))
+    ):
+        raise InputError(
+            "the header's orientation (qform/sform) holds values that are not finite; the "
+            "file's geometry is damaged. Re-export it.",
+            path,
+        )
+
+
 def read_nifti(path: str | Path) -> Volume:
     """Read a 3D NIfTI CT volume as HU in canonical LPS.
 
@@ -143,5 +213,6 @@ def read_nifti(path: str | Path) -> Volume:
     """
     path = Path(path)
     if path.is_file():
+        check_nifti_header(path)
         check_nifti_data(path)
     return read_sitk_volume(path, "nifti", "NIfTI")

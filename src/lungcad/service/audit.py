@@ -26,6 +26,8 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+from lungcad.finding import StudyFinding
+
 __all__ = ["AUDIT_FILE", "SALT_FILE", "AuditLog", "load_salt", "result_summary"]
 
 AUDIT_FILE = "audit.log"
@@ -49,11 +51,12 @@ def _now() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="milliseconds")
 
 
-def result_summary(probability: float, is_cancer: bool, n_lesions: int) -> dict[str, Any]:
-    """The result part of an audit record: probability, decision and lesion count only."""
+def result_summary(finding: StudyFinding, n_lesions: int) -> dict[str, Any]:
+    """The result part of an audit record: probability (None without a decision), decision
+    (the finding's status) and lesion count only."""
     return {
-        "probability": round(float(probability), 4),
-        "decision": "cancer suspected" if is_cancer else "no cancer suspected",
+        "probability": None if finding.probability is None else round(finding.probability, 4),
+        "decision": finding.status,
         "n_lesions": int(n_lesions),
     }
 

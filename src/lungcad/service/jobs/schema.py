@@ -84,7 +84,8 @@ def result_document(
         model_version: the model that made the result.
 
     Returns:
-        A JSON-ready dict: probability, decision, threshold, per-slice probabilities
+        A JSON-ready dict: the finding (probability, decision, threshold; None without a
+        decision, with its reason), the input checks, per-slice probabilities
         (None where a slice has no lung), lesions, shape and spacing, Grad-CAM slices,
         warnings, and download URLs under :data:`API_PREFIX` (None for outputs not written,
         e.g. SEG, SR and KOS for NIfTI input, SEG for a study without lesions).
@@ -96,10 +97,14 @@ def result_document(
 
     return {
         "job_id": job_id,
-        "study_probability": float(result.study_probability),
-        "is_cancer": bool(result.is_cancer),
-        "decision": "cancer suspected" if result.is_cancer else "no cancer suspected",
-        "threshold": float(result.threshold),
+        # The finding (lungcad.finding): probability, is_cancer and threshold are None when
+        # there is no decision ("cannot assess", "no classifier"); "reason" then says why.
+        "study_probability": result.finding.probability,
+        "is_cancer": result.finding.is_cancer,
+        "decision": result.finding.status,
+        "threshold": result.finding.threshold,
+        "finding": result.finding.to_dict(),
+        "input_check": None if result.input_check is None else result.input_check.to_dict(),
         "slice_probabilities": [_finite_or_none(p) for p in result.slice_probabilities],
         "lesions": lesions_to_dicts(result.lesions),
         "n_slices": int(volume.shape[0]),

@@ -26,6 +26,7 @@ import traceback
 from pathlib import Path
 from typing import Any
 
+from lungcad.finding import StudyFinding
 from lungcad.io import read_image
 from lungcad.io.atomic import write_json_atomic, write_text_atomic
 from lungcad.provenance import utc_timestamp
@@ -43,6 +44,13 @@ __all__ = ["MAX_ATTEMPTS", "JobWorkers", "QueueFull"]
 MAX_ATTEMPTS = 3
 #: A failed job's full error and traceback, in its folder: for the administrator only.
 ERROR_FILE = "error.txt"
+
+
+def _finding_text(finding: StudyFinding) -> str:
+    """The finding for a log line: ``p=0.123 cancer suspected`` or ``cannot assess``."""
+    if finding.probability is None:
+        return finding.status
+    return f"p={finding.probability:.3f} {finding.status}"
 
 
 class QueueFull(Exception):
@@ -291,7 +299,7 @@ class JobWorkers:
         self._finish(
             job_id,
             JobStatus.DONE,
-            result=result_summary(result.study_probability, result.is_cancer, len(result.lesions)),
+            result=result_summary(result.finding, len(result.lesions)),
         )
         self.store.remove_upload(job_id)  # patient identifiers are kept no longer than needed
-        log.info("job %s: done (p=%.3f)", job_id, result.study_probability)
+        log.info("job %s: done (%s)", job_id, _finding_text(result.finding))

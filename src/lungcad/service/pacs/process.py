@@ -63,23 +63,28 @@ class PacsStudyResult:
     Attributes:
         study_uid: the StudyInstanceUID.
         series_uid: the CT series that was read and analysed.
-        study_probability: cancer probability of the study.
-        is_cancer: the decision (probability >= the run's threshold).
+        study_probability: cancer probability of the study; None without a decision.
+        is_cancer: the decision (probability >= the run's threshold); None without one.
         n_lesions: lesions found.
         outputs: output name -> local path (``findings.json``, ``seg.dcm``, ``sr.dcm``, ...).
         stored: SOPInstanceUIDs the PACS acknowledged (the SEG and the SR).
         reused_outputs: True when an earlier interrupted attempt's outputs were sent again
             rather than predicted anew (same UIDs, so the PACS holds no duplicates).
+        status: the finding's status (:mod:`lungcad.finding`: "cancer suspected", "no
+            cancer suspected", "cannot assess", "no classifier").
+        reason: why there is no decision (None with one).
     """
 
     study_uid: str
     series_uid: str
-    study_probability: float
-    is_cancer: bool
+    study_probability: float | None
+    is_cancer: bool | None
     n_lesions: int
     outputs: dict[str, Path] = field(default_factory=dict)
     stored: list[str] = field(default_factory=list)
     reused_outputs: bool = False
+    status: str | None = None
+    reason: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-safe summary (the outputs by name, without the server's paths)."""
@@ -88,6 +93,8 @@ class PacsStudyResult:
             "series_uid": self.series_uid,
             "study_probability": self.study_probability,
             "is_cancer": self.is_cancer,
+            "status": self.status,
+            "reason": self.reason,
             "n_lesions": self.n_lesions,
             "stored": list(self.stored),
             "reused_outputs": self.reused_outputs,
@@ -179,12 +186,14 @@ def process_study(
     return PacsStudyResult(
         study_uid=study_uid,
         series_uid=str(doc["input"].get("series_instance_uid")),
-        study_probability=float(doc["study"]["probability"]),
-        is_cancer=bool(doc["study"]["is_cancer"]),
+        study_probability=doc["study"].get("probability"),
+        is_cancer=doc["study"].get("is_cancer"),
         n_lesions=int(doc["study"]["n_lesions"]),
         outputs=outputs,
         stored=stored,
         reused_outputs=reused,
+        status=doc["study"].get("status"),
+        reason=doc["study"].get("reason"),
     )
 
 

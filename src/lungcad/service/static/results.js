@@ -81,11 +81,20 @@ export async function loadResult(jobId, seq) {
 
 function renderDecision(r) {
   ui.resultPanel.hidden = false;
-  ui.studyProbability.textContent = fmt(r.study_probability, 3);
-  const positive = Boolean(r.is_cancer);
-  ui.decisionBadge.textContent = positive ? "Suspicious for cancer" : "Not suspicious";
-  ui.decisionBadge.className = `badge ${positive ? "pos" : "neg"}`;
-  ui.threshold.textContent = `${positive ? "at or above" : "below"} threshold ${fmt(r.threshold, 3)}`;
+  if (isNum(r.study_probability)) {
+    ui.studyProbability.textContent = fmt(r.study_probability, 3);
+    const positive = Boolean(r.is_cancer);
+    ui.decisionBadge.textContent = positive ? "Suspicious for cancer" : "Not suspicious";
+    ui.decisionBadge.className = `badge ${positive ? "pos" : "neg"}`;
+    ui.threshold.textContent = `${positive ? "at or above" : "below"} threshold ${fmt(r.threshold, 3)}`;
+  } else {
+    // No decision ("cannot assess", "no classifier"): no probability, and the reason why.
+    const finding = r.finding || {};
+    ui.studyProbability.textContent = "–";
+    ui.decisionBadge.textContent = finding.status === "no classifier" ? "No classifier" : "Cannot assess";
+    ui.decisionBadge.className = "badge";
+    ui.threshold.textContent = String(finding.reason || "no decision");
+  }
   const sp = Array.isArray(r.spacing_zyx) ? r.spacing_zyx.map((v) => fmt(v, 2)).join(" × ") : "";
   const evaluated = (r.slice_probabilities || []).filter(isNum).length;
   ui.studyMeta.textContent = `${state.nSlices} slices (${evaluated} with lung evaluated)`
