@@ -94,3 +94,12 @@ def test_the_audit_log_is_the_file_the_docs_name(tmp_path: Path) -> None:
     AuditLog.open(tmp_path).record("service_started", user="system")
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted({named[1], SALT_FILE})
     assert f"``DATA_DIR/{AUDIT_FILE}``" in (audit_module.__doc__ or "")
+
+
+def test_result_summary_without_a_decision() -> None:
+    finding = StudyFinding.not_assessed("cannot assess", "no lung in the image")
+    assert result_summary(finding, 0) == {
+        "probability": None,
+        "decision": "cannot assess",
+        "n_lesions": 0,
+    }

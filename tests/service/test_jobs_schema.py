@@ -54,3 +54,24 @@ def test_result_document_links_only_written_outputs_and_has_no_nan(tmp_path) -> 
     assert doc["files"]["seg"] is None and doc["files"]["sr"] is None
     assert doc["outputs"] == sorted(files) and doc["model_version"] == "0.1.0+abc"
     assert isinstance(doc["lesions"], list) and doc["lesions"]
+
+
+def test_result_document_of_a_study_without_decision(tmp_path) -> None:
+    """ "cannot assess" and "no classifier": no probability, threshold or decision, and why."""
+    import dataclasses
+
+    from lungcad.finding import StudyFinding
+
+    volume = hu_volume((5, 16, 16))
+    for status, reason in (("cannot assess", "no lung in the image"), ("no classifier", "seg")):
+        result = dataclasses.replace(
+            FakePredictor().predict_volume(volume),
+            finding=StudyFinding.not_assessed(status, reason),
+            slice_probabilities=np.full(5, np.nan),
+        )
+        doc = result_document("c" * 32, volume, result, {}, "0.1.0+abc")
+        assert json.loads(json.dumps(doc, allow_nan=False)) == doc
+        assert doc["decision"] == status and doc["finding"]["reason"] == reason
+        assert doc["study_probability"] is None and doc["is_cancer"] is None
+        assert doc["threshold"] is None and doc["slice_probabilities"] == [None] * 5
+        assert doc["input_check"] is None  # the fake predictor runs no checks
