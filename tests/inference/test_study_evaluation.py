@@ -13,6 +13,8 @@ import pytest
 import torch
 
 from lungcad.cli import main as cli_main
+from lungcad.data.layouts.prepare import prepare_dataset
+from lungcad.data.layouts.settings import PrepareSettings
 from lungcad.data.synthetic.phantom import make_phantom
 from lungcad.errors import InputError
 from lungcad.evaluation.study_folder import (
@@ -28,6 +30,7 @@ from lungcad.evaluation.study_threshold import (
 from lungcad.inference.predictor import Predictor
 from lungcad.inference.study_evaluation import choose_run_study_threshold, evaluate_studies
 from lungcad.io.writers import write_image, write_mask
+from lungcad.training.checkpoint import file_sha256
 from lungcad.volume import Volume
 from tests.inference_helpers import SIZE, shared_trained_run
 
@@ -145,7 +148,7 @@ def test_evaluate_studies_reports_decisions_masks_and_lesions(
     args = ["evaluate", "--checkpoint", str(run), "--studies", str(cohorts["test"])]
     assert cli_main([*args, "--out", str(out), "--n-boot", "20", "--device", "cpu"]) == 0
     printed = capsys.readouterr().out
-    assert "3 studies (2 with tumour)" in printed and "dice (3D)" in printed
+    assert "3 studies (2 with tumour, split all)" in printed and "dice (3D)" in printed
     assert "study_threshold.json, study level" in printed
     for name in (STUDY_METRICS_FILE, PER_STUDY_FILE, STUDY_EVALUATION_FILE):
         assert (out / name).is_file(), name
@@ -203,3 +206,44 @@ def test_cli_refuses_bad_study_inputs_and_writes_nothing(
     assert cli_main([*calibrate, str(cohorts["one_class"])]) == 2
     assert "with and without tumour" in capsys.readouterr().err
     assert not (shared_run / STUDY_THRESHOLD_FILE).exists()
+
+
+def test_the_runs_own_dataset_keeps_its_splits(
+    shared_run: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Studies the run was prepared from: evaluation scores its test cases, and the study
+    threshold is never chosen on them."""
+    own = _msd_folder(tmp_path / "own", [(41, True), (42, False), (43, True), (44, False)])
+    settings = PrepareSettings(layout="msd", val_fraction=0.25, test_fraction=0.25, seed=0)
+    prepare_dataset(own, tmp_path / "prep", settings)
+    manifest = tmp_path / "prep" / "manifest.csv"
+    groups = json.loads((tmp_path / "prep" / "summary.json").read_text("utf-8"))["group_ids"]
+    run = _copy(shared_run, tmp_path)
+    run_json = json.loads((run / "run.json").read_text("utf-8"))
+    run_json["manifests"] = [{"path": str(manifest), "sha256": file_sha256(manifest)}]
+    (run / "run.json").write_text(json.dumps(run_json), encoding="utf-8")
+
+    result = evaluate_studies(run, own, None, n_boot=0, device="cpu")
+    assert [r.case_id for r in result.rows] == sorted(groups["test"])
+    assert result.info["data"]["split"] == "test"
+    assert result.info["data"]["training_manifest"] == str(manifest)
+    trained = evaluate_studies(run, own, None, split="train", n_boot=0, device="cpu")
+    assert trained.info["data"]["overlaps_training_data"] is True
+    assert any("trained the model" in n for n in trained.info["notes"])
+    calibrate = ["calibrate", "--checkpoint", str(run), "--studies", str(own), "--split", "test"]
+    assert cli_main(calibrate) == 2
+    assert "never chosen" in capsys.readouterr().err
+    assert not (run / STUDY_THRESHOLD_FILE).exists()
+
+
+def test_a_segmentation_only_run_is_scored_on_its_masks_only(
+    shared_run: Path, cohorts: dict[str, Path], tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    seg = tmp_path_factory.getbasetemp() / "lungcad_inference_shared" / "seg"
+    assert (seg / "best.pt").is_file()  # made by shared_trained_run (the shared_run fixture)
+    result = evaluate_studies(seg, cohorts["test"], None, n_boot=0, device="cpu")
+    assert "dice" in result.metrics and "hd95_mm" in result.metrics
+    assert "sensitivity" not in result.metrics and result.metrics["n_assessed"] == 0
+    assert any("no cancer classifier" in n for n in result.info["notes"])
+    with pytest.raises(InputError, match="segmentation-only"):
+        choose_run_study_threshold(seg, cohorts["val"], device="cpu")

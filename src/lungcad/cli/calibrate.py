@@ -61,9 +61,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--split",
-        default="val",
+        default=None,
         choices=SPLITS,
-        help="split to fit on (default val; test is refused: results are reported on it)",
+        help="split to fit on (default val; test is refused: results are reported on it); "
+        "with --studies, the split of the run's own prepared dataset (other folders: whole)",
     )
     parser.add_argument(
         "--threshold-method",
@@ -90,12 +91,12 @@ def run(args: argparse.Namespace) -> int:
         args.checkpoint,
         args.manifest,
         args.method,
-        split=args.split,
+        split=args.split or "val",
         threshold_method=args.threshold_method,
     )
     info = cal.info
     print(
-        f"{args.method} calibration on {info['n']} {args.split} slices "
+        f"{args.method} calibration on {info['n']} {args.split or 'val'} slices "
         f"({info['n_positive']} cancerous)"
         + (f": temperature {cal.temperature:.3f}" if cal.temperature else "")
     )
@@ -117,12 +118,15 @@ def _run_studies(args: argparse.Namespace) -> int:
     """``--studies``: choose and store the study threshold."""
     from lungcad.inference.study_evaluation import choose_run_study_threshold
 
-    chosen = choose_run_study_threshold(args.checkpoint, args.studies, method=args.threshold_method)
+    chosen = choose_run_study_threshold(
+        args.checkpoint, args.studies, split=args.split, method=args.threshold_method
+    )
     st, on = chosen.threshold, chosen.threshold.chosen_on
     fit = st.info["in_sample"]
     print(
         f"study threshold {st.threshold:.4f} ({st.method}) chosen on {on['n_studies']} "
-        f"validation studies ({on['n_positive']} with tumour) of {on['input']}; "
+        f"validation studies ({on['n_positive']} with tumour, split {on['split']}) of "
+        f"{on['input']}; "
         f"the slice threshold was {st.info['slice_threshold']:.4f}"
     )
     print(

@@ -81,7 +81,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--split",
         choices=SPLIT_CHOICES,
         default=None,
-        help="rows to evaluate (default: test for prepared data, all for raw)",
+        help="rows to evaluate (default: test for prepared data, all for raw); with --studies, "
+        "the split of the dataset the run was prepared from (default test; other folders: all)",
     )
     add_prepare_options(
         parser,
@@ -204,6 +205,7 @@ def _run_studies(args: argparse.Namespace) -> int:
         args.checkpoint,
         args.studies,
         args.out,
+        split=args.split,
         n_boot=args.n_boot,
         seed=args.seed,
         device=args.device,
@@ -213,7 +215,8 @@ def _run_studies(args: argparse.Namespace) -> int:
     threshold = info["threshold"]
     print(
         f"evaluated {info['checkpoint']['path']} on {info['data']['n_studies']} studies "
-        f"({info['data']['n_with_tumour']} with tumour) of {info['data']['input']}"
+        f"({info['data']['n_with_tumour']} with tumour, split {info['data']['split']}) of "
+        f"{info['data']['input']}"
     )
     print(
         f"study decision threshold {threshold['value']:.3f} ({threshold['source']}, "

@@ -5,6 +5,7 @@ to evaluate), ``scoring`` (metric tables from predictions), ``info`` (the proven
 ``evaluation.json``), ``folder`` (the evaluation folder: its files, writer and reader),
 ``plots`` (confusion, ROC, calibration, Dice figures), ``calibration`` (temperature / isotonic
 calibration and the decision threshold). Whole 3D studies: ``study_data`` (which studies),
-``studies`` (per-study scores and the study metrics), ``study_folder`` (the study evaluation
-folder), ``study_threshold`` (the study decision threshold, ``study_threshold.json``).
+``study_splits`` (the cases of a run's own dataset in its splits), ``studies`` (per-study
+scores and the study metrics), ``study_folder`` (the study evaluation folder),
+``study_threshold`` (the study decision threshold, ``study_threshold.json``).
 """

@@ -127,6 +127,7 @@ def study_evaluation_info(
     segmented: bool,
     notes: Sequence[str],
     settings: Mapping[str, Any],
+    selection: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
     """The ``study_evaluation.json`` document.
 
@@ -139,6 +140,8 @@ def study_evaluation_info(
         segmented: whether masks were scored.
         notes: sentences for the reader (omissions, caveats).
         settings: ``n_boot``, ``seed``, ``device``, ``batch_size``, ``extent_mm``.
+        selection: which studies of the folder were scored (``split``, ``training_manifest``,
+            ``overlaps_training_data``; :func:`lungcad.evaluation.study_splits.select_studies`).
     """
     return {
         "kind": "lungcad-study-evaluation",
@@ -160,6 +163,7 @@ def study_evaluation_info(
             "input": str(studies.input),
             "folder": str(studies.folder),
             "layout": studies.layout,
+            **(selection or {}),
             "n_studies": len(rows),
             "n_with_tumour": sum(r.label for r in rows),
             "cases": [r.case_id for r in rows],

@@ -35,6 +35,7 @@ from lungcad.evaluation.study_folder import (
     study_evaluation_info,
     write_study_evaluation,
 )
+from lungcad.evaluation.study_splits import StudySplits, select_studies, training_splits
 from lungcad.evaluation.study_threshold import (
     StudyThreshold,
     calibration_identity,
@@ -45,9 +46,10 @@ from lungcad.evaluation.study_threshold import (
 )
 from lungcad.inference.predictor import Predictor
 from lungcad.io.atomic import atomic_dir
-from lungcad.io.folders import check_output_dir
+from lungcad.io.folders import check_output_dir, read_json_or_empty
 from lungcad.metrics.classification import classification_metrics
 from lungcad.provenance import utc_timestamp
+from lungcad.training.checkpoint import RUN_FILE
 
 log = logging.getLogger(__name__)
 
@@ -91,11 +93,24 @@ def _load(checkpoint: str | Path, device: str, batch_size: int, **options: Any) 
     )
 
 
+def model_training_splits(predictor: Predictor, studies: StudySet) -> StudySplits | None:
+    """The splits of ``studies`` in the predictor's training manifests, when it was trained
+    on them (a run's ``run.json`` manifests; a fold ensemble's cross-validated manifest)."""
+    info = predictor.checkpoint_info
+    ensemble = info.get("ensemble")
+    if ensemble:
+        manifests = (ensemble.get("trained_on") or {}).get("manifests") or []
+        return training_splits(studies, manifests, every_split_trained=True)
+    run_info = read_json_or_empty(Path(info["run_dir"]) / RUN_FILE)
+    return training_splits(studies, run_info.get("manifests") or [])
+
+
 def evaluate_studies(
     checkpoint: str | Path,
     studies: str | Path,
     out_dir: str | Path | None = None,
     *,
+    split: str | None = None,
     n_boot: int = 1000,
     seed: int = 0,
     device: str = "auto",
@@ -108,6 +123,9 @@ def evaluate_studies(
         studies: an MSD-layout study folder (:func:`lungcad.evaluation.study_data.open_studies`).
         out_dir: the folder to write (new, empty, or an earlier study evaluation, replaced
             atomically); None computes without writing.
+        split: for the dataset the model was prepared and trained from, the split of its
+            cases to score (default "test"); other folders are scored whole
+            (:func:`lungcad.evaluation.study_splits.select_studies`).
         n_boot: bootstrap replicates of the CIs (0: none).
         seed: bootstrap seed.
         device: "auto", "cpu" or "cuda".
@@ -125,12 +143,15 @@ def evaluate_studies(
     )
     study_set = open_studies(studies)  # before the (slow) model load
     predictor = _load(checkpoint, device, batch_size)
+    study_set, selection = select_studies(
+        study_set, model_training_splits(predictor, study_set), split, "evaluate"
+    )
     rows = list(predict_studies(predictor, study_set))
     metrics = study_metrics(rows, n_boot=n_boot, seed=seed)
     decision = study_decision_info(
         predictor.study_threshold, predictor.threshold, predictor.threshold_source, study_set
     )
-    notes = _notes(predictor, rows, decision)
+    notes = _notes(predictor, rows, decision, selection)
     info = study_evaluation_info(
         predictor_info=predictor.info,
         checkpoint_info=predictor.checkpoint_info,
@@ -139,6 +160,7 @@ def evaluate_studies(
         decision=decision,
         segmented=predictor.decoder_trained,
         notes=notes,
+        selection=selection,
         settings={
             "n_boot": n_boot,
             "seed": seed,
@@ -155,8 +177,23 @@ def evaluate_studies(
     return result
 
 
-def _notes(predictor: Predictor, rows: list[StudyRow], decision: dict[str, Any]) -> list[str]:
+def _notes(
+    predictor: Predictor,
+    rows: list[StudyRow],
+    decision: dict[str, Any],
+    selection: dict[str, Any],
+) -> list[str]:
     notes = []
+    if selection["overlaps_training_data"]:
+        notes.append(
+            f"these studies ({selection['split']!r} split of {selection['training_manifest']}) "
+            "trained the model: these are not held-out results"
+        )
+    elif selection["split"] == "val" and predictor.study_threshold is None:
+        notes.append(
+            "these are the run's validation studies, whose slices chose the slice threshold "
+            "that decided them: the thresholded figures are tuned on the evaluated data"
+        )
     if predictor.study_threshold is None:
         notes.append(
             "the run has no study_threshold.json, so the studies were decided with its slice "
@@ -181,7 +218,12 @@ def _notes(predictor: Predictor, rows: list[StudyRow], decision: dict[str, Any])
     if rows and all(r.label == 0 for r in rows):
         notes.append("no study has tumour: sensitivity, AUC, Dice and HD95 are undefined")
     not_assessed = sum(r.prediction == -1 for r in rows)
-    if not_assessed:
+    if predictor.config.train.stage != "cls":
+        notes.append(
+            "a segmentation-only run has no cancer classifier: no study decisions, so the "
+            "decision metrics are omitted"
+        )
+    elif not_assessed:
         notes.append(
             f"{not_assessed} studies were not assessed (no decision): they are left out of "
             "the decision metrics"
@@ -207,6 +249,7 @@ def choose_run_study_threshold(
     checkpoint: str | Path,
     studies: str | Path,
     *,
+    split: str | None = None,
     method: str | None = None,
     device: str = "auto",
     batch_size: int = 8,
@@ -218,6 +261,9 @@ def choose_run_study_threshold(
             written into it (an earlier ``study_threshold.json`` is replaced).
         studies: the validation studies (MSD layout). Never the studies you report on: the
             file records their hashes and ``lungcad evaluate --studies`` flags an overlap.
+        split: for the dataset the model was prepared and trained from, the split of its
+            cases to choose on (default and only sensible choice "val"; "test" is refused);
+            other folders are used whole.
         method: ``"mcc"`` or ``"youden"``; None uses the run's ``train.threshold_method``.
         device: "auto", "cpu" or "cuda".
         batch_size: slices per forward pass.
@@ -229,6 +275,15 @@ def choose_run_study_threshold(
     study_set = open_studies(studies)
     # The old study threshold plays no part in study probabilities; it is being replaced.
     predictor = _load(checkpoint, device, batch_size, study_threshold=None)
+    if predictor.config.train.stage != "cls":
+        raise InputError(
+            "this is a segmentation-only run: it has no cancer classifier, so there is no "
+            "study threshold to choose; use the cls run trained from it",
+            checkpoint,
+        )
+    study_set, selection = select_studies(
+        study_set, model_training_splits(predictor, study_set), split, "threshold"
+    )
     rows = [r for r in predict_studies(predictor, study_set) if r.prediction != -1]
     rule = method or predictor.config.train.threshold_method
     y = np.array([r.label for r in rows], dtype=np.int64)
@@ -245,6 +300,7 @@ def choose_run_study_threshold(
             "input": str(study_set.input),
             "folder": str(study_set.folder),
             "layout": study_set.layout,
+            **selection,
             "n_studies": len(rows),
             "n_positive": int(y.sum()),
             "n_not_assessed": len(study_set.studies) - len(rows),

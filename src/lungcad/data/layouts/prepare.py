@@ -86,6 +86,12 @@ def detect_layout(data: str | Path) -> str:
     raise InputError(f"unknown dataset layout (found: {found}){hint}; " + LAYOUT_HELP, data)
 
 
+def input_files_hash(data: Path, files: Iterable[Path]) -> str:
+    """``summary.json``'s ``input_files_sha256``: SHA-256 of the files' paths (relative to
+    ``data``) and sizes, so the same dataset folder can be recognised later."""
+    return _file_list_hash(data, files)
+
+
 def _file_list_hash(data: Path, files: Iterable[Path]) -> str:
     lines = sorted(f"{p.relative_to(data).as_posix()}\t{p.stat().st_size}" for p in set(files))
     return hashlib.sha256("\n".join(lines).encode()).hexdigest()
