@@ -5,15 +5,14 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 
+from lungcad.data.synthetic.phantom import make_phantom
 from lungcad.errors import InputError, MissingInputError
 from lungcad.inference.predictor import Predictor
 from lungcad.training.checkpoint import load_checkpoint
 from lungcad.training.ensemble import ENSEMBLE_FILE, EnsembleNet, is_ensemble, load_ensemble
-from lungcad.volume import Volume
 from tests.inference_helpers import SIZE, make_run_folder
 
 
@@ -58,15 +57,11 @@ def test_predictor_accepts_an_ensemble_folder(tmp_path: Path) -> None:
     folder = _ensemble(tmp_path / "cv", threshold=0.3)
     predictor = Predictor.from_checkpoint(folder, batch_size=2)
     assert predictor.threshold == pytest.approx(0.3)
-    rng = np.random.default_rng(0)
-    volume = Volume(
-        array=rng.uniform(0, 1, (1, SIZE, SIZE)).astype(np.float32),
-        spacing=(1.0, 1.0, 1.0),
-        intensity="windowed",
-    )
+    # A chest (the input checks give noise no decision: it has no lung).
+    volume = make_phantom(3, shape_zyx=(4, SIZE, SIZE), matrix=SIZE, n_nodules=1).volume
     result = predictor.predict_volume(volume)
-    assert result.threshold == pytest.approx(0.3)
-    assert 0.0 <= result.study_probability <= 1.0
+    assert result.finding.threshold == pytest.approx(0.3)
+    assert 0.0 <= result.finding.probability <= 1.0
     with pytest.raises(InputError, match="torch backend"):
         Predictor.from_checkpoint(folder, backend="onnx")
 
