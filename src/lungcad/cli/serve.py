@@ -123,6 +123,14 @@ def run(args: argparse.Namespace) -> int:
     predictor = Predictor.from_checkpoint(
         args.checkpoint, device=args.device, backend=args.backend, num_threads=args.threads
     )
+    if not predictor.classifier_trained:
+        print(
+            "segmentation-only run: no trained cancer classifier; every result gives tumour "
+            "masks and the finding 'no classifier', never a cancer decision",
+            flush=True,
+        )
+    if not predictor.decoder_trained:
+        print("this run's decoder is untrained: results give no tumour masks", flush=True)
     app = create_app(predictor, settings)
     host = f"[{args.host}]" if ":" in args.host else args.host
     print(
