@@ -97,3 +97,34 @@ def test_export_refuses_unknown_format(run: Path, tmp_path: Path) -> None:
     with pytest.raises(InputError, match="format"):
         export_checkpoint(run, "tflite", tmp_path / "m.tflite")
 
+
+def test_a_fold_ensemble_exports_as_one_graph(tmp_path: Path, capsys) -> None:
+    """`lungcad export` accepts a cross-validation folder: one ONNX graph that gives the
+    logits of the members' mean probabilities, checked against PyTorch by the command."""
+    import json
+
+    from lungcad.training.ensemble import ENSEMBLE_FILE, load_ensemble
+
+    members = []
+    for fold in range(2):
+        make_run_folder(tmp_path / "cv" / f"fold{fold}" / "run", seed=fold)
+        members.append({"fold": fold, "run": f"fold{fold}/run"})
+    spec = {"members": members, "threshold": 0.3, "threshold_source": "out-of-fold"}
+    (tmp_path / "cv" / ENSEMBLE_FILE).write_text(json.dumps(spec))
+    out = tmp_path / "ensemble.onnx"
+    assert (
+        cli_main(
+            ["export", "--checkpoint", str(tmp_path / "cv"), "--format", "onnx", "--out", str(out)]
+        )
+        == 0
+    )
+    assert "max |difference|" in capsys.readouterr().out
+    meta = onnx_metadata(out)
+    assert meta["threshold"] == "0.3" and len(meta["ensemble_member_sha256"].split(",")) == 2
+    model, _, _ = load_ensemble(tmp_path / "cv")
+    x = torch.rand(2, 1, SIZE, SIZE, generator=torch.Generator().manual_seed(3))
+    with torch.inference_mode():
+        ref = model(x)
+    seg, cls = run_onnx(onnx_session(out), x.numpy())
+    assert np.allclose(cls, ref["cls_logits"].numpy(), atol=1e-4)
+    assert np.allclose(seg, ref["seg_logits"].numpy(), atol=1e-3)

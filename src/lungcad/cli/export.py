@@ -1,9 +1,10 @@
-"""``lungcad export``: a run's best.pt as ONNX (for ONNX Runtime) or TorchScript.
+"""``lungcad export``: a run's best.pt, or a fold ensemble, as ONNX (ONNX Runtime) or TorchScript.
 
 Examples::
 
     lungcad export --checkpoint runs/cls --format onnx --out model.onnx
     lungcad export --checkpoint runs/cls --format torchscript --out model.ts.pt
+    lungcad export --checkpoint validation/iq_cv --format onnx --out ensemble.onnx
 
 The exported model takes ``image`` (batch, 1, S, S) float32 lung-windowed slices at the run's
 ``model.image_size`` and returns ``seg_logits`` and ``cls_logits``. After an ONNX export the
@@ -25,7 +26,7 @@ TOLERANCE = 1e-4
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Options of ``lungcad export``."""
-    add_checkpoint_option(parser, ensembles=False)
+    add_checkpoint_option(parser)
     parser.add_argument(
         "--format",
         required=True,
@@ -42,13 +43,13 @@ def run(args: argparse.Namespace) -> int:
     import torch
 
     from lungcad.inference.export import export_checkpoint, onnx_session, run_onnx
-    from lungcad.training.checkpoint import load_checkpoint
+    from lungcad.training.ensemble import load_model
 
     path = export_checkpoint(args.checkpoint, args.format, args.out, opset=args.opset)
     print(f"wrote {path} ({path.stat().st_size / 1e6:.1f} MB, {args.format})")
     if args.format != "onnx":
         return 0
-    model, config, _ = load_checkpoint(args.checkpoint)
+    model, config, _ = load_model(args.checkpoint)
     size = config.model.image_size
     x = torch.rand(3, 1, size, size, generator=torch.Generator().manual_seed(1))
     with torch.inference_mode():

@@ -13,6 +13,7 @@ the ``dynamic_axes`` batch dimension directly.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import tempfile
 import warnings
@@ -193,10 +194,15 @@ def run_onnx(session: Any, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 def export_checkpoint(
     run_dir: str | Path, fmt: str, out: str | Path, *, opset: int = DEFAULT_OPSET
 ) -> Path:
-    """Export the ``best.pt`` of a run folder to ONNX or TorchScript.
+    """Export the ``best.pt`` of a run folder, or a fold ensemble, to ONNX or TorchScript.
+
+    A fold ensemble (a ``lungcad validate --folds`` folder) becomes one graph whose outputs
+    are the logits of its members' mean probabilities, as :class:`EnsembleNet` computes them;
+    its metadata names the members' checkpoint hashes and the ensemble's own threshold.
 
     Args:
-        run_dir: a run folder written by ``lungcad train`` (or a ``.pt`` file in it).
+        run_dir: a run folder written by ``lungcad train`` (or a ``.pt`` file in it), or a
+            fold-ensemble folder.
         fmt: ``"onnx"`` or ``"torchscript"``.
         out: destination file.
         opset: ONNX opset (ONNX only).
@@ -205,11 +211,12 @@ def export_checkpoint(
         ``out`` as a Path.
     """
     from lungcad import __version__
-    from lungcad.training.checkpoint import load_checkpoint
+    from lungcad.training.ensemble import load_model
 
     if fmt not in FORMATS:
         raise InputError(f"export format must be one of {FORMATS}; got {fmt!r}", "--format")
-    model, config, info = load_checkpoint(run_dir)
+    model, config, info = load_model(run_dir)
+    ensemble = info.get("ensemble")
     size = config.model.image_size
     if fmt == "torchscript":
         path = export_torchscript(model, out, size)
@@ -223,14 +230,29 @@ def export_checkpoint(
                 "lungcad_version": __version__,
                 "model_name": config.model.name,
                 "image_size": size,
-                "checkpoint_sha256": info["sha256"],
+                "checkpoint_sha256": _export_identity(info),
                 "threshold": info["threshold"],
+                **(
+                    {"ensemble_member_sha256": ",".join(ensemble["member_sha256"])}
+                    if ensemble
+                    else {}
+                ),
                 "input": f"{INPUT_NAME}: (batch, 1, {size}, {size}) float32 lung-windowed [0, 1]",
                 "outputs": "seg_logits: (batch, 1, H, W); cls_logits: (batch,)",
             },
         )
     log.info("exported %s (%s, %dx%d input) to %s", info["path"], fmt, size, size, path)
     return path
+
+
+def _export_identity(info: dict[str, Any]) -> str:
+    """The checkpoint hash an export records: a run's own, or for a fold ensemble the SHA-256
+    of its members' hashes in order (so an export of other members never matches)."""
+    ensemble = info.get("ensemble")
+    if not ensemble:
+        return str(info["sha256"])
+    joined = ",".join(str(sha) for sha in ensemble["member_sha256"])
+    return hashlib.sha256(joined.encode("ascii")).hexdigest()
 
 
 def ensure_onnx_export(info: dict[str, Any], onnx_path: str | Path | None = None) -> Path:
