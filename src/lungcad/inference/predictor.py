@@ -20,8 +20,13 @@ Pipeline (per study, on the canonical LPS volume):
    slices, not lung crops, so by default inference does not crop either
    (``crop_to_lungs=True`` crops to the lung box, for models trained on such crops);
 4. batched forward passes (PyTorch under ``inference_mode`` in channels_last, or ONNX Runtime);
-5. tumour probabilities are resized back and pasted into a probability volume on the input's
-   grid; the mask is ``probability >= 0.5`` inside the lung box (with its margin);
+5. tumour probabilities come from the decoder at the scale it learnt: the lung box of each
+   slice is resampled to the segmentation run's mm per model pixel (``seg_input_domain`` of
+   the checkpoint, :mod:`lungcad.training.domain`) and segmented by sliding windows of its
+   input size (:mod:`lungcad.models.sliding_window`), then resampled back onto the input's grid.
+   Where that scale or the image's spacing is unknown, the whole-slice model input is
+   segmented instead and a warning says so. The mask is ``probability >= 0.5`` inside the
+   lung box (with its margin);
 6. per-slice cancer probabilities from ``cls_logits`` (through ``calibration.json`` when the
    run has one), aggregated to a study probability (:func:`aggregate_study`), compared with
    the run's study threshold (``study_threshold.json``, chosen on validation studies by
@@ -65,9 +70,11 @@ from lungcad.inference.input_checks import InputCheck, check_input
 from lungcad.inference.lesions import find_lesions
 from lungcad.lesion import Lesion
 from lungcad.models.forward import forward_logits, probabilities
+from lungcad.models.sliding_window import segment_at_scale
 from lungcad.models.unet import LungCADNet
 from lungcad.training.checkpoint import load_checkpoint
 from lungcad.training.config import Config, config_hash
+from lungcad.training.domain import DISPLAY, HU, InputDomain
 from lungcad.training.ensemble import EnsembleNet, is_ensemble, load_ensemble
 from lungcad.volume import Volume
 
@@ -98,6 +105,9 @@ MASK_THRESHOLD = 0.5
 LUNG_MASK_PIXEL_MM = 3.0
 #: The reason of a seg-only run's finding ("no classifier").
 NO_CLASSIFIER_REASON = "segmentation-only run: no trained cancer classifier"
+#: Field of view (mm) assumed for a 2D image without pixel spacing when it is segmented at the
+#: model's physical scale: a typical adult chest CT reconstruction (512 px at ~0.68 mm).
+ASSUMED_FIELD_OF_VIEW_MM = 350.0
 
 
 @dataclass
@@ -213,6 +223,10 @@ class Predictor:
         #: A segmentation run's decoder is trained; a cls run's only when it was started from a
         #: segmentation run (init_from).
         self.decoder_trained = config.train.stage == "seg" or bool(config.train.init_from)
+        #: What the decoder and the classifier learnt from (lungcad.training.domain): the
+        #: decoder's model-pixel size sets the scale of segmentation; None: not recorded.
+        self.seg_domain = InputDomain.from_dict(info.get("seg_input_domain"))
+        self.cls_domain = InputDomain.from_dict(info.get("input_domain"))
         self.onnx_path = None if onnx_path is None else Path(onnx_path)
         self._session = None
         self._explainer: CamExplainer | None = None
@@ -455,6 +469,11 @@ class Predictor:
             )
         slices, box, lung_field = self.select_slices(volume, warnings)
         timings["lung_mask_s"] = time.perf_counter() - clock
+        warnings += self.domain_warnings(volume)
+        seg_spacing = self.segmentation_spacing(volume, warnings)
+        # At scale, the decoder sees the lung box (with its margin) in windows; else the
+        # whole model input it classifies.
+        seg_box = lung_field or (slice(0, volume.shape[1]), slice(0, volume.shape[2]))
 
         z_count = volume.shape[0]
         probability = np.zeros(volume.shape, dtype=np.float32)  # untouched pages cost no RAM
@@ -469,10 +488,19 @@ class Predictor:
             seg_logits, cls_logits = self.run_model(inputs)
             timings["inference_s"] += time.perf_counter() - clock
             clock = time.perf_counter()
+            if self.decoder_trained and seg_spacing is not None:
+                clock = time.perf_counter()
+                seg = self._segment_at_scale(volume, batch, seg_box, seg_spacing)
+                for z, prob in zip(batch, seg, strict=True):
+                    probability[z, seg_box[0], seg_box[1]] = prob
+                timings["inference_s"] += time.perf_counter() - clock
+                clock = time.perf_counter()
             seg = probabilities(seg_logits[:, 0])
             for z, prob in zip(batch, seg, strict=True):
-                if not self.decoder_trained:
-                    break  # an untrained decoder's masks are noise: none are reported
+                if not self.decoder_trained or seg_spacing is not None:
+                    # An untrained decoder's masks are noise: none are reported. At scale,
+                    # the masks came from the sliding windows above.
+                    break
                 if prob.shape != crop_shape:  # undo the model input's letterbox
                     prob = np.clip(Letterbox.fit(crop_shape, prob.shape).invert(prob), 0.0, 1.0)
                 probability[z, box[0], box[1]] = prob
@@ -658,6 +686,84 @@ class Predictor:
         )
         return slices, (lung_field if self.crop_to_lungs else full), lung_field
 
+    def domain_warnings(self, volume: Volume) -> list[str]:
+        """What the reader should know about mapping this input into the trained domain.
+
+        HU are mapped through the lung window the run recorded (or the lung window for runs
+        trained on display images, whose own window is unknown: an assumption, said so); a
+        pre-windowed image given to a model trained on HU is taken as lung-window grey values.
+        """
+        notes = []
+        for part, domain in (("classifier", self.cls_domain), ("segmentation", self.seg_domain)):
+            if domain is None or (part == "segmentation" and not self.decoder_trained):
+                continue
+            if volume.intensity == "hu" and domain.intensity == DISPLAY:
+                notes.append(
+                    f"the {part} was trained on display-windowed images (window unknown); "
+                    "this CT's HU were mapped through the lung window (level -600, width "
+                    "1500), which may differ from the window of its training images"
+                )
+            elif volume.intensity != "hu" and domain.intensity == HU:
+                notes.append(
+                    f"the {part} was trained on CT in HU; this image is already windowed, so "
+                    "its grey values were taken as lung-window values"
+                )
+        return notes
+
+    def segmentation_spacing(
+        self, volume: Volume, warnings: list[str]
+    ) -> tuple[float, float] | None:
+        """The in-plane spacing (mm) at which to resample ``volume`` for the decoder, or None
+        to segment the whole model input as it is (the decoder's scale or the image's spacing
+        is unknown; a warning says so)."""
+        if not self.decoder_trained:
+            return None
+        pixel = None if self.seg_domain is None else self.seg_domain.model_pixel_mm
+        if pixel is None:
+            warnings.append(
+                "the segmentation model's pixel size was not recorded (trained on images "
+                "without a pixel spacing): slices were segmented whole, at the model input "
+                "size, which may not be the scale it learnt"
+            )
+            return None
+        if not volume.meta.get("spacing_known", True):
+            warnings.append(
+                f"pixel spacing unknown (2D image): segmented as if the image spanned "
+                f"{ASSUMED_FIELD_OF_VIEW_MM:g} mm, a typical chest CT field of view"
+            )
+            side = float(max(volume.shape[1:]))
+            return (ASSUMED_FIELD_OF_VIEW_MM / side,) * 2
+        return (float(volume.spacing[1]), float(volume.spacing[2]))
+
+    def _segment_at_scale(
+        self,
+        volume: Volume,
+        batch: list[int],
+        box: tuple[slice, slice],
+        spacing_yx: tuple[float, float],
+    ) -> np.ndarray:
+        """Tumour probabilities ``(B, h, w)`` of ``box`` on the slices ``batch``."""
+        assert self.seg_domain is not None and self.seg_domain.model_pixel_mm is not None
+        slab = Volume(
+            array=volume.array[batch][:, box[0], box[1]],
+            spacing=volume.spacing,
+            intensity=volume.intensity,
+        )
+
+        def predict(windows: torch.Tensor) -> torch.Tensor:
+            seg_logits, _ = self.run_model(windows.numpy())
+            return torch.from_numpy(probabilities(seg_logits))
+
+        window = self.seg_domain.image_size or self.image_size
+        return segment_at_scale(
+            to_unit_range(slab).astype(np.float32),
+            spacing_yx,
+            self.seg_domain.model_pixel_mm,
+            window,
+            predict,
+            windows_per_batch=max(self.batch_size, 16),
+        )
+
     def _cam(self, volume: Volume, slices: list[int], box: tuple[slice, slice]) -> Volume:
         from lungcad.inference.explain import CamExplainer
 
@@ -685,6 +791,7 @@ def _share_geometry(volume: Volume, array: np.ndarray) -> Volume:
         intensity="windowed",
         meta=copy.deepcopy(volume.meta),
     )
+
 
 def _with_study_threshold(
     options: dict[str, Any],
