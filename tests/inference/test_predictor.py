@@ -519,3 +519,21 @@ def test_cli_batch_reports_failures_and_skips_symlink_loops(run, studies, tmp_pa
     good = next(row for row in summary["studies"] if row["status"] == "ok")
     assert good["finding"] in ("cancer suspected", "no cancer suspected")
     assert "c_loop" in capsys.readouterr().err  # the skip is said
+
+
+def test_the_lung_mask_is_made_once_per_study(predictor, phantom, monkeypatch) -> None:
+    """The input checks' coarse lung mask is reused for choosing the slices."""
+    import lungcad.inference.input_checks as checks
+    import lungcad.inference.predictor as predictor_module
+
+    calls: list[tuple[int, ...]] = []
+    original = checks.lung_mask
+
+    def counting(volume, *args, **kwargs):
+        calls.append(volume.shape)
+        return original(volume, *args, **kwargs)
+
+    monkeypatch.setattr(checks, "lung_mask", counting)
+    monkeypatch.setattr(predictor_module, "lung_mask", counting)
+    predictor.predict_volume(phantom.volume, cam=False)
+    assert len(calls) == 1

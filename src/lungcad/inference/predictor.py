@@ -467,7 +467,7 @@ class Predictor:
                 "pixel spacing unknown (2D image): 1 mm is assumed, so lesion "
                 "sizes and volumes are in pixel units, not mm"
             )
-        slices, box, lung_field = self.select_slices(volume, warnings)
+        slices, box, lung_field = self.select_slices(volume, warnings, check)
         timings["lung_mask_s"] = time.perf_counter() - clock
         warnings += self.domain_warnings(volume)
         seg_spacing = self.segmentation_spacing(volume, warnings)
@@ -643,13 +643,18 @@ class Predictor:
         return logits.seg.cpu().numpy(), logits.cls.cpu().numpy()
 
     def select_slices(
-        self, volume: Volume, warnings: list[str] | None = None
+        self,
+        volume: Volume,
+        warnings: list[str] | None = None,
+        check: InputCheck | None = None,
     ) -> tuple[list[int], tuple[slice, slice], tuple[slice, slice] | None]:
         """The slices to evaluate, the in-plane box fed to the model, and the lung field.
 
         Args:
             volume: canonical Volume.
             warnings: a list to append a note to when no lung is found.
+            check: the input checks' result for ``volume``: its coarse lung mask is reused
+                when it was made at the same subsampling (saves a second lung mask).
 
         Returns:
             ``(slices, (y, x), field)``: z indices with lung (within ``lung_margin_mm``; all
@@ -670,7 +675,14 @@ class Predictor:
             spacing=(volume.spacing[0], volume.spacing[1] * factor, volume.spacing[2] * factor),
             intensity=volume.intensity,
         )
-        lungs = lung_mask(small)
+        given = None if check is None else check.lungs
+        reusable = (
+            given is not None
+            and check is not None
+            and check.lung_mask_step == factor
+            and given.shape == small.shape
+        )
+        lungs = given if reusable and given is not None else lung_mask(small)
         if not lungs.any():
             warnings.append("no lung found by the lung mask; every slice was evaluated")
             return list(range(z_count)), full, None

@@ -384,7 +384,12 @@ def load_checkpoint(
 
 
 def write_untrained_run(
-    folder: str | Path, config: Config, *, threshold: float = 0.5, seed: int = 0
+    folder: str | Path,
+    config: Config,
+    *,
+    threshold: float = 0.5,
+    seed: int = 0,
+    domains: dict[str, Any] | None = None,
 ) -> Path:
     """A run folder (``best.pt`` + sidecar, ``config.yaml``, ``threshold.json``) holding a
     randomly initialised network, for benchmarks and tests that need a model but no training.
@@ -394,6 +399,8 @@ def write_untrained_run(
         config: the run's configuration (stage, model name, input size, ``init_from``).
         threshold: the decision threshold recorded.
         seed: torch seed of the random weights.
+        domains: ``input_domain`` / ``seg_input_domain`` to record, as training does
+            (:mod:`lungcad.training.domain`); None records none.
     """
     folder = Path(folder)
     torch.manual_seed(seed)
@@ -410,6 +417,7 @@ def write_untrained_run(
             "versions": software_versions(),
             "threshold": threshold,
             "stage": config.train.stage,
+            **(domains or {}),
         },
     )
     write_json_atomic(folder / THRESHOLD_FILE, {"threshold": threshold, "method": "mcc"})
