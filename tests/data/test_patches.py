@@ -67,3 +67,18 @@ def test_dataset_needs_the_spacing(tmp_path) -> None:
     records = read_manifest(folder / "manifest.csv")
     with pytest.raises(InputError, match="pixel spacing"):
         SliceDataset(records, folder, patches=PatchSampling(1.0, 32))
+
+
+def test_several_patches_per_slice(tmp_path) -> None:
+    folder = make_manifest(tmp_path / "m", {"train": 2}, spacing=0.5)
+    records = read_manifest(folder / "manifest.csv")
+    sampler = PatchSampling(pixel_mm=1.0, size=32, tumour_prob=1.0)
+    data = SliceDataset(records, folder, patches=sampler, fixed_patches=True, patches_per_slice=3)
+    assert len(data) == 3 * len(records)
+    ids = [data[i]["sample_id"] for i in range(len(data))]
+    assert ids == [r.sample_id for r in records for _ in range(3)]
+    # The three patches of a tumour slice are drawn independently.
+    first, second = data[3]["image"], data[4]["image"]
+    assert not np.array_equal(first, second)
+    with pytest.raises(InputError, match="patches per slice"):
+        SliceDataset(records, folder, patches=sampler, patches_per_slice=0)

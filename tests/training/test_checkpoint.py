@@ -129,7 +129,11 @@ def test_initial_weights_from_a_run_or_nothing(saved_run: tuple[Path, dict]) -> 
     cfg = load_config(None, ["model.name=resnet18", "train.stage=cls", f"train.init_from={run}"])
     model = model_from_config(cfg)
     provenance = initial_weights(model, cfg)
-    assert provenance == {"init_from": str(run), "init_from_sha256": file_sha256(run / "best.pt")}
+    assert provenance == {
+        "init_from": str(run),
+        "init_from_sha256": file_sha256(run / "best.pt"),
+        "init_from_input_domain": None,  # an untrained run records no domain
+    }
     for key, value in payload["model"].items():
         assert torch.equal(model.state_dict()[key], value), key
     assert initial_weights(model, load_config(None, ["model.name=resnet18"])) == {}

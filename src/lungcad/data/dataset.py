@@ -112,6 +112,9 @@ class SliceDataset(Dataset):
         fixed_patches: draw each record's patch from a generator seeded by its index, so a
             validation pass sees the same patches every epoch; otherwise from NumPy's global
             generator (seeded per epoch and worker by training).
+        patches_per_slice: with ``patches``: each slice gives this many patches per pass
+            (item ``i`` is a patch of record ``i // patches_per_slice``), so an epoch over a
+            few dozen slices still makes enough optimisation steps.
 
     Each item is a dict: ``"image"`` float32 ``(1, H, W)`` in [0, 1]; ``"mask"`` float32
     ``(1, H, W)`` 0/1 (zeros when the slice has no mask); ``"has_mask"`` bool ``()``;
@@ -127,10 +130,17 @@ class SliceDataset(Dataset):
         augment: Callable[[np.ndarray, np.ndarray], tuple[np.ndarray, np.ndarray]] | None = None,
         patches: PatchSampling | None = None,
         fixed_patches: bool = False,
+        patches_per_slice: int = 1,
     ) -> None:
         self.records = list(records)
         self.patches = patches
         self.fixed_patches = bool(fixed_patches)
+        if patches_per_slice < 1:
+            raise InputError(
+                f"patches per slice must be >= 1; got {patches_per_slice}",
+                "data.patches_per_slice",
+            )
+        self.per_record = int(patches_per_slice) if patches is not None else 1
         if patches is not None:
             image_size = (patches.size, patches.size)
             unknown = [r.sample_id for r in self.records if not _spacing_known(r)]
@@ -152,11 +162,11 @@ class SliceDataset(Dataset):
         self.augment = augment
 
     def __len__(self) -> int:
-        return len(self.records)
+        return len(self.records) * self.per_record
 
     def load(self, index: int) -> tuple[np.ndarray, np.ndarray]:
         """Image float32 ``(H, W)`` in [0, 1] and mask float32 ``(H, W)`` 0/1, resized."""
-        record = self.records[index]
+        record = self.records[index // self.per_record]
         image = load_slice_array(self.root / record.image_path, record.sample_id, "image")
         if record.has_mask:
             mask = load_slice_array(self.root / record.mask_path, record.sample_id, "mask")
@@ -180,7 +190,7 @@ class SliceDataset(Dataset):
         return slice_to_model_input(image, self.image_size), mask
 
     def __getitem__(self, index: int) -> dict[str, object]:
-        record = self.records[index]
+        record = self.records[index // self.per_record]
         image, mask = self.load(index)
         image, mask = image[None], mask[None]
         if self.augment is not None:

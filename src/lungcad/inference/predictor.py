@@ -523,6 +523,11 @@ class Predictor:
             outside = np.ones(tumour.shape[1:], dtype=bool)
             outside[lung_field] = False
             tumour[:, outside] = False
+            region = self.lung_region(check, volume)
+            if region is not None:
+                # ... and within the box, in the lungs or within lung_margin_mm of them
+                # (juxtapleural and hilar tumours); mediastinum, heart and chest wall not.
+                tumour &= region
         mask = volume.with_array(tumour.astype(np.uint8), intensity="windowed")
         prob_volume = _share_geometry(volume, probability)
         timings["postprocess_s"] += time.perf_counter() - clock
@@ -698,28 +703,55 @@ class Predictor:
         )
         return slices, (lung_field if self.crop_to_lungs else full), lung_field
 
+    def lung_region(self, check: InputCheck, volume: Volume) -> np.ndarray | None:
+        """Where a reported tumour may lie: ``(z, y, x)`` bool, the input checks' coarse lung
+        mask with its holes filled (tumours inside the lung), dilated in plane by
+        ``lung_margin_mm`` and brought to the volume's grid; None without a usable mask."""
+        lungs = check.lungs
+        step = check.lung_mask_step
+        z_count, height, width = volume.shape
+        expected = (z_count, -(-height // step), -(-width // step))
+        if lungs is None or lungs.shape != expected or not lungs.any():
+            return None
+        pixel_mm = min(volume.spacing[1:]) * step
+        radius = int(math.ceil(self.lung_margin_mm / pixel_mm - 1e-9))
+        disc = ndi.generate_binary_structure(2, 1)
+        region = np.zeros(lungs.shape, dtype=bool)
+        for z in range(z_count):
+            if lungs[z].any():
+                filled = ndi.binary_fill_holes(lungs[z])
+                region[z] = ndi.binary_dilation(filled, disc, iterations=max(radius, 1))
+        # Nearest-neighbour upsampling back to the full in-plane grid.
+        full = np.repeat(np.repeat(region, step, axis=1), step, axis=2)
+        return full[:, :height, :width]
+
     def domain_warnings(self, volume: Volume) -> list[str]:
         """What the reader should know about mapping this input into the trained domain.
 
         HU are mapped through the lung window the run recorded (or the lung window for runs
         trained on display images, whose own window is unknown: an assumption, said so); a
         pre-windowed image given to a model trained on HU is taken as lung-window grey values.
+        One line per mismatch, naming the parts (classifier, segmentation) it concerns.
         """
-        notes = []
+        display, hu = [], []
         for part, domain in (("classifier", self.cls_domain), ("segmentation", self.seg_domain)):
             if domain is None or (part == "segmentation" and not self.decoder_trained):
                 continue
             if volume.intensity == "hu" and domain.intensity == DISPLAY:
-                notes.append(
-                    f"the {part} was trained on display-windowed images (window unknown); "
-                    "this CT's HU were mapped through the lung window (level -600, width "
-                    "1500), which may differ from the window of its training images"
-                )
+                display.append(part)
             elif volume.intensity != "hu" and domain.intensity == HU:
-                notes.append(
-                    f"the {part} was trained on CT in HU; this image is already windowed, so "
-                    "its grey values were taken as lung-window values"
-                )
+                hu.append(part)
+        notes = []
+        if display:
+            notes.append(
+                f"{' and '.join(display)} trained on display-windowed images: HU mapped "
+                "through the lung window (-600/1500), which may not be theirs"
+            )
+        if hu:
+            notes.append(
+                f"{' and '.join(hu)} trained on CT in HU: this windowed image's grey values "
+                "were taken as lung-window values"
+            )
         return notes
 
     def segmentation_spacing(

@@ -99,6 +99,8 @@ class DataConfig:
             the same scale with sliding windows. None: whole slices.
         patch_tumour_prob: with ``patch_pixel_mm``: probability that a slice with tumour
             gives a patch centred on it (nnU-Net oversamples foreground likewise).
+        patches_per_slice: with ``patch_pixel_mm``: patches each training slice gives per
+            epoch (validation: one), for enough steps per epoch on small sets.
     """
 
     manifest: list[str] = field(default_factory=list)
@@ -111,6 +113,7 @@ class DataConfig:
     balanced_sampling: bool = False
     patch_pixel_mm: float | None = None
     patch_tumour_prob: float = 0.5
+    patches_per_slice: int = 1
 
 
 @dataclass

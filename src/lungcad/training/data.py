@@ -163,6 +163,9 @@ def _load_split(
                     augment=augment,
                     patches=patch_sampling(cfg),
                     fixed_patches=split != cfg.data.train_split,
+                    patches_per_slice=cfg.data.patches_per_slice
+                    if split == cfg.data.train_split
+                    else 1,
                 )
             )
     if not records:

@@ -90,6 +90,8 @@ def write_cohort(
     patch_size: int = 48,
     patch_spacing_mm: float = 2.0,
     window: tuple[float, float] = LUNG_WINDOW,
+    tumour_size_mm: tuple[float, float] | None = None,
+    tumour_density: str | None = None,
 ) -> dict[str, Any]:
     """Generate ``n_cases`` phantoms and write them in the requested layouts.
 
@@ -107,6 +109,11 @@ def write_cohort(
         patch_spacing_mm: patch pixel spacing (mm).
         window: (level, width) HU display window of the 2D exports; the default lung window
             matches the manifest's convention (IQ-OTH/NCCD's own JPEGs look narrower).
+        tumour_size_mm: ``(low, high)``: each tumour case gets one tumour whose diameter is
+            drawn uniformly from this range (seeded by the case); None: the phantom's default
+            (one to three nodules, the first 5-40 mm).
+        tumour_density: with ``tumour_size_mm``: ``"solid"``, ``"part-solid"`` or
+            ``"ground-glass"``; None: random.
 
     Returns:
         The content of ``cohort.json`` (site, seeds, cases with nodules and files, 2D index).
@@ -142,7 +149,15 @@ def write_cohort(
     counters = {_MALIGNANT: 0, _NORMAL: 0, "patch": 0}
     with atomic_dir(out_dir) as tmp:
         for i, case_seed in enumerate(seeds):
-            phantom = make_phantom(case_seed, site, tumour=i in tumour_cases)
+            tumour = i in tumour_cases
+            options: dict[str, Any] = {}
+            if tumour and tumour_size_mm is not None:
+                low, high = tumour_size_mm
+                size = float(np.random.default_rng(case_seed).uniform(low, high))
+                options = {"n_nodules": 1, "size_mm": size}
+                if tumour_density is not None:
+                    options["density"] = tumour_density
+            phantom = make_phantom(case_seed, site, tumour=tumour, **options)
             case = _case_record(i, case_seed, site, phantom)
             vol = phantom.volume
             if "dicom" in formats:
