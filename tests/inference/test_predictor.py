@@ -12,10 +12,12 @@ import pytest
 import SimpleITK as sitk
 import torch
 from PIL import Image
+from scipy import ndimage as ndi
 from skimage.transform import resize as sk_resize
 
 from lungcad.cli import main as cli_main
 from lungcad.data.dataset import SliceDataset, slice_to_model_input
+from lungcad.data.lung_mask import lung_mask
 from lungcad.data.manifest import SliceRecord
 from lungcad.data.preprocessing import to_unit_range
 from lungcad.data.synthetic.phantom import make_phantom
@@ -537,3 +539,26 @@ def test_the_lung_mask_is_made_once_per_study(predictor, phantom, monkeypatch) -
     monkeypatch.setattr(predictor_module, "lung_mask", counting)
     predictor.predict_volume(phantom.volume, cam=False)
     assert len(calls) == 1
+
+
+def test_reported_tumour_stays_near_the_lungs(run, phantom, monkeypatch) -> None:
+    """Inside the lung box too, a reported tumour lies in the lungs or within lung_margin_mm
+    of them: a model that calls everything tumour reports no mediastinum or chest wall."""
+    predictor = Predictor.from_checkpoint(run, batch_size=4)
+    monkeypatch.setattr(predictor, "run_model", _EverywhereTumour(predictor))
+    result = predictor.predict_volume(phantom.volume, cam=False)
+    mask = result.mask.array.astype(bool)
+    spacing = phantom.volume.spacing
+    # The lungs as the predictor finds them (the classical mask; here it also takes in a
+    # main bronchus between the lungs, as it may on real CT).
+    classical = lung_mask(phantom.volume)
+    assert result.input_check is not None and result.input_check.lung_mask_step == 1
+    for z in result.lung_slices:
+        lungs = ndi.binary_fill_holes(classical[z])
+        if not lungs.any():
+            continue
+        distance = ndi.distance_transform_edt(~lungs, sampling=spacing[1:])
+        # Margin plus the coarse mask's rounding (two pixels).
+        far = distance > predictor.lung_margin_mm + 2 * max(spacing[1:])
+        assert not (mask[z] & far).any(), z
+    assert mask.any()
