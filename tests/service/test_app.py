@@ -320,7 +320,11 @@ def test_lungcad_serve_runs_uvicorn_on_loopback(tmp_path: Path, phantom) -> None
     )
     base = f"http://127.0.0.1:{port}"
     try:
-        assert server.stdout.readline().startswith(f"lungcad service: {base}/")
+        # Notes about the run (e.g. an untrained decoder: no masks) may come first.
+        lines: list[str] = []
+        while len(lines) < 3 and not (lines and lines[-1].startswith("lungcad service:")):
+            lines.append(server.stdout.readline())
+        assert lines[-1].startswith(f"lungcad service: {base}/"), lines
         deadline = time.monotonic() + 120
         while time.monotonic() < deadline:
             try:
