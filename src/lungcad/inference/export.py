@@ -74,7 +74,7 @@ def export_onnx(
     opset: int = DEFAULT_OPSET,
     metadata: dict[str, Any] | None = None,
 ) -> Path:
-    """Export a LungCADNet to an ONNX file with a dynamic batch dimension (atomic write).
+    """Export a LungCADNet to an ONNX file with dynamic batch, height and width (atomic write).
 
     Args:
         model: the network (switched to eval mode; weights on CPU).
@@ -103,9 +103,12 @@ def export_onnx(
             str(tmp),
             input_names=[INPUT_NAME],
             output_names=list(OUTPUT_NAMES),
+            # Height and width are dynamic too: the network is fully convolutional and the
+            # predictor segments sliding windows of the decoder's own size, which may differ
+            # from the classifier's input size.
             dynamic_axes={
-                INPUT_NAME: {0: "batch"},
-                OUTPUT_NAMES[0]: {0: "batch"},
+                INPUT_NAME: {0: "batch", 2: "height", 3: "width"},
+                OUTPUT_NAMES[0]: {0: "batch", 2: "height", 3: "width"},
                 OUTPUT_NAMES[1]: {0: "batch"},
             },
             opset_version=opset,
@@ -237,7 +240,9 @@ def export_checkpoint(
                     if ensemble
                     else {}
                 ),
-                "input": f"{INPUT_NAME}: (batch, 1, {size}, {size}) float32 lung-windowed [0, 1]",
+                "input": f"{INPUT_NAME}: (batch, 1, H, W) float32 lung-windowed [0, 1]; "
+                f"the classifier was trained at {size}x{size}",
+                "spatial_axes": "dynamic",
                 "outputs": "seg_logits: (batch, 1, H, W); cls_logits: (batch,)",
             },
         )
@@ -282,8 +287,10 @@ def ensure_onnx_export(info: dict[str, Any], onnx_path: str | Path | None = None
         if onnx_path
         else Path(info["run_dir"]) / (f"model-{info['sha256'][:12]}.onnx")
     )
-    if path.is_file():
+    if path.is_file() and onnx_metadata(path).get("spatial_axes") == "dynamic":
         return path
+    # Missing, or an export from before height and width were dynamic (sliding windows of
+    # another size would fail in it): export again.
     log.info("exporting %s to ONNX (%s)", info["path"], path)
     try:
         return export_checkpoint(info["path"], "onnx", path)
