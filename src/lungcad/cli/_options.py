@@ -16,6 +16,8 @@ discovery in :mod:`lungcad.cli`.
 from __future__ import annotations
 
 import argparse
+import os
+from pathlib import Path
 from typing import Any
 
 from lungcad.data.choices import GROUPINGS, LAYOUTS, SLICE_MODES
@@ -186,3 +188,26 @@ def add_checkpoint_option(parser: argparse.ArgumentParser, *, ensembles: bool = 
     if ensembles:
         what += ", or a `lungcad validate --folds` folder (the fold ensemble)"
     parser.add_argument("--checkpoint", required=True, metavar="RUN", help=what)
+
+
+def add_dicomweb_auth_options(group: argparse._ArgumentGroup, prefix: str = "") -> None:
+    """``--user``, ``--password[-file]``, ``--token[-file]`` of a DICOMweb server (basic auth or
+    bearer token; secrets default to $LUNGCAD_PACS_PASSWORD / $LUNGCAD_PACS_TOKEN so they need
+    not appear in a process list). ``prefix`` starts each help text (e.g. "STOW-RS: ")."""
+    group.add_argument("--user", help=f"{prefix}HTTP basic-auth user name")
+    group.add_argument(
+        "--password",
+        default=os.environ.get("LUNGCAD_PACS_PASSWORD"),
+        help=f"{prefix}basic-auth password (default: $LUNGCAD_PACS_PASSWORD)",
+    )
+    group.add_argument(
+        "--password-file", type=Path, help=f"{prefix}read the password from this file"
+    )
+    group.add_argument(
+        "--token",
+        default=os.environ.get("LUNGCAD_PACS_TOKEN"),
+        help=f"{prefix}bearer token (default: $LUNGCAD_PACS_TOKEN)",
+    )
+    group.add_argument(
+        "--token-file", type=Path, help=f"{prefix}read the bearer token from this file"
+    )

@@ -29,12 +29,11 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
 import signal
 import threading
 from pathlib import Path
 
-from lungcad.cli._options import add_checkpoint_option
+from lungcad.cli._options import add_checkpoint_option, add_dicomweb_auth_options
 
 NAME = "listen"
 HELP = "receive CT studies by DICOM C-STORE, analyse them, send SEG + SR back (C-STORE/STOW)"
@@ -74,19 +73,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="C-STORE the results to this DICOM node (repeatable)",
     )
     out.add_argument("--stow", metavar="URL", help="STOW-RS the results to this DICOMweb root")
-    out.add_argument("--user", help="STOW-RS: HTTP basic-auth user name")
-    out.add_argument(
-        "--password",
-        default=os.environ.get("LUNGCAD_PACS_PASSWORD"),
-        help="STOW-RS: basic-auth password (default: $LUNGCAD_PACS_PASSWORD)",
-    )
-    out.add_argument("--password-file", type=Path, help="STOW-RS: read the password from a file")
-    out.add_argument(
-        "--token",
-        default=os.environ.get("LUNGCAD_PACS_TOKEN"),
-        help="STOW-RS: bearer token (default: $LUNGCAD_PACS_TOKEN)",
-    )
-    out.add_argument("--token-file", type=Path, help="STOW-RS: read the bearer token from a file")
+    add_dicomweb_auth_options(out, "STOW-RS: ")
     out.add_argument(
         "--timeout", type=float, default=30.0, help="seconds per request or association"
     )

@@ -24,12 +24,11 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
 import signal
 import threading
 from pathlib import Path
 
-from lungcad.cli._options import add_checkpoint_option
+from lungcad.cli._options import add_checkpoint_option, add_dicomweb_auth_options
 
 NAME = "watch"
 HELP = "analyse new CT studies on a PACS (DICOMweb) and store SEG + SR results back"
@@ -52,19 +51,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="folder for the ledger of processed studies and working files",
     )
     auth = parser.add_argument_group("authentication (basic or bearer token)")
-    auth.add_argument("--user", help="HTTP basic-auth user name")
-    auth.add_argument(
-        "--password",
-        default=os.environ.get("LUNGCAD_PACS_PASSWORD"),
-        help="basic-auth password (default: $LUNGCAD_PACS_PASSWORD)",
-    )
-    auth.add_argument("--password-file", type=Path, help="read the password from this file")
-    auth.add_argument(
-        "--token",
-        default=os.environ.get("LUNGCAD_PACS_TOKEN"),
-        help="bearer token (default: $LUNGCAD_PACS_TOKEN)",
-    )
-    auth.add_argument("--token-file", type=Path, help="read the bearer token from this file")
+    add_dicomweb_auth_options(auth)
     parser.add_argument(
         "--interval", type=float, default=10.0, help="seconds between polls (default 10)"
     )
