@@ -54,23 +54,23 @@ lint: $(STAMP)
 	$(VENV)/bin/mypy
 
 # The reference models, end to end on 2 CPU cores: DATA holds iqothnccd/ and msd_lung_patches/
-# (as ../shared/data does). OUT/seg is the segmentation run (MSD patches), OUT/cls the
-# two-stage fold ensemble (grouped 5-fold CV on IQ-OTH/NCCD, each fold started from OUT/seg),
-# OUT/seg_cv the grouped 5-fold CV of stage 1 on the MSD patches, and OUT/results.md both
-# out-of-fold tables (stage 1; stage 2 beside the baselines and the shortcut audit).
+# (as ../shared/data does). OUT/seg is stage 1: grouped 5-fold CV on the MSD patches, whose
+# five fold models form the segmentation ensemble (every patient in training once); OUT/cls
+# the two-stage fold ensemble (grouped 5-fold CV on IQ-OTH/NCCD, each fold started from the
+# first stage-1 fold model); OUT/results.md both out-of-fold tables (stage 1; stage 2 beside
+# the baselines and the shortcut audit).
 reference: $(STAMP)
 	@test -n "$(DATA)" -a -n "$(OUT)" || { echo "usage: make reference DATA=DIR OUT=DIR" >&2; exit 2; }
 	$(VENV)/bin/lungcad prepare --data "$(DATA)/msd_lung_patches" --pixel-spacing 2 \
 		--out "$(OUT)/prepared/msd"
 	$(VENV)/bin/lungcad prepare --data "$(DATA)/iqothnccd" --positive "Malignant cases" \
 		--negative "Normal cases,Bengin cases" --out "$(OUT)/prepared/iqothnccd"
-	$(VENV)/bin/lungcad train seg --config configs/seg_cpu_cv.yaml \
-		--manifest "$(OUT)/prepared/msd" --out "$(OUT)/seg" --set train.progress=false
-	$(VENV)/bin/lungcad validate --train "$(OUT)/prepared/iqothnccd" --folds 5 \
-		--config configs/cls_cpu_cv.yaml --set train.init_from="$(OUT)/seg" --out "$(OUT)/cls"
 	$(VENV)/bin/lungcad validate --train "$(OUT)/prepared/msd" --folds 5 \
-		--config configs/seg_cpu_cv.yaml --out "$(OUT)/seg_cv"
-	cat "$(OUT)/seg_cv/results.md" "$(OUT)/cls/results.md" > "$(OUT)/results.md"
+		--config configs/seg_cpu_cv.yaml --out "$(OUT)/seg"
+	$(VENV)/bin/lungcad validate --train "$(OUT)/prepared/iqothnccd" --folds 5 \
+		--config configs/cls_cpu_cv.yaml --set train.init_from="$(OUT)/seg/fold0/run" \
+		--out "$(OUT)/cls"
+	cat "$(OUT)/seg/results.md" "$(OUT)/cls/results.md" > "$(OUT)/results.md"
 
 clean:
 	rm -rf $(VENV) demo_output .pytest_cache .ruff_cache

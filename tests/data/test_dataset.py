@@ -300,3 +300,35 @@ def test_balanced_sampler_does_not_overdraw_unknown_labels() -> None:
     assert mass[0] / total == pytest.approx(0.48)
     assert mass[1] / total == pytest.approx(0.48)
     assert mass[-1] / total == pytest.approx(0.04)
+
+
+def test_slice_dataset_at_one_pixel_size_shows_objects_at_their_physical_size(
+    tmp_path: Path,
+) -> None:
+    """With ``pixel_mm`` a 20 mm disc is 10 model pixels across at 2 mm per pixel, whether
+    the slice has 0.5 mm or 1.5 mm pixels (letterboxed, its size follows the field of
+    view: 15 and 10 pixels); slices without a spacing are refused."""
+    (tmp_path / "slices").mkdir()
+    (tmp_path / "masks").mkdir()
+    records = []
+    for i, (side, spacing) in enumerate(((256, 0.5), (128, 1.5))):  # 128 and 192 mm
+        yy, xx = np.mgrid[:side, :side]
+        disc = (yy - side / 2) ** 2 + (xx - side / 2) ** 2 <= (10.0 / spacing) ** 2
+        np.save(tmp_path / f"slices/s{i:03d}.npy", disc.astype(np.float32) * 0.9)
+        np.save(tmp_path / f"masks/s{i:03d}.npy", disc.astype(np.uint8))
+        records.append(_record(i, f"g{i}", label=1, mask=True, spacing=spacing))
+    ds = SliceDataset(records, tmp_path, image_size=(96, 96), pixel_mm=2.0)
+    for i in range(2):
+        item = ds[i]
+        assert item["image"].shape == (1, 96, 96)
+        width = int(item["mask"][0].any(dim=0).sum())
+        assert abs(width - 10) <= 1
+        assert abs(float(item["image"][0].sum()) / 0.9 - math.pi * 25) < 10
+    letterboxed = SliceDataset(records, tmp_path, image_size=(96, 96))
+    widths = [int(letterboxed[i]["mask"][0].any(dim=0).sum()) for i in range(2)]
+    assert widths[0] - widths[1] >= 4
+    no_spacing = [dataclasses.replace(r, spacing_y=math.nan, spacing_x=math.nan) for r in records]
+    with pytest.raises(InputError, match="slice_pixel_mm"):
+        SliceDataset(no_spacing, tmp_path, image_size=(96, 96), pixel_mm=2.0)
+    with pytest.raises(InputError):
+        SliceDataset(records, tmp_path, image_size=(96, 96), pixel_mm=-1.0)

@@ -409,3 +409,29 @@ def test_lungs_of_a_soft_tissue_window_export_are_found_inside_the_body_hull() -
     dice = 2 * (found & lungs).sum() / (found.sum() + lungs.sum())
     assert dice > 0.9
     assert not (found & ~body).any()
+
+
+def test_letterbox_at_a_physical_scale_pads_or_crops_and_inverts() -> None:
+    """At one scale a small field of view is padded and a wide one centre-cropped; the
+    inverse puts the model output back on the slice grid (0 where the input cropped)."""
+    from lungcad.data.preprocessing import Letterbox
+
+    small = Letterbox.at_scale((100, 80), (64, 64), 0.5)  # 50x40 in the middle of 64x64
+    assert small.scaled_shape == (50, 40) and small.offset == (7, 12)
+    image = np.ones((100, 80), np.float32)
+    fitted = small.apply(image)
+    assert fitted[small.region].min() > 0.99 and fitted.sum() == pytest.approx(50 * 40, rel=1e-3)
+    np.testing.assert_allclose(small.invert(fitted), 1.0, atol=1e-6)
+
+    wide = Letterbox.at_scale((200, 200), (64, 64), 0.5)  # 100x100, 18 px cut on each side
+    assert wide.scaled_shape == (100, 100) and wide.offset == (-18, -18)
+    ramp = np.tile(np.linspace(0, 1, 200, dtype=np.float32), (200, 1))
+    cropped = wide.apply(ramp)
+    assert cropped.shape == (64, 64)
+    # The centre of the slice stays the centre of the input.
+    assert cropped[:, 32].mean() == pytest.approx(ramp[:, 100].mean(), abs=0.02)
+    back = wide.invert(np.ones((64, 64), np.float32))
+    assert back.shape == (200, 200)
+    assert back[100, 100] == pytest.approx(1.0) and back[100, 5] == 0.0 and back[5, 100] == 0.0
+    with pytest.raises(InputError):
+        Letterbox.at_scale((10, 10), (64, 64), 0.0)

@@ -109,7 +109,7 @@ def test_model_input_is_the_training_transform(phantom, predictor, tmp_path, mon
     assert np.array_equal(batch[1, 0], SliceDataset(records, tmp_path, (SIZE, SIZE))[1]["image"][0])
 
     # Both callers go through the one function: replacing it changes what each one feeds.
-    def marked(image, size):
+    def marked(image, size, scale=None):
         return np.full((size, size) if isinstance(size, int) else size, 0.25, np.float32)
 
     monkeypatch.setattr(lungcad.data.dataset, "slice_to_model_input", marked)

@@ -124,3 +124,39 @@ def test_predictor_says_how_hu_meet_a_model_of_display_images(tmp_path, ct) -> N
     predictor.cls_domain = InputDomain(DISPLAY, None, None, 64)
     result = predictor.predict_volume(ct, cam=False)
     assert any("display-windowed" in w and "lung window" in w for w in result.warnings)
+
+
+@pytest.mark.parametrize(("pixel_mm", "one_pass"), [(6.0, True), (2.0, False)])
+def test_a_classifier_at_the_decoders_scale_segments_in_its_own_pass(
+    tmp_path, ct, pixel_mm, one_pass
+) -> None:
+    """A classifier trained on whole slices at the decoder's pixel size (data.slice_pixel_mm)
+    is fed the slice at that size; where the slice fits its input (64 px at 5.6 mm -> 60 px at
+    6 mm) its own decoder output is the mask (no sliding windows); where it does not (179 px
+    at 2 mm) the decoder segments the lung box in windows as before."""
+    from lungcad.data.preprocessing import LUNG_WINDOW
+    from lungcad.training.domain import HU, InputDomain
+
+    predictor = _predictor(tmp_path, seg_pixel_mm=pixel_mm)
+    predictor.cls_domain = InputDomain(HU, LUNG_WINDOW, pixel_mm, 64, resampled=True)
+    predictor.seg_domain = InputDomain(HU, LUNG_WINDOW, pixel_mm, 32, resampled=True)
+    shapes: list[tuple[int, ...]] = []
+    inputs_seen: list[np.ndarray] = []
+    run_model = predictor.run_model
+
+    def recording(inputs: np.ndarray):
+        shapes.append(inputs.shape)
+        if inputs.shape[-1] == 64:
+            inputs_seen.append(inputs)
+        return run_model(inputs)
+
+    predictor.run_model = recording  # type: ignore[method-assign]
+    result = predictor.predict_volume(ct, cam=False)
+    assert result.probability.shape == ct.shape
+    windows = [s for s in shapes if s[1:] == (1, 32, 32)]
+    assert (not windows) == one_pass
+    if one_pass:
+        # 60 of the 64 columns hold the slice; 2 columns of padding on each side.
+        assert np.all(inputs_seen[0][..., :, :2] == 0) and np.all(inputs_seen[0][..., :, -2:] == 0)
+        assert inputs_seen[0][..., :, 2:-2].max() > 0
+        assert float(result.probability.array.max()) > 0

@@ -140,3 +140,34 @@ def test_initial_weights_from_a_run_or_nothing(saved_run: tuple[Path, dict]) -> 
     other = load_config(None, ["model.name=resnet34", f"train.init_from={run}"])
     with pytest.raises(InputError, match="trained with model 'resnet18'.*model.name=resnet18"):
         initial_weights(model, other)  # checked before any weight is loaded
+
+
+def test_a_classifier_from_a_segmentation_run_starts_its_mask_term_at_the_prior(
+    tmp_path: Path,
+) -> None:
+    """From a stage-"seg" run the head's direct mask term starts at model.cls_mask_prior
+    (the seg run never trained it); from a stage-"cls" run the head is kept as it was."""
+    seg_cfg = load_config(None, ["model.name=resnet18", "train.stage=seg"])
+    torch.manual_seed(0)
+    seg_model = model_from_config(seg_cfg)
+    save_checkpoint(
+        tmp_path / "seg" / "best.pt",
+        {"model": seg_model.state_dict(), "epoch": 1, "config": config_to_dict(seg_cfg)},
+    )
+    cfg = load_config(
+        None,
+        [
+            "model.name=resnet18",
+            "train.stage=cls",
+            "model.cls_mask_prior=1.5",
+            f"train.init_from={tmp_path / 'seg'}",
+        ],
+    )
+    model = model_from_config(cfg)
+    initial_weights(model, cfg)
+    weight = model.classifier.mask_evidence.weight
+    assert float(weight[0, 1]) == 1.5 and float(weight.abs().sum()) == 1.5
+    with pytest.raises(InputError, match="cls_mask_prior"):
+        load_config(None, ["model.cls_mask_prior=nan"])
+    with pytest.raises(InputError, match="slice_pixel_mm"):
+        load_config(None, ["data.slice_pixel_mm=-2"])

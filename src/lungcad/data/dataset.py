@@ -62,8 +62,28 @@ def class_balanced_sampler(
     )
 
 
+def model_input_box(
+    slice_shape: Sequence[int],
+    image_size: int | tuple[int, int],
+    scale: float | None = None,
+) -> Letterbox:
+    """Where a ``slice_shape`` slice sits in the model input: letterboxed (``scale`` None) or
+    at one physical scale (``scale`` = slice spacing mm / model pixel mm, centred, padded or
+    cropped). Map model outputs back with its ``invert``."""
+    shape = (
+        (int(image_size), int(image_size))
+        if isinstance(image_size, int | np.integer)
+        else (int(image_size[0]), int(image_size[1]))
+    )
+    if scale is None:
+        return Letterbox.fit(slice_shape, shape)
+    return Letterbox.at_scale(slice_shape, shape, scale)
+
+
 def slice_to_model_input(
-    unit_slice: np.ndarray, image_size: int | tuple[int, int] | None
+    unit_slice: np.ndarray,
+    image_size: int | tuple[int, int] | None,
+    scale: float | None = None,
 ) -> np.ndarray:
     """One windowed slice as the network sees it: the single model-input transform.
 
@@ -73,26 +93,25 @@ def slice_to_model_input(
     (:class:`~lungcad.data.preprocessing.Letterbox`: one scale factor, bilinear with
     anti-aliasing when shrinking, zero padding to the target shape; never squashed, since a
     shape that differs by class is a shortcut), then values are clipped to [0, 1] (the resize
-    and augmentations never leave the range; stored values outside it are clipped). Map model
-    outputs back with ``Letterbox.fit(slice_shape, input_shape).invert(output)``.
+    and augmentations never leave the range; stored values outside it are clipped). With a
+    ``scale`` the slice is resampled by that factor instead of fitted, so each model pixel is
+    the same number of mm in every image (``data.slice_pixel_mm``). Map model outputs back
+    with ``model_input_box(slice_shape, image_size, scale).invert(output)``.
 
     Args:
         unit_slice: ``(H, W)`` lung-windowed slice, nominally in [0, 1] (a prepared slice, or
             ``preprocessing.to_unit_range(volume)[z]``).
         image_size: side S of a square model input, ``(H', W')``, or None to keep the size.
+        scale: slice pixel spacing (mm) / model pixel size (mm); None: letterbox.
 
     Returns:
         ``(S, S)`` (or ``(H', W')``, or ``(H, W)``) float32 in [0, 1].
     """
     image = np.asarray(unit_slice, dtype=np.float32)
     if image_size is not None:
-        shape = (
-            (int(image_size), int(image_size))
-            if isinstance(image_size, int | np.integer)
-            else (int(image_size[0]), int(image_size[1]))
-        )
-        if image.shape != shape:
-            image = Letterbox.fit(image.shape, shape).apply(image)
+        box = model_input_box(image.shape, image_size, scale)
+        if scale is not None or image.shape != box.target_shape:
+            image = box.apply(image)
     return np.clip(image, 0.0, 1.0)
 
 
@@ -115,6 +134,9 @@ class SliceDataset(Dataset):
         patches_per_slice: with ``patches``: each slice gives this many patches per pass
             (item ``i`` is a patch of record ``i // patches_per_slice``), so an epoch over a
             few dozen slices still makes enough optimisation steps.
+        pixel_mm: whole slices are resampled to this many mm per pixel and centred in
+            ``image_size`` (padded or cropped) instead of letterboxed, so the model sees one
+            physical scale (``data.slice_pixel_mm``); every record needs a pixel spacing.
 
     Each item is a dict: ``"image"`` float32 ``(1, H, W)`` in [0, 1]; ``"mask"`` float32
     ``(1, H, W)`` 0/1 (zeros when the slice has no mask); ``"has_mask"`` bool ``()``;
@@ -131,8 +153,14 @@ class SliceDataset(Dataset):
         patches: PatchSampling | None = None,
         fixed_patches: bool = False,
         patches_per_slice: int = 1,
+        pixel_mm: float | None = None,
     ) -> None:
         self.records = list(records)
+        self.pixel_mm = None if pixel_mm is None else float(pixel_mm)
+        if self.pixel_mm is not None and not (math.isfinite(self.pixel_mm) and self.pixel_mm > 0):
+            raise InputError(
+                f"slice pixel size must be > 0 mm; got {pixel_mm}", "data.slice_pixel_mm"
+            )
         self.patches = patches
         self.fixed_patches = bool(fixed_patches)
         if patches_per_slice < 1:
@@ -143,12 +171,14 @@ class SliceDataset(Dataset):
         self.per_record = int(patches_per_slice) if patches is not None else 1
         if patches is not None:
             image_size = (patches.size, patches.size)
+        if patches is not None or self.pixel_mm is not None:
             unknown = [r.sample_id for r in self.records if not _spacing_known(r)]
+            option = "data.patch_pixel_mm" if patches is not None else "data.slice_pixel_mm"
             if unknown:
                 raise InputError(
-                    f"patch sampling needs each slice's pixel spacing; {len(unknown)} slices "
-                    f"have none (e.g. {unknown[0]}). Prepare 2D sets with --pixel-spacing, or "
-                    "unset data.patch_pixel_mm",
+                    f"a physical model scale needs each slice's pixel spacing; {len(unknown)} "
+                    f"slices have none (e.g. {unknown[0]}). Prepare 2D sets with "
+                    f"--pixel-spacing, or unset {option}",
                     str(root),
                 )
         self.root = Path(root)
@@ -185,9 +215,16 @@ class SliceDataset(Dataset):
             image = np.clip(np.asarray(image, dtype=np.float32), 0.0, 1.0)
             spacing = (float(record.spacing_y), float(record.spacing_x))
             return self.patches.sample(image, mask, spacing, rng)
-        if self.image_size is not None and mask.shape != self.image_size:
-            mask = Letterbox.fit(mask.shape, self.image_size).apply(mask, mask=True)
-        return slice_to_model_input(image, self.image_size), mask
+        scale = self.scale(record)
+        if self.image_size is not None and (scale is not None or mask.shape != self.image_size):
+            mask = model_input_box(mask.shape, self.image_size, scale).apply(mask, mask=True)
+        return slice_to_model_input(image, self.image_size, scale), mask
+
+    def scale(self, record: SliceRecord) -> float | None:
+        """Slice spacing over model pixel size for ``record`` (None: letterboxed)."""
+        if self.pixel_mm is None:
+            return None
+        return max(float(record.spacing_y), float(record.spacing_x)) / self.pixel_mm
 
     def __getitem__(self, index: int) -> dict[str, object]:
         record = self.records[index // self.per_record]

@@ -346,16 +346,22 @@ def resize_mask(mask: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
 class Letterbox:
     """Where a slice sits inside a model input of another shape, its aspect ratio kept.
 
-    The slice is scaled by one factor on both axes so it fits the target, then centred and
-    padded with zeros (air in windowed units). Squashing instead would make a slice's shape
-    part of its appearance, and where image sizes differ by class (IQ-OTH/NCCD: only
-    malignant images are 623x512 or 801x512) that is a label shortcut.
+    :meth:`fit` scales the slice by one factor on both axes so it fits the target, then
+    centres it and pads with zeros (air in windowed units). Squashing instead would make a
+    slice's shape part of its appearance, and where image sizes differ by class (IQ-OTH/NCCD:
+    only malignant images are 623x512 or 801x512) that is a label shortcut.
+
+    :meth:`at_scale` instead scales by a given factor (the slice's pixel spacing over the
+    model's pixel size), so every input shows the same mm per pixel whatever the field of
+    view: the slice is centred and padded, or centre-cropped where it is larger than the
+    target (a field of view wider than ``target * pixel_mm``; the lungs lie near the centre).
 
     Attributes:
         source_shape: the slice's ``(H, W)``.
         target_shape: the model input's ``(H', W')``.
-        scaled_shape: the slice's size inside the target, ``(h, w)``.
-        offset: ``(top, left)`` of the slice inside the target.
+        scaled_shape: the slice's size after scaling, ``(h, w)``; larger than the target
+            where :meth:`at_scale` crops.
+        offset: ``(top, left)`` of the scaled slice in the target; negative where cropped.
     """
 
     source_shape: tuple[int, int]
@@ -366,38 +372,71 @@ class Letterbox:
     @classmethod
     def fit(cls, source_shape: Sequence[int], target_shape: Sequence[int]) -> Letterbox:
         """The letterbox of a ``source_shape`` slice in a ``target_shape`` input."""
-        (h, w), (th, tw) = (int(s) for s in source_shape), (int(s) for s in target_shape)
-        if min(h, w, th, tw) < 1:
-            raise InputError(
-                f"shapes must be positive; got {tuple(source_shape)} -> {tuple(target_shape)}"
-            )
+        (h, w), (th, tw) = _positive_shapes(source_shape, target_shape)
         scale = min(th / h, tw / w)
         sh, sw = min(th, max(1, round(h * scale))), min(tw, max(1, round(w * scale)))
         return cls((h, w), (th, tw), (sh, sw), ((th - sh) // 2, (tw - sw) // 2))
 
+    @classmethod
+    def at_scale(
+        cls, source_shape: Sequence[int], target_shape: Sequence[int], scale: float
+    ) -> Letterbox:
+        """A ``source_shape`` slice scaled by ``scale`` (e.g. spacing mm / model pixel mm),
+        centred in a ``target_shape`` input (padded or centre-cropped)."""
+        (h, w), (th, tw) = _positive_shapes(source_shape, target_shape)
+        if not (math.isfinite(scale) and scale > 0):
+            raise InputError(f"scale must be a positive number; got {scale}")
+        sh, sw = max(1, round(h * scale)), max(1, round(w * scale))
+        return cls((h, w), (th, tw), (sh, sw), ((th - sh) // 2, (tw - sw) // 2))
+
     @property
     def region(self) -> tuple[slice, slice]:
-        """The index of the slice's pixels inside the target (rows, columns)."""
-        (top, left), (h, w) = self.offset, self.scaled_shape
-        return slice(top, top + h), slice(left, left + w)
+        """The index, inside the target, of the pixels the slice covers (rows, columns)."""
+        return self._overlap()[0]
+
+    def _overlap(self) -> tuple[tuple[slice, slice], tuple[slice, slice]]:
+        """``(target index, scaled-slice index)`` of the part of the scaled slice in view."""
+        target, scaled = [], []
+        for off, size, total in zip(self.offset, self.scaled_shape, self.target_shape, strict=True):
+            t0, t1 = max(off, 0), min(off + size, total)
+            target.append(slice(t0, t1))
+            scaled.append(slice(t0 - off, t1 - off))
+        return (target[0], target[1]), (scaled[0], scaled[1])
 
     def apply(self, image: np.ndarray, *, mask: bool = False) -> np.ndarray:
         """``(H, W)`` slice -> ``(H', W')`` input: scaled (bilinear, or area-weighted and
-        thresholded for a mask) and zero-padded. float32 (image) or the mask's dtype."""
+        thresholded for a mask), zero-padded or cropped. float32 (image) or the mask's dtype."""
         scaled = (
             resize_mask(image, self.scaled_shape)
             if mask
             else resize_slice(image, self.scaled_shape, order=1)
         )
-        if self.scaled_shape == self.target_shape:
+        if self.scaled_shape == self.target_shape and self.offset == (0, 0):
             return scaled
         out = np.zeros(self.target_shape, dtype=scaled.dtype)
-        out[self.region] = scaled
+        target, source = self._overlap()
+        out[target] = scaled[source]
         return out
 
     def invert(self, model_map: np.ndarray, order: int = 1) -> np.ndarray:
-        """``(H', W')`` model output (probabilities, CAM) -> ``(H, W)`` on the slice's grid."""
-        return resize_slice(np.asarray(model_map)[self.region], self.source_shape, order=order)
+        """``(H', W')`` model output (probabilities, CAM) -> ``(H, W)`` on the slice's grid;
+        0 where the input cropped the slice."""
+        target, source = self._overlap()
+        model_map = np.asarray(model_map)
+        full = np.zeros(self.scaled_shape, dtype=np.float32)
+        full[source] = model_map[target]
+        return resize_slice(full, self.source_shape, order=order)
+
+
+def _positive_shapes(
+    source_shape: Sequence[int], target_shape: Sequence[int]
+) -> tuple[tuple[int, int], tuple[int, int]]:
+    (h, w), (th, tw) = (int(s) for s in source_shape), (int(s) for s in target_shape)
+    if min(h, w, th, tw) < 1:
+        raise InputError(
+            f"shapes must be positive; got {tuple(source_shape)} -> {tuple(target_shape)}"
+        )
+    return (h, w), (th, tw)
 
 
 def _check_2d(array: np.ndarray, shape: Sequence[int]) -> None:

@@ -433,6 +433,7 @@ def calibrate_run(
     from lungcad.metrics.classification import choose_threshold, expected_calibration_error
     from lungcad.models.forward import forward_logits
     from lungcad.training.checkpoint import file_sha256, load_checkpoint
+    from lungcad.training.data import slice_pixel_mm
 
     model, config, info = load_checkpoint(run_dir)
     size = (config.model.image_size, config.model.image_size)
@@ -447,7 +448,11 @@ def calibrate_run(
         names.append(str(csv_path))
         fitted_on.append({"path": str(csv_path), "sha256": file_sha256(csv_path)})
         if records:
-            parts.append(SliceDataset(records, csv_path.parent, image_size=size))
+            parts.append(
+                SliceDataset(
+                    records, csv_path.parent, image_size=size, pixel_mm=slice_pixel_mm(config)
+                )
+            )
     if not parts:
         raise InputError(
             f"no labelled (0/1) '{split}' slices in {', '.join(names)}; "

@@ -40,7 +40,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
-from lungcad.data.dataset import SliceDataset
+from lungcad.data.dataset import SliceDataset, model_input_box
 from lungcad.data.layouts.settings import PrepareSettings
 from lungcad.data.manifest import SliceRecord
 from lungcad.errors import InputError, MissingInputError
@@ -63,6 +63,7 @@ from lungcad.models.tta import FlipTTA
 from lungcad.training.checkpoint import RUN_FILE
 from lungcad.training.choices import DEVICES
 from lungcad.training.config import Config
+from lungcad.training.data import slice_pixel_mm
 from lungcad.training.domain import InputDomain
 from lungcad.training.ensemble import load_model
 
@@ -93,6 +94,7 @@ def predict_slices(
     num_workers: int = 0,
     calibration: Calibration | None = None,
     seg_scale: InputDomain | None = None,
+    pixel_mm: float | None = None,
 ) -> Iterator[SliceOutput]:
     """Run the network over manifest slices, in record order, as training's validation does.
 
@@ -112,12 +114,18 @@ def predict_slices(
             slices with a known spacing and a mask are segmented at that scale by sliding
             windows, as ``lungcad predict`` does, and their tumour probability is on the
             slice's own grid; others as the model input (letterboxed).
+        pixel_mm: the run's ``data.slice_pixel_mm`` (:func:`lungcad.training.data.
+            slice_pixel_mm`): slices are resampled to it as in training, and tumour
+            probabilities not segmented at the decoder's scale are mapped back to the slice's
+            grid; None: letterboxed.
 
     Yields:
         One :class:`SliceOutput` per record, in order.
     """
     device = torch.device(device)
-    dataset = SliceDataset(records, root, image_size=(image_size, image_size), augment=None)
+    dataset = SliceDataset(
+        records, root, image_size=(image_size, image_size), augment=None, pixel_mm=pixel_mm
+    )
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers)
     model.eval()
     start = 0
@@ -130,6 +138,11 @@ def predict_slices(
         for i in range(len(cls)):
             record = records[start + i]
             at_scale = _segment_at_scale(model, record, root, seg_scale, device, amp)
+            if at_scale is None and pixel_mm is not None:
+                # Resampled input: the probability map goes back to the slice's own grid.
+                shape = np.load(Path(root) / record.image_path, mmap_mode="r").shape[-2:]
+                box = model_input_box(shape, image_size, dataset.scale(record))
+                at_scale = np.clip(box.invert(seg[i]), 0.0, 1.0)
             yield SliceOutput(record, float(cls[i]), seg[i] if at_scale is None else at_scale)
         start += len(cls)
 
@@ -200,6 +213,7 @@ def example_outputs(
         config.model.image_size,
         batch_size=len(examples),
         device=next(model.parameters()).device,
+        pixel_mm=slice_pixel_mm(config),
     )
     return [(category, row, out) for (category, row), out in zip(examples, outputs, strict=True)]
 
@@ -260,6 +274,7 @@ def evaluate_loaded(
         amp=config.train.amp,
         calibration=None if decision is None else decision.calibration,
         seg_scale=_decoder_domain(config, checkpoint_info),
+        pixel_mm=slice_pixel_mm(config),
     )
     rows, metrics = score_outputs(
         outputs,

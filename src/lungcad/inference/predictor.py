@@ -53,9 +53,9 @@ from scipy import ndimage as ndi
 from tqdm.auto import tqdm
 
 from lungcad import __version__
-from lungcad.data.dataset import slice_to_model_input
+from lungcad.data.dataset import model_input_box, slice_to_model_input
 from lungcad.data.lung_mask import lung_mask
-from lungcad.data.preprocessing import Letterbox, lung_bbox, to_unit_range
+from lungcad.data.preprocessing import lung_bbox, to_unit_range
 from lungcad.errors import InputError
 from lungcad.evaluation.calibration import Calibration, decision_threshold, run_decision
 from lungcad.evaluation.study_threshold import (
@@ -471,6 +471,7 @@ class Predictor:
         timings["lung_mask_s"] = time.perf_counter() - clock
         warnings += self.domain_warnings(volume)
         seg_spacing = self.segmentation_spacing(volume, warnings)
+        scale = self.input_scale(volume, warnings)
         # At scale, the decoder sees the lung box (with its margin) in windows; else the
         # whole model input it classifies.
         seg_box = lung_field or (slice(0, volume.shape[1]), slice(0, volume.shape[2]))
@@ -479,10 +480,14 @@ class Predictor:
         probability = np.zeros(volume.shape, dtype=np.float32)  # untouched pages cost no RAM
         logits = np.full(z_count, np.nan)
         crop_shape = (box[0].stop - box[0].start, box[1].stop - box[1].start)
+        if seg_spacing is not None and self.input_at_decoder_scale(crop_shape, scale):
+            # The classifier's input already shows the whole slice at the decoder's pixel
+            # size: its decoder output is the at-scale segmentation, without a second pass.
+            seg_spacing = None
         batches = [slices[i : i + self.batch_size] for i in range(0, len(slices), self.batch_size)]
         for batch in tqdm(batches, desc="slices", unit="batch", disable=not progress, leave=False):
             clock = time.perf_counter()
-            inputs = self._inputs(volume, batch, box)
+            inputs = self._inputs(volume, batch, box, scale)
             timings["preprocess_s"] += time.perf_counter() - clock
             clock = time.perf_counter()
             seg_logits, cls_logits = self.run_model(inputs)
@@ -501,8 +506,9 @@ class Predictor:
                     # An untrained decoder's masks are noise: none are reported. At scale,
                     # the masks came from the sliding windows above.
                     break
-                if prob.shape != crop_shape:  # undo the model input's letterbox
-                    prob = np.clip(Letterbox.fit(crop_shape, prob.shape).invert(prob), 0.0, 1.0)
+                if prob.shape != crop_shape or scale is not None:  # undo the model input's fit
+                    fit = model_input_box(crop_shape, prob.shape, scale)
+                    prob = np.clip(fit.invert(prob), 0.0, 1.0)
                 probability[z, box[0], box[1]] = prob
             logits[batch] = cls_logits
             timings["postprocess_s"] += time.perf_counter() - clock
@@ -542,7 +548,7 @@ class Predictor:
             clock = time.perf_counter()
             order = np.argsort(-np.nan_to_num(slice_probs, nan=-1.0), kind="stable")
             top = sorted(int(z) for z in order[: min(cam_slices, len(slices))])
-            cam_volume = self._cam(volume, top, box)
+            cam_volume = self._cam(volume, top, box, scale)
             timings["cam_s"] = time.perf_counter() - clock
         timings["total_s"] = time.perf_counter() - start
         return StudyResult(
@@ -618,16 +624,49 @@ class Predictor:
         """
         if box is None:
             box = (slice(0, volume.shape[1]), slice(0, volume.shape[2]))
-        return self._inputs(volume, list(slices), box)
+        return self._inputs(volume, list(slices), box, self.input_scale(volume, []))
 
-    def _inputs(self, volume: Volume, batch: list[int], box: tuple[slice, slice]) -> np.ndarray:
+    def input_at_decoder_scale(self, crop_shape: tuple[int, int], scale: float | None) -> bool:
+        """Whether the classifier input (``scale``, see :meth:`input_scale`) of a
+        ``crop_shape`` slice is at the decoder's pixel size (within 1%) and holds all of the
+        slice, so that one forward pass gives both the cancer logit and the mask."""
+        if scale is None or self.cls_domain is None or self.seg_domain is None:
+            return False
+        seg_pixel, cls_pixel = self.seg_domain.model_pixel_mm, self.cls_domain.model_pixel_mm
+        if seg_pixel is None or cls_pixel is None or abs(seg_pixel / cls_pixel - 1.0) > 0.01:
+            return False
+        box = model_input_box(crop_shape, self.image_size, scale)
+        return box.offset[0] >= 0 and box.offset[1] >= 0
+
+    def input_scale(self, volume: Volume, warnings: list[str]) -> float | None:
+        """Slice spacing over the classifier input's pixel size when the run was trained on
+        slices resampled to one pixel size (``data.slice_pixel_mm``); None: letterboxed.
+        A 2D image without a spacing is taken to span :data:`ASSUMED_FIELD_OF_VIEW_MM`."""
+        domain = self.cls_domain
+        if domain is None or not domain.resampled or domain.model_pixel_mm is None:
+            return None
+        if not volume.meta.get("spacing_known", True):
+            warnings.append(
+                f"pixel spacing unknown (2D image): classified as if the image spanned "
+                f"{ASSUMED_FIELD_OF_VIEW_MM:g} mm, a typical chest CT field of view"
+            )
+            return ASSUMED_FIELD_OF_VIEW_MM / float(max(volume.shape[1:])) / domain.model_pixel_mm
+        return max(float(volume.spacing[1]), float(volume.spacing[2])) / domain.model_pixel_mm
+
+    def _inputs(
+        self,
+        volume: Volume,
+        batch: list[int],
+        box: tuple[slice, slice],
+        scale: float | None = None,
+    ) -> np.ndarray:
         slab = Volume(
             array=volume.array[batch][:, box[0], box[1]],
             spacing=volume.spacing,
             intensity=volume.intensity,
         )
         unit = to_unit_range(slab)
-        return np.stack([slice_to_model_input(u, self.image_size) for u in unit])[:, None]
+        return np.stack([slice_to_model_input(u, self.image_size, scale) for u in unit])[:, None]
 
     def run_model(self, inputs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """One forward pass on the configured backend.
@@ -808,19 +847,25 @@ class Predictor:
             windows_per_batch=max(self.batch_size, 16),
         )
 
-    def _cam(self, volume: Volume, slices: list[int], box: tuple[slice, slice]) -> Volume:
+    def _cam(
+        self,
+        volume: Volume,
+        slices: list[int],
+        box: tuple[slice, slice],
+        scale: float | None = None,
+    ) -> Volume:
         from lungcad.inference.explain import CamExplainer
 
         if self._explainer is None:
             # A CAM of an averaged output is not defined: an ensemble explains its first fold.
             net = self.model.first if isinstance(self.model, EnsembleNet) else self.model
             self._explainer = CamExplainer(net)
-        heat = self._explainer(self._inputs(volume, slices, box))
+        heat = self._explainer(self._inputs(volume, slices, box, scale))
         crop_shape = (box[0].stop - box[0].start, box[1].stop - box[1].start)
         cam = np.zeros(volume.shape, dtype=np.float32)
         for z, h in zip(slices, heat, strict=True):
-            if h.shape != crop_shape:
-                h = np.clip(Letterbox.fit(crop_shape, h.shape).invert(h), 0.0, 1.0)
+            if h.shape != crop_shape or scale is not None:
+                h = np.clip(model_input_box(crop_shape, h.shape, scale).invert(h), 0.0, 1.0)
             cam[z, box[0], box[1]] = h
         return _share_geometry(volume, cam)
 

@@ -29,6 +29,7 @@ import json
 import logging
 import platform
 import random
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -266,6 +267,29 @@ def read_checkpoint(
 # --------------------------------------------------------------------------- models
 
 
+#: Parameters added after lungcad 0.2.0 whose absence from an older checkpoint leaves the
+#: network as it was: the classifier's direct mask term (zero: silent).
+OPTIONAL_WEIGHTS = ("classifier.mask_evidence.weight", "classifier.mask_evidence.bias")
+
+
+def load_weights(model: LungCADNet, state: Mapping[str, Any]) -> None:
+    """``model.load_state_dict(state)``, strictly, except that :data:`OPTIONAL_WEIGHTS`
+    missing from an older checkpoint are set to zero (the behaviour it was trained with).
+
+    Raises:
+        RuntimeError: any other missing or unexpected key, or a shape mismatch.
+    """
+    missing = [k for k in OPTIONAL_WEIGHTS if k not in state]
+    if not missing:
+        model.load_state_dict(state, strict=True)
+        return
+    result = model.load_state_dict(state, strict=False)
+    other = [k for k in result.missing_keys if k not in missing]
+    if other or result.unexpected_keys:
+        raise RuntimeError(f"missing keys {other}, unexpected keys {list(result.unexpected_keys)}")
+    model.classifier.reset_mask_evidence(0.0)
+
+
 def model_from_config(config: Config) -> LungCADNet:
     """A freshly initialised network as ``config.model`` describes it (no weights loaded)."""
     return create_model(
@@ -298,8 +322,12 @@ def initial_weights(model: LungCADNet, config: Config) -> dict[str, Any]:
                 f"{config.model.name!r}; set --set model.name={source_model}",
                 path=config.train.init_from,
             )
-        model.load_state_dict(payload["model"], strict=True)
+        load_weights(model, payload["model"])
         log.info("initialised from %s (epoch %s)", config.train.init_from, payload.get("epoch"))
+        source_stage = payload["config"].get("train", {}).get("stage")
+        if config.train.stage == "cls" and source_stage != "cls":
+            # A segmentation run never trained the head: its direct mask term starts anew.
+            model.classifier.reset_mask_evidence(config.model.cls_mask_prior)
         return {
             "init_from": config.train.init_from,
             "init_from_sha256": payload["sha256"],
@@ -307,6 +335,8 @@ def initial_weights(model: LungCADNet, config: Config) -> dict[str, Any]:
             "init_from_input_domain": payload.get("seg_input_domain")
             or payload.get("input_domain"),
         }
+    if config.train.stage == "cls":
+        model.classifier.reset_mask_evidence(config.model.cls_mask_prior)
     if config.model.pretrained:
         load_pretrained_encoder(model, config.model.pretrained)
         return {
@@ -355,7 +385,7 @@ def load_checkpoint(
     config = config_from_dict(payload["config"], strict=False)
     model = model_from_config(config)
     try:
-        model.load_state_dict(payload["model"], strict=True)
+        load_weights(model, payload["model"])
     except RuntimeError as exc:
         raise InputError(
             f"weights do not fit a {config.model.name} LungCADNet ({exc}); was the checkpoint "

@@ -23,6 +23,7 @@ import dataclasses
 import hashlib
 import json
 import logging
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -68,6 +69,11 @@ class ModelConfig:
         image_size: side of the square input in pixels, a multiple of 32 (the encoder
             downsamples 32x); slices are resized to (image_size, image_size). Inference reads
             it from the run's config, so it lives with the model rather than the data.
+        cls_mask_prior: stage "cls": the classifier's direct term on the mask summary starts
+            as this weight times the logit of the slice's largest tumour probability
+            (``lungcad.models.classifier``); 0 starts it silent. Set it (e.g. 1) when
+            ``train.init_from`` is a segmentation run that already finds the tumours in
+            this data.
     """
 
     name: str = "resnet50"
@@ -75,6 +81,7 @@ class ModelConfig:
     cls_dropout: float = 0.3
     pretrained: str | None = None
     image_size: int = 256
+    cls_mask_prior: float = 0.0
 
 
 @dataclass
@@ -101,6 +108,13 @@ class DataConfig:
             gives a patch centred on it (nnU-Net oversamples foreground likewise).
         patches_per_slice: with ``patch_pixel_mm``: patches each training slice gives per
             epoch (validation: one), for enough steps per epoch on small sets.
+        slice_pixel_mm: whole slices (stage "cls", or "seg" without patches) are resampled
+            to this many mm per pixel and centred in ``model.image_size`` (padded, or cropped
+            where the field of view is wider than ``image_size * slice_pixel_mm``) instead of
+            letterboxed, so every image shows the same mm per pixel; prediction, evaluation
+            and calibration do the same. Set it to the segmentation run's pixel size so that
+            the classifier's decoder (and its mask summary) works at the scale it learnt.
+            None: letterbox (the scale then follows each image's field of view).
     """
 
     manifest: list[str] = field(default_factory=list)
@@ -114,6 +128,7 @@ class DataConfig:
     patch_pixel_mm: float | None = None
     patch_tumour_prob: float = 0.5
     patches_per_slice: int = 1
+    slice_pixel_mm: float | None = None
 
 
 @dataclass
@@ -229,6 +244,17 @@ def _check_values(cfg: Config) -> None:
     for key, value in non_negative.items():
         if value < 0:
             raise InputError(f"must be >= 0, got {value}", path=key)
+    pixel_sizes = {
+        "data.slice_pixel_mm": cfg.data.slice_pixel_mm,
+        "data.patch_pixel_mm": cfg.data.patch_pixel_mm,
+    }
+    for key, value in pixel_sizes.items():
+        if value is not None and not (math.isfinite(value) and value > 0):
+            raise InputError(f"must be a positive number of mm, got {value}", path=key)
+    if not math.isfinite(cfg.model.cls_mask_prior):
+        raise InputError(
+            f"must be a finite number, got {cfg.model.cls_mask_prior}", path="model.cls_mask_prior"
+        )
     if cfg.model.image_size % 32:
         raise InputError(
             f"must be a multiple of 32 (the encoder downsamples 32x), got {cfg.model.image_size}",

@@ -77,7 +77,7 @@ def build_data(cfg: Config, ddp: DistInfo) -> TrainingData:
     domain = domain_of_records(
         list(zip(train_records, roots, strict=True)),
         cfg.model.image_size,
-        pixel_mm=None if patches is None else patches.pixel_mm,
+        pixel_mm=slice_pixel_mm(cfg) if patches is None else patches.pixel_mm,
     )
     pos_weight = None
     if cfg.train.stage == "cls":
@@ -119,6 +119,12 @@ def patch_sampling(cfg: Config) -> PatchSampling | None:
     if cfg.train.stage != "seg" or cfg.data.patch_pixel_mm is None:
         return None
     return PatchSampling(cfg.data.patch_pixel_mm, cfg.model.image_size, cfg.data.patch_tumour_prob)
+
+
+def slice_pixel_mm(cfg: Config) -> float | None:
+    """The mm per pixel to which whole slices are resampled (``data.slice_pixel_mm``), or
+    None where they are letterboxed or patches are cut instead."""
+    return cfg.data.slice_pixel_mm if patch_sampling(cfg) is None else None
 
 
 def _load_split(
@@ -166,6 +172,7 @@ def _load_split(
                     patches_per_slice=cfg.data.patches_per_slice
                     if split == cfg.data.train_split
                     else 1,
+                    pixel_mm=slice_pixel_mm(cfg),
                 )
             )
     if not records:

@@ -50,12 +50,17 @@ class InputDomain:
             ``"display"``.
         model_pixel_mm: in-plane mm per model-input pixel (median), or None when unknown.
         image_size: the model input side in pixels.
+        resampled: True when training resampled every slice to ``model_pixel_mm``
+            (``data.patch_pixel_mm`` patches or ``data.slice_pixel_mm`` whole slices), so
+            inputs must be resampled likewise; False when slices were letterboxed (the pixel
+            size is then the median of the training slices').
     """
 
     intensity: str
     window: tuple[float, float] | None
     model_pixel_mm: float | None
     image_size: int
+    resampled: bool = False
 
     def to_dict(self) -> dict[str, Any]:
         """JSON/checkpoint form."""
@@ -64,6 +69,7 @@ class InputDomain:
             "window": None if self.window is None else list(self.window),
             "model_pixel_mm": self.model_pixel_mm,
             "image_size": self.image_size,
+            "resampled": self.resampled,
         }
 
     @classmethod
@@ -78,6 +84,7 @@ class InputDomain:
             window=None if window is None else (float(window[0]), float(window[1])),
             model_pixel_mm=None if pixel is None else float(pixel),
             image_size=int(data.get("image_size", 0)),
+            resampled=bool(data.get("resampled", False)),
         )
 
     def describe(self) -> str:
@@ -94,7 +101,8 @@ class InputDomain:
             if self.model_pixel_mm
             else "unknown pixel size"
         )
-        return f"{kind}; {scale}; {self.image_size}x{self.image_size} input"
+        fit = "resampled to it" if self.resampled else "letterboxed"
+        return f"{kind}; {scale} ({fit}); {self.image_size}x{self.image_size} input"
 
 
 def layout_intensity(source: str) -> str:
@@ -123,7 +131,8 @@ def domain_of_records(
         records: ``(record, prepared folder)`` pairs of the training split.
         image_size: the model input side.
         pixel_mm: the model's pixel size when training resampled the slices to it (patch
-            sampling); None: derived from the slices' spacing and the letterbox.
+            sampling, ``data.slice_pixel_mm``); None: derived from the slices' spacing and
+            the letterbox.
     """
     kinds = {layout_intensity(r.source) for r, _ in records}
     intensity = kinds.pop() if len(kinds) == 1 else MIXED
@@ -133,6 +142,7 @@ def domain_of_records(
             window=None if intensity == DISPLAY else LUNG_WINDOW,
             model_pixel_mm=float(pixel_mm),
             image_size=int(image_size),
+            resampled=True,
         )
     pixels = []
     for record, root in records:
