@@ -32,7 +32,12 @@ chest (real scans have some more slices without lung, which lungcad skips).
 The whole-study step segments as ``lungcad predict`` does for a trained run: the run records
 its decoder as trained on ``--seg-window`` px inputs at ``--seg-pixel-mm`` mm per pixel, so
 each slice's lung box is resampled to that scale and segmented by sliding windows, while the
-classifier sees the whole slice at ``--image-size``.
+classifier sees the whole slice at ``--image-size``. With ``--cls-pixel-mm`` equal to
+``--seg-pixel-mm`` (a classifier trained with ``data.slice_pixel_mm``, as the demo's) and an
+``--image-size`` that holds the slice at that scale, one forward pass per slice gives both
+the cancer logit and the mask (no sliding windows)::
+
+    .venv/bin/python benchmarks/inference.py --cls-pixel-mm 2 --seg-pixel-mm 2 --image-size 192
 
 Targets (issue 10): 300-slice study < 30 s on 2 cores, peak RSS < 3 GB, >= 4x the naive
 slices/s, Dice between the engines' masks >= 0.99.
@@ -58,11 +63,19 @@ def _rss_gb() -> float:
 
 
 def _make_run(
-    folder: Path, model_name: str, image_size: int, seed: int, seg_pixel_mm: float, window: int
+    folder: Path,
+    model_name: str,
+    image_size: int,
+    seed: int,
+    seg_pixel_mm: float,
+    window: int,
+    cls_pixel_mm: float | None = None,
 ) -> Path:
     """A run folder with a randomly initialised network (head bias shifted, see docstring),
     whose decoder is recorded as trained on ``window``-px inputs at ``seg_pixel_mm`` mm per
-    pixel, so that whole-study prediction segments by sliding windows at that scale."""
+    pixel, so that whole-study prediction segments by sliding windows at that scale; with
+    ``cls_pixel_mm`` the classifier is recorded as trained on whole slices resampled to it
+    (``data.slice_pixel_mm``), which at the decoder's pixel size is one pass per slice."""
     from lungcad.data.preprocessing import LUNG_WINDOW
     from lungcad.training.checkpoint import write_untrained_run
     from lungcad.training.config import load_config
@@ -77,10 +90,14 @@ def _make_run(
             f"model.image_size={image_size}",
             "train.stage=cls",
             f"train.init_from={folder}",
+            *([f"data.slice_pixel_mm={cls_pixel_mm}"] if cls_pixel_mm else []),
         ],
     )
+    cls_domain = InputDomain(
+        HU, LUNG_WINDOW, cls_pixel_mm, image_size, resampled=cls_pixel_mm is not None
+    )
     domains = {
-        "input_domain": InputDomain(HU, LUNG_WINDOW, None, image_size).to_dict(),
+        "input_domain": cls_domain.to_dict(),
         "seg_input_domain": InputDomain(HU, LUNG_WINDOW, seg_pixel_mm, window).to_dict(),
     }
     return write_untrained_run(folder, config, seed=seed, domains=domains)
@@ -236,6 +253,14 @@ def main(argv: list[str] | None = None) -> int:
         "--seg-window", type=int, default=64, help="the decoder's training input size (64)"
     )
     parser.add_argument(
+        "--cls-pixel-mm",
+        type=float,
+        default=None,
+        help="mm per pixel the classifier is recorded as trained at (data.slice_pixel_mm); "
+        "equal to --seg-pixel-mm with a large enough --image-size: one pass per slice "
+        "(default: letterboxed whole slices and a separate sliding-window pass)",
+    )
+    parser.add_argument(
         "--naive-slices", type=int, default=6, help="slices the naive path is timed on (6)"
     )
     args = parser.parse_args(argv)
@@ -261,7 +286,13 @@ def main(argv: list[str] | None = None) -> int:
         nifti = write_image(study, tmp / "study.nii.gz")
         print(f"study: phantom made and written as NIfTI in {time.perf_counter() - clock:.1f} s")
         run = _make_run(
-            tmp / "run", args.model, args.image_size, 0, args.seg_pixel_mm, args.seg_window
+            tmp / "run",
+            args.model,
+            args.image_size,
+            0,
+            args.seg_pixel_mm,
+            args.seg_window,
+            args.cls_pixel_mm,
         )
         from lungcad.inference.predictor import Predictor
 

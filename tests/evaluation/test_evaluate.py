@@ -380,3 +380,50 @@ def test_masked_slices_are_segmented_at_the_decoders_scale(tmp_path) -> None:
     assert [o.seg_probability.shape for o in plain] == [(32, 32), (32, 32)]
     assert [o.seg_probability.shape for o in at_scale] == [(64, 64), (64, 64)]
     assert [o.probability for o in at_scale] == [o.probability for o in plain]
+
+
+def test_a_classifier_trained_at_one_pixel_size_is_evaluated_and_applied_at_it(
+    tmp_path: Path,
+) -> None:
+    """data.slice_pixel_mm travels with the run: the checkpoint records a resampled domain,
+    evaluate feeds the slices at that pixel size and returns tumour maps on the slice grid,
+    and the predictor scales a study by its spacing over that pixel size."""
+    from tests.inference_helpers import make_manifest, make_tiny_config
+
+    manifest = make_manifest(tmp_path / "data")  # 64x64 slices at 1 mm
+    seg = tmp_path / "seg"
+    train(make_tiny_config(manifest, seg, "train.stage=seg", "train.max_steps_per_epoch=1"))
+    run = tmp_path / "cls"
+    train(
+        make_tiny_config(
+            manifest,
+            run,
+            "train.stage=cls",
+            "train.max_steps_per_epoch=1",
+            f"train.init_from={seg}",
+            "data.slice_pixel_mm=2.0",
+        )
+    )
+    _, _, info = load_checkpoint(run)
+    domain = info["input_domain"]
+    assert domain["resampled"] is True and domain["model_pixel_mm"] == 2.0
+    result = evaluate_run(run, manifest, None, split="val", n_boot=0, device="cpu")
+    assert result.rows and all(math.isfinite(r.probability) for r in result.rows)
+    model, config, info = load_checkpoint(run)
+    records = [r for r in read_manifest(manifest_csv(manifest)) if r.split == "val"][:2]
+    outputs = list(
+        predict_slices(model, records, manifest, SIZE, pixel_mm=config.data.slice_pixel_mm)
+    )
+    assert all(o.seg_probability.shape == (64, 64) for o in outputs)
+    predictor = Predictor(model, config, info, study_threshold=None)
+    volume = _volume_like(records[0], manifest)
+    assert predictor.input_scale(volume, []) == pytest.approx(0.5)
+
+
+def _volume_like(record, root: Path):
+    from lungcad.volume import Volume
+
+    image = np.load(Path(root) / record.image_path)
+    return Volume(
+        array=image[None].astype(np.float32), spacing=(1.0, 1.0, 1.0), intensity="windowed"
+    )

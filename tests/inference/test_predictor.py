@@ -562,3 +562,25 @@ def test_reported_tumour_stays_near_the_lungs(run, phantom, monkeypatch) -> None
         far = distance > predictor.lung_margin_mm + 2 * max(spacing[1:])
         assert not (mask[z] & far).any(), z
     assert mask.any()
+
+
+def test_flip_tta_averages_the_slice_with_its_mirror(run, phantom) -> None:
+    """With tta the predictor's output is the mean probability of the slice and of its
+    mirror (flipped back), on the torch backend; the result says so."""
+    from lungcad.models.tta import FlipTTA
+
+    plain = Predictor.from_checkpoint(run, batch_size=4)
+    tta = Predictor.from_checkpoint(run, batch_size=4, tta=True)
+    inputs = plain.preprocess(phantom.volume, [3, 4])
+    seg, cls = tta.run_model(inputs)
+    with torch.inference_mode():
+        expected = FlipTTA(plain.model.float().to(memory_format=torch.contiguous_format))(
+            torch.from_numpy(inputs)
+        )
+    np.testing.assert_allclose(seg, expected["seg_logits"].numpy(), atol=1e-3)
+    np.testing.assert_allclose(cls, expected["cls_logits"].numpy(), atol=1e-4)
+    seg_plain, _ = plain.run_model(inputs)
+    assert not np.allclose(seg, seg_plain, atol=1e-4)  # the mirror changed something
+    result = tta.predict_volume(phantom.volume, cam=False)
+    assert result.model_info["tta"] == "flip"
+    assert any("test-time augmentation" in w for w in result.warnings)

@@ -146,3 +146,9 @@ def test_monitor_accepts_every_metric_the_validation_pass_offers() -> None:
             assert load_config(None, [f"train.stage={stage}", f"optim.monitor={name}"])
     with pytest.raises(InputError, match=r"valid: auto, val_dice, val_dice_global, val_mcc"):
         load_config(None, ["optim.monitor=val_loss"])  # lower is better: not monitorable
+
+
+def test_model_selection_is_best_or_last() -> None:
+    assert load_config(None, ["optim.select=last"]).optim.select == "last"
+    with pytest.raises(InputError, match="optim.select"):
+        load_config(None, ["optim.select=first"])

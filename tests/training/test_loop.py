@@ -299,6 +299,11 @@ def test_early_stopping_state() -> None:
     stored = early.as_dict()
     assert stored == {"best": 0.4, "best_epoch": 2, "bad_epochs": 2, "threshold": 0.3}
     assert EarlyStopping.from_dict(stored) == early
+    # optim.select: last keeps the latest epoch whatever its value, and never stops early.
+    latest = EarlyStopping()
+    for epoch, value in enumerate((0.9, 0.1, float("nan"), 0.2), start=1):
+        assert latest.update(value, epoch, None, latest=True)
+    assert latest.best_epoch == 4 and latest.bad_epochs == 0 and not latest.should_stop(1)
 
 
 # The interrupted run of test_cls_resume_after_sigkill_equals_uninterrupted: `lungcad train`

@@ -71,6 +71,7 @@ from lungcad.inference.lesions import find_lesions
 from lungcad.lesion import Lesion
 from lungcad.models.forward import forward_logits, probabilities
 from lungcad.models.sliding_window import segment_at_scale
+from lungcad.models.tta import mean_probability_logits
 from lungcad.models.unet import LungCADNet
 from lungcad.training.checkpoint import load_checkpoint
 from lungcad.training.config import Config, config_hash
@@ -177,6 +178,10 @@ class Predictor:
             threshold. :meth:`from_checkpoint` loads the run's ``study_threshold.json``.
         channels_last: NHWC memory layout for the torch backend (faster CPU convolutions).
         device: torch device for the torch backend.
+        tta: flip test-time augmentation: every forward pass also runs on the left-right
+            mirrored input and the probabilities are averaged (:mod:`lungcad.models.tta`),
+            on either backend; twice the inference time. The run's thresholds were chosen
+            without it (said in the result's warnings).
     """
 
     def __init__(
@@ -195,6 +200,7 @@ class Predictor:
         study_threshold: StudyThreshold | None = None,
         channels_last: bool = True,
         device: str | torch.device = "cpu",
+        tta: bool = False,
     ) -> None:
         if backend not in ("torch", "onnx"):
             raise InputError(f"backend must be 'torch' or 'onnx'; got {backend!r}", "--backend")
@@ -210,6 +216,7 @@ class Predictor:
         self.crop_to_lungs = bool(crop_to_lungs)
         self.aggregation_extent_mm = float(aggregation_extent_mm)
         self.channels_last = bool(channels_last)
+        self.tta = bool(tta)
         self.device = torch.device(device)
         self.image_size = int(config.model.image_size)
         if config.train.stage not in ("seg", "cls"):
@@ -376,6 +383,7 @@ class Predictor:
                 "fitted_on": self.calibration.info.get("split"),
             },
             "backend": self.backend,
+            "tta": "flip" if self.tta else None,
             "onnx_path": None if self.onnx_path is None else str(self.onnx_path),
             "preprocessing": (
                 "HU: lung window (level -600, width 1500) to [0, 1]; 2D images: grey values "
@@ -457,6 +465,11 @@ class Predictor:
         clock = time.perf_counter()
         if not self.classifier_trained:
             warnings.append(NO_CLASSIFIER_REASON + ": tumour masks only, no cancer decision")
+        if self.tta:
+            warnings.append(
+                "flip test-time augmentation: probabilities averaged with the mirrored "
+                "slices; the decision thresholds were chosen without it"
+            )
         if not self.decoder_trained:
             warnings.append(
                 "this classification run was not started from a segmentation run, so its "
@@ -669,7 +682,7 @@ class Predictor:
         return np.stack([slice_to_model_input(u, self.image_size, scale) for u in unit])[:, None]
 
     def run_model(self, inputs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """One forward pass on the configured backend.
+        """One forward pass on the configured backend (two with ``tta``, averaged).
 
         Args:
             inputs: ``(B, 1, S, S)`` float32 model inputs (see :meth:`preprocess`).
@@ -677,6 +690,22 @@ class Predictor:
         Returns:
             ``(seg_logits (B, 1, S, S), cls_logits (B,))`` as float32 numpy arrays.
         """
+        seg, cls = self._forward(inputs)
+        if not self.tta:
+            return seg, cls
+        seg_m, cls_m = self._forward(np.ascontiguousarray(inputs[..., ::-1]))
+        views = [
+            {"seg_logits": torch.from_numpy(seg), "cls_logits": torch.from_numpy(cls)},
+            {
+                "seg_logits": torch.from_numpy(np.ascontiguousarray(seg_m[..., ::-1])),
+                "cls_logits": torch.from_numpy(cls_m),
+            },
+        ]
+        mean = mean_probability_logits(views)
+        return mean["seg_logits"].numpy(), mean["cls_logits"].numpy()
+
+    def _forward(self, inputs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """One forward pass on the configured backend, without test-time augmentation."""
         if self._session is not None:
             from lungcad.inference.export import run_onnx
 

@@ -152,6 +152,12 @@ class OptimConfig:
         monitor: metric for model selection and early stopping (higher is better), one of
             ``lungcad.training.validate.MONITORABLE_METRICS`` for the run's stage. "auto"
             means "val_dice" for stage "seg" and "val_mcc" for stage "cls".
+        select: which epoch ``best.pt`` holds: "best" (the best ``monitor`` on the validation
+            split, with early stopping after ``patience``) or "last" (the final epoch of the
+            schedule, as nnU-Net keeps its final checkpoint; never stops early). "last" is
+            for validation splits too small to select on: with 2 validation patients the
+            best epoch of a stage-1 fold ranged from 9 to 83 of 100 (docs/results.md). The
+            monitor is still computed and reported each epoch.
         freeze_encoder_epochs: keep the encoder frozen (weights and BatchNorm statistics) for
             this many epochs, then fine-tune it. -1 keeps it frozen for the whole run.
         freeze_decoder: in stage "cls", keep the segmentation decoder frozen so stage 2 does
@@ -168,6 +174,7 @@ class OptimConfig:
     epochs: int = 30
     patience: int = 10
     monitor: str = "auto"
+    select: str = "best"
     freeze_encoder_epochs: int = 0
     freeze_decoder: bool = True
 
@@ -270,6 +277,8 @@ def _check_values(cfg: Config) -> None:
     check_model_name(cfg.model.name, path="model.name")
     # Stage-independent here (the stage may still change after this check, e.g. the CLI's
     # positional stage); the loop checks that the run's own stage computes the metric.
+    if cfg.optim.select not in ("best", "last"):
+        raise InputError(f"must be 'best' or 'last', got {cfg.optim.select!r}", path="optim.select")
     valid_monitors = ("auto", *(m for names in MONITORABLE_METRICS.values() for m in names))
     if cfg.optim.monitor not in valid_monitors:
         raise InputError(

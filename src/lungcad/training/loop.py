@@ -142,13 +142,17 @@ class EarlyStopping:
     bad_epochs: int = 0
     threshold: float | None = None
 
-    def update(self, value: float, epoch: int, threshold: float | None) -> bool:
+    def update(
+        self, value: float, epoch: int, threshold: float | None, *, latest: bool = False
+    ) -> bool:
         """Record epoch ``epoch`` (1-based) with monitored ``value``; True if it is the best.
 
         The first epoch is always the best so far, even with a NaN metric (so ``best.pt``
-        exists after one epoch); later a NaN never improves on anything.
+        exists after one epoch); later a NaN never improves on anything. With ``latest``
+        (``optim.select: last``) every epoch counts as the best, so ``best.pt`` is the
+        latest epoch and early stopping never triggers.
         """
-        improved = self.best_epoch == 0 or (math.isfinite(value) and value > self.best)
+        improved = latest or self.best_epoch == 0 or (math.isfinite(value) and value > self.best)
         if improved:
             self.best = value if math.isfinite(value) else -math.inf
             self.best_epoch, self.bad_epochs, self.threshold = epoch, 0, threshold
@@ -370,7 +374,9 @@ def _train(
             "time_s": round(time.perf_counter() - t0, 3),
         }
         history.append(row)
-        improved = early.update(value, epoch + 1, metrics.get("val_threshold"))
+        improved = early.update(
+            value, epoch + 1, metrics.get("val_threshold"), latest=cfg.optim.select == "last"
+        )
 
         if ddp.main:
             save_epoch(
