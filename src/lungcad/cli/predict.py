@@ -83,8 +83,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--tta",
         action="store_true",
         help="flip test-time augmentation: average each slice with its left-right mirror "
-        "(twice the inference time; on the MSD patches' out-of-fold CV it raised stage-1 Dice "
-        "0.586 -> 0.608; the run's thresholds were chosen without it)",
+        "(twice the inference time; measured gains are small: docs/results.md; the run's "
+        "thresholds were chosen without it)",
     )
     parser.add_argument(
         "--cam-slices",
