@@ -17,11 +17,12 @@ def test_mask_summary_values() -> None:
 
 
 def test_direct_mask_term_starts_silent_or_from_the_largest_tumour_probability() -> None:
-    """With prior 0 the head is its MLP alone; with prior w it adds w * logit(max p)."""
+    """Without the term, or with prior 0, the head is its MLP alone; with prior w the term
+    adds w * logit(max p)."""
     from lungcad.models.classifier import ClassificationHead, mask_evidence_features
 
     torch.manual_seed(0)
-    head = ClassificationHead(8, hidden=(4,), dropout=0.0).eval()
+    head = ClassificationHead(8, hidden=(4,), dropout=0.0, mask_term=True).eval()
     bottleneck = torch.rand(3, 8, 2, 2)
     summary = torch.tensor([[0.0, 0.01, 0.001], [0.01, 0.5, 0.05], [0.05, 0.99, 0.2]])
     mlp_only = head.mlp(torch.cat([head.pool(bottleneck).flatten(1), summary], 1)).squeeze(1)
@@ -29,6 +30,8 @@ def test_direct_mask_term_starts_silent_or_from_the_largest_tumour_probability()
     head.reset_mask_evidence(1.0)
     max_logit = torch.logit(summary[:, 1])
     torch.testing.assert_close(head(bottleneck, summary), mlp_only + max_logit)
+    head.mask_term = False  # off: the weights are ignored
+    torch.testing.assert_close(head(bottleneck, summary), mlp_only)
     features = mask_evidence_features(torch.tensor([[0.0, 1.0, 0.0]]))
     assert torch.isfinite(features).all() and features.abs().max() <= 8.0
 

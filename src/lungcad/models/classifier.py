@@ -9,10 +9,12 @@ through a direct logistic term of its own (:attr:`ClassificationHead.mask_eviden
 512 (ResNet18) or 2048 (ResNet50) pooled features, three summary numbers are drowned, and on
 the demo's synthetic studies an MLP trained for a few hundred steps ignored a mask summary
 that on its own separated tumour from tumour-free slices (largest tumour probability > 0.5 in
-85-92% of tumour slices and 10-16% of the others; measured, docs/results.md). The direct term
-starts at zero (the MLP alone, as before it existed) or, with ``mask_prior``, at "the logit
-of the largest tumour probability times ``mask_prior``", so a classifier trained from a good
-segmentation run starts from what that segmentation says.
+85-92% of tumour slices and 10-16% of the others; measured, docs/results.md). The direct term is
+off unless asked for (``mask_term``; ``model.cls_mask_prior`` in the config): on IQ-OTH/NCCD,
+whose stage 1 comes from another data set (the MSD patches), it was not measured to help.
+When on, it starts at "the logit of the largest tumour probability times ``mask_prior``", so
+a classifier trained from a segmentation run that finds this data's tumours starts from
+what that segmentation says.
 """
 
 from __future__ import annotations
@@ -72,8 +74,10 @@ class ClassificationHead(nn.Module):
         hidden: widths of the hidden layers (at least one).
         dropout: dropout probability after every hidden layer.
         n_summary: number of mask-summary features appended to the pooled features.
+        mask_term: add the direct logistic term on the mask summary to the logit (its
+            weights exist either way, so checkpoints of both kinds have the same keys).
         mask_prior: initial weight of the direct term on the logit of the largest tumour
-            probability (0: the term starts silent); see the module docstring.
+            probability; see the module docstring.
     """
 
     def __init__(
@@ -82,6 +86,7 @@ class ClassificationHead(nn.Module):
         hidden: Sequence[int] = (256, 64),
         dropout: float = 0.3,
         n_summary: int = len(MASK_SUMMARY_FEATURES),
+        mask_term: bool = False,
         mask_prior: float = 0.0,
     ) -> None:
         super().__init__()
@@ -91,6 +96,7 @@ class ClassificationHead(nn.Module):
             raise ValueError(f"head dropout must be in [0, 1); got {dropout}")
         self.in_channels = in_channels
         self.n_summary = n_summary
+        self.mask_term = bool(mask_term)
         self.pool = nn.AdaptiveAvgPool2d(1)
         layers: list[nn.Module] = []
         width = in_channels + n_summary
@@ -124,5 +130,7 @@ class ClassificationHead(nn.Module):
         pooled = self.pool(bottleneck).flatten(1)
         summary = summary.to(pooled.dtype)
         x = torch.cat([pooled, summary], dim=1)
-        direct = self.mask_evidence(mask_evidence_features(summary))
-        return (self.mlp(x) + direct).squeeze(1)
+        logits = self.mlp(x)
+        if self.mask_term:
+            logits = logits + self.mask_evidence(mask_evidence_features(summary))
+        return logits.squeeze(1)

@@ -128,6 +128,8 @@ class LungCADNet(nn.Module):
             on every malignant slice, wherever it is. The encoder is still shared by both tasks.
         summary_threshold: probability above which a pixel counts as tumour in the area
             fraction.
+        mask_term: give the classifier its direct logistic term on the mask summary
+            (:class:`lungcad.models.classifier.ClassificationHead`).
 
     Attributes:
         cam_target_layer: dotted name of the module to hook for Grad-CAM, the last encoder stage
@@ -147,6 +149,7 @@ class LungCADNet(nn.Module):
         head_dropout: float = 0.3,
         detach_mask_summary: bool = True,
         summary_threshold: float = 0.5,
+        mask_term: bool = False,
     ) -> None:
         super().__init__()
         if len(decoder_channels) != 5:
@@ -184,6 +187,7 @@ class LungCADNet(nn.Module):
             hidden=head_hidden,
             dropout=head_dropout,
             n_summary=len(MASK_SUMMARY_FEATURES),
+            mask_term=mask_term,
         )
 
     # ------------------------------------------------------------------ forward passes

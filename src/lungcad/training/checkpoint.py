@@ -296,6 +296,7 @@ def model_from_config(config: Config) -> LungCADNet:
         config.model.name,
         decoder_dropout=config.model.dropout,
         head_dropout=config.model.cls_dropout,
+        mask_term=config.model.cls_mask_prior is not None,
     )
 
 
@@ -325,9 +326,10 @@ def initial_weights(model: LungCADNet, config: Config) -> dict[str, Any]:
         load_weights(model, payload["model"])
         log.info("initialised from %s (epoch %s)", config.train.init_from, payload.get("epoch"))
         source_stage = payload["config"].get("train", {}).get("stage")
-        if config.train.stage == "cls" and source_stage != "cls":
+        prior = config.model.cls_mask_prior
+        if config.train.stage == "cls" and source_stage != "cls" and prior is not None:
             # A segmentation run never trained the head: its direct mask term starts anew.
-            model.classifier.reset_mask_evidence(config.model.cls_mask_prior)
+            model.classifier.reset_mask_evidence(prior)
         return {
             "init_from": config.train.init_from,
             "init_from_sha256": payload["sha256"],
@@ -335,7 +337,7 @@ def initial_weights(model: LungCADNet, config: Config) -> dict[str, Any]:
             "init_from_input_domain": payload.get("seg_input_domain")
             or payload.get("input_domain"),
         }
-    if config.train.stage == "cls":
+    if config.train.stage == "cls" and config.model.cls_mask_prior is not None:
         model.classifier.reset_mask_evidence(config.model.cls_mask_prior)
     if config.model.pretrained:
         load_pretrained_encoder(model, config.model.pretrained)

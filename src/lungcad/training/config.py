@@ -69,11 +69,11 @@ class ModelConfig:
         image_size: side of the square input in pixels, a multiple of 32 (the encoder
             downsamples 32x); slices are resized to (image_size, image_size). Inference reads
             it from the run's config, so it lives with the model rather than the data.
-        cls_mask_prior: stage "cls": the classifier's direct term on the mask summary starts
-            as this weight times the logit of the slice's largest tumour probability
-            (``lungcad.models.classifier``); 0 starts it silent. Set it (e.g. 1) when
-            ``train.init_from`` is a segmentation run that already finds the tumours in
-            this data.
+        cls_mask_prior: stage "cls": turn on the classifier's direct term on the mask summary
+            (``lungcad.models.classifier``), started as this weight times the logit of the
+            slice's largest tumour probability (0: silent at the start). Set it (e.g. 1) when
+            ``train.init_from`` is a segmentation run that already finds the tumours in this
+            data. None (default): no direct term, the MLP alone.
     """
 
     name: str = "resnet50"
@@ -81,7 +81,7 @@ class ModelConfig:
     cls_dropout: float = 0.3
     pretrained: str | None = None
     image_size: int = 256
-    cls_mask_prior: float = 0.0
+    cls_mask_prior: float | None = None
 
 
 @dataclass
@@ -258,7 +258,7 @@ def _check_values(cfg: Config) -> None:
     for key, value in pixel_sizes.items():
         if value is not None and not (math.isfinite(value) and value > 0):
             raise InputError(f"must be a positive number of mm, got {value}", path=key)
-    if not math.isfinite(cfg.model.cls_mask_prior):
+    if cfg.model.cls_mask_prior is not None and not math.isfinite(cfg.model.cls_mask_prior):
         raise InputError(
             f"must be a finite number, got {cfg.model.cls_mask_prior}", path="model.cls_mask_prior"
         )
