@@ -251,13 +251,13 @@ def _check_values(cfg: Config) -> None:
     for key, value in non_negative.items():
         if value < 0:
             raise InputError(f"must be >= 0, got {value}", path=key)
-    pixel_sizes = {
+    pixel_sizes: dict[str, float | None] = {
         "data.slice_pixel_mm": cfg.data.slice_pixel_mm,
         "data.patch_pixel_mm": cfg.data.patch_pixel_mm,
     }
-    for key, value in pixel_sizes.items():
-        if value is not None and not (math.isfinite(value) and value > 0):
-            raise InputError(f"must be a positive number of mm, got {value}", path=key)
+    for key, pixel_mm in pixel_sizes.items():
+        if pixel_mm is not None and not (math.isfinite(pixel_mm) and pixel_mm > 0):
+            raise InputError(f"must be a positive number of mm, got {pixel_mm}", path=key)
     if cfg.model.cls_mask_prior is not None and not math.isfinite(cfg.model.cls_mask_prior):
         raise InputError(
             f"must be a finite number, got {cfg.model.cls_mask_prior}", path="model.cls_mask_prior"

@@ -63,6 +63,10 @@ def set_trainable(model: LungCADNet, cfg: Config, epoch: int) -> Trainable:
         p.requires_grad_(trainable.decoder)
     for p in model.head_parameters():
         p.requires_grad_(trainable.head)
+    if not model.classifier.mask_term:
+        # The direct mask term is not part of this network's output: no gradient reaches it
+        # (DDP refuses parameters that require one and get none).
+        model.classifier.mask_evidence.requires_grad_(False)
     model.train()  # LungCADNet.train keeps a frozen encoder (and its BatchNorm) in eval mode
     if not trainable.decoder:
         model.decoder.eval()
