@@ -55,10 +55,11 @@ lint: $(STAMP)
 
 # The reference models, end to end on 2 CPU cores: DATA holds iqothnccd/ and msd_lung_patches/
 # (as ../shared/data does). OUT/seg is stage 1: grouped 5-fold CV on the MSD patches, whose
-# five fold models form the segmentation ensemble (every patient in training once); OUT/cls
-# the two-stage fold ensemble (grouped 5-fold CV on IQ-OTH/NCCD, each fold started from the
-# first stage-1 fold model); OUT/results.md both out-of-fold tables (stage 1; stage 2 beside
-# the baselines and the shortcut audit).
+# five fold models form the segmentation ensemble (every patient in training once);
+# OUT/seg_init the stage-1 run the classifier starts from (configs/seg_cpu_init.yaml); OUT/cls
+# the two-stage fold ensemble (grouped 5-fold CV on IQ-OTH/NCCD, each fold started from
+# OUT/seg_init); OUT/results.md both out-of-fold tables (stage 1; stage 2 beside the
+# baselines and the shortcut audit).
 reference: $(STAMP)
 	@test -n "$(DATA)" -a -n "$(OUT)" || { echo "usage: make reference DATA=DIR OUT=DIR" >&2; exit 2; }
 	$(VENV)/bin/lungcad prepare --data "$(DATA)/msd_lung_patches" --pixel-spacing 2 \
@@ -67,8 +68,10 @@ reference: $(STAMP)
 		--negative "Normal cases,Bengin cases" --out "$(OUT)/prepared/iqothnccd"
 	$(VENV)/bin/lungcad validate --train "$(OUT)/prepared/msd" --folds 5 \
 		--config configs/seg_cpu_cv.yaml --out "$(OUT)/seg"
+	$(VENV)/bin/lungcad train seg --config configs/seg_cpu_init.yaml \
+		--manifest "$(OUT)/prepared/msd" --out "$(OUT)/seg_init"
 	$(VENV)/bin/lungcad validate --train "$(OUT)/prepared/iqothnccd" --folds 5 \
-		--config configs/cls_cpu_cv.yaml --set train.init_from="$(OUT)/seg/fold0/run" \
+		--config configs/cls_cpu_cv.yaml --set train.init_from="$(OUT)/seg_init" \
 		--out "$(OUT)/cls"
 	cat "$(OUT)/seg/results.md" "$(OUT)/cls/results.md" > "$(OUT)/results.md"
 
