@@ -56,7 +56,7 @@ lint: $(STAMP)
 # The reference models, end to end on 2 CPU cores: DATA holds iqothnccd/ and msd_lung_patches/
 # (as ../shared/data does). OUT/seg is stage 1: grouped 5-fold CV on the MSD patches, whose
 # five fold models form the segmentation ensemble (every patient in training once);
-# OUT/seg_init the stage-1 run the classifier starts from (configs/seg_cpu_init.yaml); OUT/cls
+# OUT/seg_init the stage-1 run the classifier starts from (configs/seg_cpu_small.yaml); OUT/cls
 # the two-stage fold ensemble (grouped 5-fold CV on IQ-OTH/NCCD, each fold started from
 # OUT/seg_init); OUT/results.md both out-of-fold tables (stage 1; stage 2 beside the
 # baselines and the shortcut audit).
@@ -68,8 +68,8 @@ reference: $(STAMP)
 		--negative "Normal cases,Bengin cases" --out "$(OUT)/prepared/iqothnccd"
 	$(VENV)/bin/lungcad validate --train "$(OUT)/prepared/msd" --folds 5 \
 		--config configs/seg_cpu_cv.yaml --out "$(OUT)/seg"
-	$(VENV)/bin/lungcad train seg --config configs/seg_cpu_init.yaml \
-		--manifest "$(OUT)/prepared/msd" --out "$(OUT)/seg_init"
+	$(VENV)/bin/lungcad train seg --config configs/seg_cpu_small.yaml \
+		--manifest "$(OUT)/prepared/msd" --out "$(OUT)/seg_init" --set train.progress=false
 	$(VENV)/bin/lungcad validate --train "$(OUT)/prepared/iqothnccd" --folds 5 \
 		--config configs/cls_cpu_cv.yaml --set train.init_from="$(OUT)/seg_init" \
 		--out "$(OUT)/cls"
