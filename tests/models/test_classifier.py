@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from lungcad.models.classifier import mask_summary
@@ -49,9 +50,5 @@ def test_checkpoint_without_the_direct_mask_term_loads_unchanged() -> None:
     load_weights(new, state)
     assert float(new.classifier.mask_evidence.weight.abs().sum()) == 0.0
     state["classifier.surplus"] = torch.zeros(1)
-    try:
+    with pytest.raises(RuntimeError, match="unexpected"):
         load_weights(new, state)
-    except RuntimeError as exc:
-        assert "unexpected" in str(exc)
-    else:  # pragma: no cover - the assertion below reports it
-        raise AssertionError("an unexpected key was accepted")

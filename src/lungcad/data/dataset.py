@@ -62,6 +62,12 @@ def class_balanced_sampler(
     )
 
 
+def pixel_scale(spacing_yx: Sequence[float], pixel_mm: float) -> float:
+    """The resampling factor of a slice with ``spacing_yx`` (mm) for a model trained at
+    ``pixel_mm`` mm per pixel; square pixels are assumed, at the larger spacing."""
+    return max(float(spacing_yx[0]), float(spacing_yx[1])) / float(pixel_mm)
+
+
 def model_input_box(
     slice_shape: Sequence[int],
     image_size: int | tuple[int, int],
@@ -224,7 +230,7 @@ class SliceDataset(Dataset):
         """Slice spacing over model pixel size for ``record`` (None: letterboxed)."""
         if self.pixel_mm is None:
             return None
-        return max(float(record.spacing_y), float(record.spacing_x)) / self.pixel_mm
+        return pixel_scale((record.spacing_y, record.spacing_x), self.pixel_mm)
 
     def __getitem__(self, index: int) -> dict[str, object]:
         record = self.records[index // self.per_record]

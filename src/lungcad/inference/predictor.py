@@ -53,7 +53,7 @@ from scipy import ndimage as ndi
 from tqdm.auto import tqdm
 
 from lungcad import __version__
-from lungcad.data.dataset import model_input_box, slice_to_model_input
+from lungcad.data.dataset import model_input_box, pixel_scale, slice_to_model_input
 from lungcad.data.lung_mask import lung_mask
 from lungcad.data.preprocessing import lung_bbox, to_unit_range
 from lungcad.errors import InputError
@@ -664,7 +664,7 @@ class Predictor:
                 f"{ASSUMED_FIELD_OF_VIEW_MM:g} mm, a typical chest CT field of view"
             )
             return ASSUMED_FIELD_OF_VIEW_MM / float(max(volume.shape[1:])) / domain.model_pixel_mm
-        return max(float(volume.spacing[1]), float(volume.spacing[2])) / domain.model_pixel_mm
+        return pixel_scale(volume.spacing[1:], domain.model_pixel_mm)
 
     def _inputs(
         self,
