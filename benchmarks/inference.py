@@ -190,9 +190,15 @@ def _same_size_masks(
 
     torch.set_num_threads(threads)
     model, config, info = load_checkpoint(run)
+    # The naive script's input: the whole slice at its own 512 px, never resampled to mm.
     config = dataclasses.replace(
-        config, model=dataclasses.replace(config.model, image_size=study.shape[1])
+        config,
+        model=dataclasses.replace(config.model, image_size=study.shape[1]),
+        data=dataclasses.replace(config.data, slice_pixel_mm=None),
     )
+    if info.get("input_domain"):
+        domain = {**info["input_domain"], "resampled": False, "image_size": study.shape[1]}
+        info = {**info, "input_domain": domain}
     onnx = None
     if backend == "onnx":
         from lungcad.inference.export import export_onnx
@@ -363,9 +369,10 @@ def main(argv: list[str] | None = None) -> int:
             + ", ".join(f"{d:.4f}" for d in dice_same)
         )
         dice_small = [_dice(whole["masks"][z], naive["masks"][z]) for z in sample]
+        one_pass = args.cls_pixel_mm is not None and args.cls_pixel_mm == args.seg_pixel_mm
+        path = "one pass" if one_pass else f"sliding {args.seg_window}-px windows"
         print(
-            f"Dice lungcad (sliding {args.seg_window}-px windows at {args.seg_pixel_mm:g} mm) "
-            "vs naive: "
+            f"Dice lungcad ({path} at {args.seg_pixel_mm:g} mm) vs naive: "
             + ", ".join(f"{d:.3f}" for d in dice_small)
             + " (random weights: not indicative of a trained model)"
         )

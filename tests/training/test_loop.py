@@ -423,3 +423,32 @@ def test_cls_resume_after_sigkill_equals_uninterrupted(
         for key, value in b["model"].items()
         if key.startswith("encoder.")
     )
+
+
+def test_weight_average_is_what_is_validated_checkpointed_and_resumed(
+    manifest: Path, tmp_path: Path, tiny_config: Callable[..., Config]
+) -> None:
+    """optim.ema_decay: best.pt/last.pt hold the average, last.pt the live weights too, and a
+    resumed run reproduces the uninterrupted one (average, live weights and metrics)."""
+    cfg = tiny_config(manifest, tmp_path / "full", "optim.epochs=2", "optim.ema_decay=0.5")
+    full = train(cfg)
+    last = read_checkpoint(tmp_path / "full" / "last.pt")
+    assert last["ema_updates"] > 0
+    live = last["train_model"]
+    differs = [k for k in last["model"] if not torch.equal(last["model"][k], live[k])]
+    assert differs, "the average equals the live weights"
+    for key, value in full.model.state_dict().items():
+        assert torch.equal(value, last["model"][key]), key
+    model, _, _ = load_checkpoint(tmp_path / "full")  # predict/evaluate get the average
+    for key, value in model.state_dict().items():
+        assert torch.equal(value, read_checkpoint(tmp_path / "full" / "best.pt")["model"][key])
+
+    part = tiny_config(manifest, tmp_path / "part", "optim.epochs=2", "optim.ema_decay=0.5")
+    assert train(part, stop_after_epoch=1).status == "stopped"
+    train(part, resume=tmp_path / "part")
+    resumed = read_checkpoint(tmp_path / "part" / "last.pt")
+    assert resumed["ema_updates"] == last["ema_updates"]
+    for name in ("model", "train_model"):
+        for key, value in last[name].items():
+            assert torch.equal(value, resumed[name][key]), (name, key)
+    assert _strip_time(resumed["history"]) == _strip_time(full.history)

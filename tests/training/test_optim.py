@@ -7,6 +7,7 @@ import math
 import pytest
 import torch
 
+from lungcad.errors import InputError
 from lungcad.models.unet import LungCADNet
 from lungcad.training.checkpoint import model_from_config
 from lungcad.training.config import Config, load_config
@@ -14,6 +15,7 @@ from lungcad.training.optim import (
     Optimisation,
     ParamGroup,
     Trainable,
+    WeightAverage,
     build_scheduler,
     param_groups,
     set_trainable,
@@ -120,3 +122,30 @@ def test_optimisation_step_and_state_round_trip(net: LungCADNet) -> None:
     again.load_state_dict(state)
     assert again.scheduler.last_epoch == 1 and again.lr == opt.lr
     assert again.optimizer.state_dict()["state"].keys() == state["optimizer"]["state"].keys()
+
+
+def test_weight_average_is_an_exponential_moving_average_of_weights_and_buffers() -> None:
+    net = torch.nn.Sequential(torch.nn.Linear(2, 1), torch.nn.BatchNorm1d(1))
+    average = WeightAverage(net, decay=0.9)
+    w0 = net[0].weight.detach().clone()
+    average.update(net)  # the first update copies the live network
+    assert torch.equal(average.module[0].weight, w0) and average.updates == 1
+    with torch.no_grad():
+        net[0].weight.add_(1.0)
+        net[1].running_mean.fill_(2.0)
+    average.update(net)
+    assert torch.allclose(average.module[0].weight, 0.9 * w0 + 0.1 * (w0 + 1.0))
+    assert torch.allclose(average.module[1].running_mean, torch.tensor([0.1 * 2.0]))
+    assert not any(p.requires_grad for p in average.module.parameters())
+    restored = WeightAverage(net, decay=0.9)
+    restored.load(average.module.state_dict(), average.updates)
+    assert restored.updates == 2
+    assert torch.equal(restored.module[0].weight, average.module[0].weight)
+
+
+def test_weight_average_only_when_asked_for(net: LungCADNet) -> None:
+    assert WeightAverage.build(net, load_config(None)) is None
+    assert WeightAverage.build(net, load_config(None, ["optim.ema_decay=0.99"])) is not None
+    for bad in ("1.0", "-0.1"):
+        with pytest.raises(InputError, match="optim.ema_decay"):
+            load_config(None, [f"optim.ema_decay={bad}"])

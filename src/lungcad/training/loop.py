@@ -18,6 +18,9 @@ epochs of (train, validate, log, checkpoint, early-stop). Behaviour changes only
   ``threshold.json`` and in ``best.pt`` ("cancer if probability >= threshold"). Model
   selection and early stopping use ``val_mcc`` at 0.5, so the threshold never flatters the
   choice of epoch.
+* ``optim.ema_decay`` > 0: an exponential moving average of the weights
+  (:class:`~lungcad.training.optim.WeightAverage`) is updated after every step; it is what
+  is validated, selected and checkpointed, while the live weights keep training.
 
 The parts live next door: the loaders in :mod:`~lungcad.training.data`, what trains and the
 optimiser in :mod:`~lungcad.training.optim`, the validation pass in
@@ -26,9 +29,9 @@ optimiser in :mod:`~lungcad.training.optim`, the validation pass in
 
 Reproducibility: every epoch reseeds Python, NumPy and torch from ``(seed, epoch, rank)`` and
 the data order from ``(seed, epoch)``, so epoch ``e`` depends only on the weights, optimiser
-state and ``e``. With ``last.pt`` (model, optimiser, scheduler, gradient scaler, RNG and
-early-stopping state) a resumed run reproduces the uninterrupted one exactly on the same
-hardware and thread count.
+state and ``e``. With ``last.pt`` (model, optimiser, scheduler, gradient scaler, RNG,
+early-stopping state and, with a weight average, the live weights) a resumed run reproduces
+the uninterrupted one exactly on the same hardware and thread count.
 
 Scale-out: under ``torchrun`` each process trains on its shard (see
 :mod:`lungcad.training.distributed`); BatchNorm statistics are averaged before validation,
@@ -76,7 +79,7 @@ from lungcad.training.distributed import (
     init_distributed,
 )
 from lungcad.training.losses import BCEDiceLoss, classification_loss
-from lungcad.training.optim import Optimisation, Trainable, set_trainable
+from lungcad.training.optim import Optimisation, Trainable, WeightAverage, set_trainable
 from lungcad.training.run_folder import (
     check_run_dir,
     finish_run,
@@ -109,7 +112,8 @@ class RunResult:
         history: one dict of metrics per epoch (as in metrics.json).
         threshold: stage "cls": decision threshold of ``best.pt`` (None for "seg").
         model: the network after the last epoch (not the best one: load ``best.pt`` with
-            :func:`lungcad.training.checkpoint.load_checkpoint` for that), unwrapped from DDP.
+            :func:`lungcad.training.checkpoint.load_checkpoint` for that), unwrapped from DDP;
+            with ``optim.ema_decay`` the weight average, as the checkpoints hold it.
     """
 
     run_dir: Path
@@ -253,13 +257,17 @@ def _train(
     # torch accepts memory_format in Module.to, but its type stubs do not list it.
     model.to(device=device, memory_format=memory_format)  # type: ignore[call-overload]
     opt = Optimisation.build(model, cfg, steps_per_epoch, device)
+    average = WeightAverage.build(model, cfg)  # None unless optim.ema_decay > 0
     seg_loss = BCEDiceLoss()
 
     # -- what --resume restores
     start_epoch, history, early = 0, [], EarlyStopping()
     if resume is not None:
         state = read_checkpoint(run_dir / LAST, map_location=device)
-        model.load_state_dict(state["model"])
+        # With a weight average, "model" holds the average and "train_model" the live network.
+        model.load_state_dict(state.get("train_model", state["model"]))
+        if average is not None:
+            average.load(state["model"], state["ema_updates"])
         opt.load_state_dict(state)
         set_rng_state(state["rng"])
         start_epoch, history = state["epoch"], state["history"]
@@ -347,15 +355,21 @@ def _train(
                     out["cls_logits"], batch["label"].to(device), data.pos_weight
                 )
             opt.step(loss, params)
+            if average is not None:
+                average.update(model)
             totals[0] += loss.detach() * len(images)
             totals[1] += len(images)
             bar.set_postfix(loss=f"{loss.item():.4f}")
         bar.close()
         all_reduce_sum(totals, ddp)
         average_batchnorm(model, ddp)
+        # What is validated, selected and checkpointed: the weight average when there is one.
+        evaluated = model if average is None else average.module
+        if average is not None:
+            average_batchnorm(evaluated, ddp)
 
         metrics = validate(
-            model,
+            evaluated,
             data.val_loader,
             device,
             ddp,
@@ -379,15 +393,18 @@ def _train(
         )
 
         if ddp.main:
+            resume_state = {**opt.state_dict(), "early_stopping": early.as_dict()}
+            if average is not None:
+                resume_state.update(train_model=model.state_dict(), ema_updates=average.updates)
             save_epoch(
                 run_dir,
                 cfg,
-                model,
+                evaluated,
                 history,
                 improved=improved,
                 threshold=early.threshold,
                 versions=run_info["versions"],
-                resume_state={**opt.state_dict(), "early_stopping": early.as_dict()},
+                resume_state=resume_state,
                 manifests=run_info["manifests"],
                 domains=domains,
             )
@@ -428,7 +445,7 @@ def _train(
         monitor=monitor,
         history=history,
         threshold=early.threshold,
-        model=model,
+        model=model if average is None else average.module,
     )
 
 

@@ -9,6 +9,8 @@
   reduce-on-plateau.
 * :class:`Optimisation`: AdamW, that schedule and the mixed-precision gradient scaler, as one
   object with the optimisation step and the state ``last.pt`` keeps for resuming.
+* :class:`WeightAverage`: the exponential moving average of the weights (``optim.ema_decay``),
+  torch's :class:`~torch.optim.swa_utils.AveragedModel`, BatchNorm statistics included.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from typing import Any, NamedTuple
 import torch
 from torch import nn
 from torch.optim.lr_scheduler import LambdaLR, ReduceLROnPlateau
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 from lungcad.models.unet import LungCADNet
 from lungcad.training.config import Config
@@ -28,6 +31,7 @@ __all__ = [
     "Optimisation",
     "ParamGroup",
     "Trainable",
+    "WeightAverage",
     "build_scheduler",
     "param_groups",
     "set_trainable",
@@ -212,3 +216,45 @@ class Optimisation:
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         self.scaler.load_state_dict(state["scaler"])
+
+
+class WeightAverage:
+    """Exponential moving average of a network's weights and buffers (``optim.ema_decay``).
+
+    After every optimiser step ``avg = decay * avg + (1 - decay) * live`` for every parameter
+    and buffer (BatchNorm running statistics too, so the averaged network needs no BatchNorm
+    re-estimation; ``use_buffers=True``). The first update copies the live network.
+
+    Attributes:
+        module: the averaged network (same class and device as the live one): what a run
+            with the average on validates and checkpoints.
+    """
+
+    def __init__(self, model: nn.Module, decay: float) -> None:
+        self._averaged = AveragedModel(
+            model, multi_avg_fn=get_ema_multi_avg_fn(decay), use_buffers=True
+        )
+        self._averaged.requires_grad_(False)
+
+    @classmethod
+    def build(cls, model: nn.Module, cfg: Config) -> WeightAverage | None:
+        """The average of ``model`` (already on its device), or None with ``ema_decay`` 0."""
+        return cls(model, cfg.optim.ema_decay) if cfg.optim.ema_decay > 0 else None
+
+    @property
+    def module(self) -> nn.Module:
+        return self._averaged.module
+
+    def update(self, model: nn.Module) -> None:
+        """Fold the live network's current weights into the average (after a step)."""
+        self._averaged.update_parameters(model)
+
+    @property
+    def updates(self) -> int:
+        """How many steps the average has taken in (``last.pt`` key ``ema_updates``)."""
+        return int(self._averaged.n_averaged.item())
+
+    def load(self, module_state: dict[str, Any], updates: int) -> None:
+        """Restore the averaged weights and the update count (resuming a run)."""
+        self._averaged.module.load_state_dict(module_state)
+        self._averaged.n_averaged.fill_(updates)
