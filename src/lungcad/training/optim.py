@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any, NamedTuple
+from typing import Any, Generic, NamedTuple, TypeVar, cast
 
 import torch
 from torch import nn
@@ -218,7 +218,11 @@ class Optimisation:
         self.scaler.load_state_dict(state["scaler"])
 
 
-class WeightAverage:
+#: The averaged network's type (LungCADNet in training).
+Net = TypeVar("Net", bound=nn.Module)
+
+
+class WeightAverage(Generic[Net]):
     """Exponential moving average of a network's weights and buffers (``optim.ema_decay``).
 
     After every optimiser step ``avg = decay * avg + (1 - decay) * live`` for every parameter
@@ -230,22 +234,22 @@ class WeightAverage:
             with the average on validates and checkpoints.
     """
 
-    def __init__(self, model: nn.Module, decay: float) -> None:
+    def __init__(self, model: Net, decay: float) -> None:
         self._averaged = AveragedModel(
             model, multi_avg_fn=get_ema_multi_avg_fn(decay), use_buffers=True
         )
         self._averaged.requires_grad_(False)
 
     @classmethod
-    def build(cls, model: nn.Module, cfg: Config) -> WeightAverage | None:
+    def build(cls, model: Net, cfg: Config) -> WeightAverage[Net] | None:
         """The average of ``model`` (already on its device), or None with ``ema_decay`` 0."""
         return cls(model, cfg.optim.ema_decay) if cfg.optim.ema_decay > 0 else None
 
     @property
-    def module(self) -> nn.Module:
-        return self._averaged.module
+    def module(self) -> Net:
+        return cast(Net, self._averaged.module)
 
-    def update(self, model: nn.Module) -> None:
+    def update(self, model: Net) -> None:
         """Fold the live network's current weights into the average (after a step)."""
         self._averaged.update_parameters(model)
 
