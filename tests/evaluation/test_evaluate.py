@@ -4,6 +4,7 @@ labels; metrics checked against predictions.csv with scikit-learn; threshold pro
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
 import math
 import shutil
@@ -418,6 +419,14 @@ def test_a_classifier_trained_at_one_pixel_size_is_evaluated_and_applied_at_it(
     predictor = Predictor(model, config, info, study_threshold=None)
     volume = _volume_like(records[0], manifest)
     assert predictor.input_scale(volume, []) == pytest.approx(0.5)
+    # Without a pixel spacing, a 2D image is taken to span what the training slices spanned
+    # (64 px at 1 mm here), not a chest CT's 350 mm.
+    assert domain["field_of_view_mm"] == pytest.approx(64.0)
+    unknown = dataclasses.replace(volume, meta={**volume.meta, "spacing_known": False})
+    warnings: list[str] = []
+    assert predictor.input_scale(unknown, warnings) == pytest.approx(0.5)
+    assert predictor.segmentation_spacing(unknown, warnings) == pytest.approx((1.0, 1.0))
+    assert all("median extent of the model's training images" in w for w in warnings)
 
 
 def _volume_like(record, root: Path):

@@ -30,9 +30,13 @@ def test_model_pixel_size_follows_spacing_and_letterbox(tmp_path, spacing, expec
     records = read_manifest(folder / "manifest.csv")
     domain = domain_of_records([(r, folder) for r in records], image_size=32)
     if expected is None:
-        assert domain.model_pixel_mm is None
+        assert domain.model_pixel_mm is None and domain.field_of_view_mm is None
     else:
         assert domain.model_pixel_mm == pytest.approx(expected)
+        assert domain.field_of_view_mm == pytest.approx(spacing * 64)  # 64-px slices
+    resampled = domain_of_records([(r, folder) for r in records], image_size=32, pixel_mm=1.5)
+    assert resampled.resampled and resampled.model_pixel_mm == 1.5
+    assert resampled.field_of_view_mm == domain.field_of_view_mm
 
 
 def test_mixed_sources_and_round_trip(tmp_path) -> None:

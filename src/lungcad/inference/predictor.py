@@ -90,6 +90,7 @@ __all__ = [
     "NO_CLASSIFIER_REASON",
     "Predictor",
     "StudyResult",
+    "assumed_field_of_view",
 ]
 
 INTENDED_USE = (
@@ -107,8 +108,24 @@ LUNG_MASK_PIXEL_MM = 3.0
 #: The reason of a seg-only run's finding ("no classifier").
 NO_CLASSIFIER_REASON = "segmentation-only run: no trained cancer classifier"
 #: Field of view (mm) assumed for a 2D image without pixel spacing when it is segmented at the
-#: model's physical scale: a typical adult chest CT reconstruction (512 px at ~0.68 mm).
+#: model's physical scale and the checkpoint does not record its training slices' own
+#: (``InputDomain.field_of_view_mm``): a typical adult chest CT reconstruction (512 px at
+#: ~0.68 mm).
 ASSUMED_FIELD_OF_VIEW_MM = 350.0
+
+
+def assumed_field_of_view(domain: InputDomain, warnings: list[str], step: str) -> float:
+    """The extent (mm of the longer side) taken for a 2D image without a pixel spacing: what
+    the model's training slices spanned, or :data:`ASSUMED_FIELD_OF_VIEW_MM`; ``warnings``
+    gets a line that says which (``step``: "classified" or "segmented")."""
+    if domain.field_of_view_mm:
+        fov, why = domain.field_of_view_mm, "the median extent of the model's training images"
+    else:
+        fov, why = ASSUMED_FIELD_OF_VIEW_MM, "a typical chest CT field of view"
+    warnings.append(
+        f"pixel spacing unknown (2D image): {step} as if the image spanned {fov:g} mm, {why}"
+    )
+    return fov
 
 
 @dataclass
@@ -654,16 +671,13 @@ class Predictor:
     def input_scale(self, volume: Volume, warnings: list[str]) -> float | None:
         """Slice spacing over the classifier input's pixel size when the run was trained on
         slices resampled to one pixel size (``data.slice_pixel_mm``); None: letterboxed.
-        A 2D image without a spacing is taken to span :data:`ASSUMED_FIELD_OF_VIEW_MM`."""
+        A 2D image without a spacing is taken to span :func:`assumed_field_of_view`."""
         domain = self.cls_domain
         if domain is None or not domain.resampled or domain.model_pixel_mm is None:
             return None
         if not volume.meta.get("spacing_known", True):
-            warnings.append(
-                f"pixel spacing unknown (2D image): classified as if the image spanned "
-                f"{ASSUMED_FIELD_OF_VIEW_MM:g} mm, a typical chest CT field of view"
-            )
-            return ASSUMED_FIELD_OF_VIEW_MM / float(max(volume.shape[1:])) / domain.model_pixel_mm
+            fov = assumed_field_of_view(domain, warnings, "classified")
+            return fov / float(max(volume.shape[1:])) / domain.model_pixel_mm
         return pixel_scale(volume.spacing[1:], domain.model_pixel_mm)
 
     def _inputs(
@@ -839,12 +853,9 @@ class Predictor:
             )
             return None
         if not volume.meta.get("spacing_known", True):
-            warnings.append(
-                f"pixel spacing unknown (2D image): segmented as if the image spanned "
-                f"{ASSUMED_FIELD_OF_VIEW_MM:g} mm, a typical chest CT field of view"
-            )
-            side = float(max(volume.shape[1:]))
-            return (ASSUMED_FIELD_OF_VIEW_MM / side,) * 2
+            assert self.seg_domain is not None  # pixel is not None
+            fov = assumed_field_of_view(self.seg_domain, warnings, "segmented")
+            return (fov / float(max(volume.shape[1:])),) * 2
         return (float(volume.spacing[1]), float(volume.spacing[2]))
 
     def _segment_at_scale(

@@ -11,6 +11,9 @@ A model only knows the images it learnt from. The checkpoint records (``input_do
   training slices of ``spacing * max(height, width) / image_size`` (the model input is the
   slice letterboxed into ``image_size``). None when the slices' spacing is unknown (2D images
   prepared without ``--pixel-spacing``): then no physical scale can be matched at prediction.
+- ``field_of_view_mm``: the median extent (mm) of the training slices' longer side, so that
+  a 2D image without a pixel spacing can be taken to span what the training images spanned
+  (a 48-px MSD patch at 2 mm: 96 mm; a whole chest CT slice: about 350 mm).
 
 A stage-"cls" run started from a segmentation run also records that run's domain
 (``seg_input_domain``): its decoder segments at the segmentation run's scale, not at the
@@ -54,6 +57,8 @@ class InputDomain:
             (``data.patch_pixel_mm`` patches or ``data.slice_pixel_mm`` whole slices), so
             inputs must be resampled likewise; False when slices were letterboxed (the pixel
             size is then the median of the training slices').
+        field_of_view_mm: median ``max(spacing) * max(height, width)`` of the training
+            slices in mm, or None when unknown (no spacing, or checkpoints written before it).
     """
 
     intensity: str
@@ -61,6 +66,7 @@ class InputDomain:
     model_pixel_mm: float | None
     image_size: int
     resampled: bool = False
+    field_of_view_mm: float | None = None
 
     def to_dict(self) -> dict[str, Any]:
         """JSON/checkpoint form."""
@@ -70,6 +76,7 @@ class InputDomain:
             "model_pixel_mm": self.model_pixel_mm,
             "image_size": self.image_size,
             "resampled": self.resampled,
+            "field_of_view_mm": self.field_of_view_mm,
         }
 
     @classmethod
@@ -79,12 +86,14 @@ class InputDomain:
             return None
         window = data.get("window")
         pixel = data.get("model_pixel_mm")
+        fov = data.get("field_of_view_mm")
         return cls(
             intensity=str(data.get("intensity", DISPLAY)),
             window=None if window is None else (float(window[0]), float(window[1])),
             model_pixel_mm=None if pixel is None else float(pixel),
             image_size=int(data.get("image_size", 0)),
             resampled=bool(data.get("resampled", False)),
+            field_of_view_mm=None if fov is None else float(fov),
         )
 
     def describe(self) -> str:
@@ -136,29 +145,23 @@ def domain_of_records(
     """
     kinds = {layout_intensity(r.source) for r, _ in records}
     intensity = kinds.pop() if len(kinds) == 1 else MIXED
-    if pixel_mm is not None:
-        return InputDomain(
-            intensity=intensity,
-            window=None if intensity == DISPLAY else LUNG_WINDOW,
-            model_pixel_mm=float(pixel_mm),
-            image_size=int(image_size),
-            resampled=True,
-        )
-    pixels = []
+    extents = []  # mm spanned by each slice's longer side
     for record, root in records:
         spacing = [s for s in (record.spacing_y, record.spacing_x) if math.isfinite(s) and s > 0]
         if len(spacing) != 2:
             continue
         side = _slice_side(root, record)
         if side:
-            # The letterbox scales the longer side to image_size; pixels are taken as square
-            # at the larger spacing (prepared slices have square pixels in practice).
-            pixels.append(max(spacing) * side / image_size)
+            # Pixels are taken as square at the larger spacing (prepared slices have square
+            # pixels in practice).
+            extents.append(max(spacing) * side)
     # Unknown when most slices have no spacing: a scale from a minority would mislead.
-    known = len(pixels) * 2 > len(records)
-    return InputDomain(
-        intensity=intensity,
-        window=None if intensity == DISPLAY else LUNG_WINDOW,
-        model_pixel_mm=float(np.median(pixels)) if known else None,
-        image_size=int(image_size),
-    )
+    fov = float(np.median(extents)) if len(extents) * 2 > len(records) else None
+    window = None if intensity == DISPLAY else LUNG_WINDOW
+    if pixel_mm is not None:
+        return InputDomain(
+            intensity, window, float(pixel_mm), int(image_size), True, field_of_view_mm=fov
+        )
+    # The letterbox scales the longer side to image_size.
+    pixel = None if fov is None else fov / image_size
+    return InputDomain(intensity, window, pixel, int(image_size), field_of_view_mm=fov)
