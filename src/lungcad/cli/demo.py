@@ -252,11 +252,36 @@ def predict_one(cls_run: Path, study: Path, out: Path) -> dict[str, Path]:
     return files
 
 
+#: Written first into the demo's folder: an earlier demo output (only that) is replaced.
+DEMO_MARKER = "lungcad_demo.json"
+
+
+def demo_output_folder(out: Path) -> Path:
+    """``out`` made ready for the demo: created, or emptied when it holds an earlier demo's
+    output (:data:`DEMO_MARKER`), and marked as the demo's.
+
+    Raises:
+        InputError: ``out`` is a file or a non-empty folder that is not a demo output;
+            raised before any work, not minutes into it.
+    """
+    import shutil
+
+    from lungcad.io.atomic import write_text_atomic
+    from lungcad.io.folders import check_output_dir
+
+    out = check_output_dir(out, DEMO_MARKER, what="an earlier demo output")
+    if out.is_dir() and any(out.iterdir()):  # a second `make demo` replaces the first's
+        log.info("replacing the earlier demo output in %s", out)
+        shutil.rmtree(out)
+    out.mkdir(parents=True, exist_ok=True)
+    write_text_atomic(out / DEMO_MARKER, json.dumps({"command": "lungcad demo"}) + "\n")
+    return out
+
+
 def run(args: argparse.Namespace) -> int:
     from lungcad.io.atomic import write_text_atomic
 
-    out: Path = args.out
-    out.mkdir(parents=True, exist_ok=True)
+    out = demo_output_folder(args.out)
     started = time.perf_counter()
 
     t = _step("1/6 synthetic cohorts (internal site + shifted external site)")
