@@ -364,8 +364,9 @@ def _train(
         all_reduce_sum(totals, ddp)
         average_batchnorm(model, ddp)
         # What is validated, selected and checkpointed: the weight average when there is one.
-        evaluated = model if average is None else average.module
+        evaluated = model
         if average is not None:
+            evaluated = average.module
             average_batchnorm(evaluated, ddp)
 
         metrics = validate(
